@@ -1,0 +1,371 @@
+"""Every kernel backend against the PyTorch reference that specifies it (ueguard.kernels.project).
+
+Backends under test: "cpp" (the ueguard._C operators), "triton" (on CPU tensors through the
+interpreter, TRITON_INTERPRET=1 from conftest; on CUDA tensors when a GPU job sets it to 0) and
+"dispatch" (the public function with no backend forced). All backends perform the reference's
+float32 operations in the same order, so outputs are compared for exact equality, NaN positions
+included; apply_quantize's sq_err is an exact integer sum divided once by 255², so it is exact too.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ueguard.kernels import (
+    _ext,
+    apply_quantize,
+    apply_quantize_reference,
+    backend_for,
+    force_reference,
+    project,
+    project_step,
+    project_step_reference,
+    use_backend,
+)
+
+EPS = 8 / 255
+STEP = 0.8 / 255
+SHAPES = [(1, 3, 33, 31), (7, 3, 32, 32), (2, 1, 5, 7), (1151,)]
+LARGE_SHAPE = (1, 3, 224, 224)  # C++ and dispatch only: the Triton interpreter is slow
+
+CPP_SKIP_REASON = f"C++ extension not built: {_ext.cpp_unavailable_reason()}"
+if project.triton is None:
+    TRITON_SKIP_REASON = "triton is not installed"
+elif not project._TRITON_INTERPRETED and not torch.cuda.is_available():
+    TRITON_SKIP_REASON = "compiled Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
+else:
+    TRITON_SKIP_REASON = None
+
+
+def _device(backend: str) -> str:
+    """CUDA for compiled Triton kernels; CPU for everything else (and interpreted Triton)."""
+    return "cuda" if backend == "triton" and not project._TRITON_INTERPRETED else "cpu"
+
+
+def _require(backend: str) -> None:
+    if backend in ("cpp", "dispatch") and not _ext.cpp_available():
+        pytest.skip(CPP_SKIP_REASON)
+    if backend == "triton" and TRITON_SKIP_REASON is not None:
+        pytest.skip(TRITON_SKIP_REASON)
+
+
+def _run(backend: str, op, *args):
+    """Call a public kernel op on ``backend`` ("dispatch": whatever it picks by itself)."""
+    if backend == "dispatch":
+        return op(*args)
+    with use_backend(backend):
+        return op(*args)
+
+
+def _poison_allocator(like: torch.Tensor) -> None:
+    """Fill a block the size of ``like`` with NaN (or 0xFF) and free it at once.
+
+    The next allocation of that size usually reuses the block (always with the CUDA caching
+    allocator, often with malloc), so an output element a kernel forgot to write reads as NaN or
+    garbage instead of a plausible 0. Best effort: exact comparison catches the rest.
+    """
+    fill = float("nan") if like.is_floating_point() else 255
+    torch.full((like.numel(),), fill, dtype=like.dtype, device=like.device)
+
+
+def _project_inputs(shape, seed: int, device: str = "cpu"):
+    """delta in the ε-ball, grad ~ N(0, 1), x in [0, 1], with the edge cases planted:
+    zero gradients (sign 0), pixels on the image box (0 and 1), perturbations on the ε-box."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def where(p: float) -> torch.Tensor:
+        return torch.rand(shape, generator=gen) < p
+
+    x = torch.rand(shape, generator=gen)
+    delta = (2 * torch.rand(shape, generator=gen) - 1) * EPS
+    grad = torch.randn(shape, generator=gen)
+    grad[where(0.1)] = 0.0
+    x[where(0.05)] = 0.0
+    x[where(0.05)] = 1.0
+    delta[where(0.05)] = EPS
+    delta[where(0.05)] = -EPS
+    return delta.to(device), grad.to(device), x.to(device)
+
+
+def _check_project(backend: str, delta, grad, x, step_size=STEP, eps=EPS, direction=1.0) -> torch.Tensor:
+    """Run ``backend`` and the reference on the same inputs; assert exact equality, the output
+    contract (fresh contiguous float32 of the input's shape) and untouched inputs."""
+    originals = [t.clone() for t in (delta, grad, x)]
+    expected = project_step_reference(delta, grad, x, step_size, eps, direction)
+    _poison_allocator(delta)
+    out = _run(backend, project_step, delta, grad, x, step_size, eps, direction)
+    assert out.dtype == torch.float32 and out.shape == delta.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    for before, after in zip(originals, (delta, grad, x), strict=True):
+        torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True, msg="an input was modified")
+    return out
+
+
+# ---------------------------------------------------------------------------------- project_step
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "dispatch"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_project_step_matches_reference(backend, shape, direction):
+    _require(backend)
+    _check_project(backend, *_project_inputs(shape, seed=len(shape), device=_device(backend)), direction=direction)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "dispatch"])
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_project_step_matches_reference_large(backend, direction):
+    _require(backend)
+    _check_project(backend, *_project_inputs(LARGE_SHAPE, seed=5), direction=direction)
+
+
+# Dyadic values, so every intermediate is exact and the expected outputs can be written by hand.
+# Columns: x, delta, grad, out for direction +1, out for direction −1 (step 1/8, eps 1/4).
+_HAND_CASES = [
+    (0.5, 0.0, 1.0, -0.125, 0.125),  # a plain step either way
+    (0.5, 0.0, -1.0, 0.125, -0.125),
+    (0.5, 0.125, 0.0, 0.125, 0.125),  # sign(0) = 0: no step
+    (0.0, 0.0, -0.0, 0.0, 0.0),  # sign(-0) = 0
+    (0.5, 0.25, -1.0, 0.25, 0.125),  # the ε-box clips the step from above
+    (0.5, -0.25, 1.0, -0.25, -0.125),  # ... and from below
+    (1.0, 0.25, -1.0, 0.0, 0.0),  # the image box clips x + δ at 1
+    (0.0, -0.25, 1.0, 0.0, 0.0),  # ... and at 0
+    (0.875, 0.125, -1.0, 0.125, 0.0),  # image box tighter than the ε-box
+    (1.0, -0.125, 1e-30, -0.25, 0.0),  # a tiny gradient still takes a full step
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton", "dispatch"])
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_project_step_hand_computed(backend, direction):
+    if backend != "reference":
+        _require(backend)
+    columns = zip(*_HAND_CASES, strict=True)
+    x, delta, grad, out_plus, out_minus = (torch.tensor(col, device=_device(backend)) for col in columns)
+    expected = out_plus if direction > 0 else out_minus
+    out = _run(backend, project_step, delta, grad, x, 0.125, 0.25, direction)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "dispatch"])
+def test_project_step_zero_gradient_is_projection_only(backend):
+    _require(backend)
+    delta, _, x = _project_inputs((2, 3, 9, 11), seed=11, device=_device(backend))
+    delta = delta * 2  # half of it outside the ε-ball, so the projection has work to do
+    out = _check_project(backend, delta, torch.zeros_like(delta), x)
+    no_step = project_step_reference(delta, torch.randn_like(delta), x, 0.0, EPS)
+    torch.testing.assert_close(out, no_step, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "dispatch"])
+def test_project_step_noncontiguous_inputs(backend):
+    _require(backend)
+    delta, grad, x = _project_inputs((2, 3, 33, 31), seed=3, device=_device(backend))
+    transposed = [t.transpose(-1, -2) for t in (delta, grad, x)]
+    assert not transposed[0].is_contiguous()
+    _check_project(backend, *transposed)
+    strided = [t[:, :, ::2, 1::3] for t in (delta, grad, x)]
+    _check_project(backend, *strided, direction=-1.0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "dispatch"])
+def test_project_step_nan_semantics(backend):
+    """NaN in delta or x propagates (torch.clamp); NaN in grad counts as sign 0 (torch.sign)."""
+    _require(backend)
+    delta, grad, x = _project_inputs((1151,), seed=7, device=_device(backend))
+    delta[::7] = float("nan")
+    x[3::11] = float("nan")
+    grad[5::13] = float("nan")
+    out = _check_project(backend, delta, grad, x)
+    assert out.isnan().any() and not out.isnan().all()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "dispatch"])
+def test_project_step_empty(backend):
+    _require(backend)
+    empty = torch.empty(0, 3, 4, 4, device=_device(backend))
+    assert _run(backend, project_step, empty, empty, empty, STEP, EPS).shape == empty.shape
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    size=st.integers(1, 300),
+    step_size=st.floats(0.0, 1.0, width=32),
+    eps=st.floats(0.0, 1.0, width=32),
+    direction=st.sampled_from([1.0, -1.0]),
+)
+def test_project_step_cpp_property(data, size, step_size, eps, direction):
+    """Arbitrary float32 values (±0, subnormals, far outside both boxes) agree bit for bit."""
+    _require("cpp")
+    values = st.lists(st.floats(-4.0, 4.0, width=32), min_size=size, max_size=size)
+    delta, grad, x = (torch.tensor(data.draw(values), dtype=torch.float32) for _ in range(3))
+    _check_project("cpp", delta, grad, x, step_size, eps, direction)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton", "dispatch"])
+def test_project_step_rejects_bad_arguments(backend):
+    """The public function validates before dispatch, so every backend fails the same way."""
+    if backend != "reference":
+        _require(backend)
+    delta, grad, x = _project_inputs((2, 3, 4, 4), seed=0, device=_device(backend))
+    with pytest.raises(TypeError, match="delta must be float32, got torch.float64"):
+        _run(backend, project_step, delta.double(), grad, x, STEP, EPS)
+    with pytest.raises(TypeError, match="grad must be float32, got torch.bfloat16"):
+        _run(backend, project_step, delta, grad.bfloat16(), x, STEP, EPS)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 3, 4, 3\) but delta has \(2, 3, 4, 4\)"):
+        _run(backend, project_step, delta, grad, x[..., :3], STEP, EPS)
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        _run(backend, project_step, delta, grad, x, STEP, -EPS)
+    with pytest.raises(ValueError, match="step_size must be finite and >= 0"):
+        _run(backend, project_step, delta, grad, x, float("nan"), EPS)
+
+
+def test_cpp_ops_reject_bad_arguments():
+    """The C++ operators validate on their own, for callers that reach torch.ops directly."""
+    _require("cpp")
+    ops = _ext.cpp_ops()
+    delta, grad, x = _project_inputs((2, 3, 4, 4), seed=0)
+    with pytest.raises(RuntimeError, match="project_step_linf: delta must be Float, got Double"):
+        ops.project_step_linf(delta.double(), grad, x, STEP, EPS, 1.0)
+    with pytest.raises(RuntimeError, match=r"project_step_linf: grad has shape \[2, 3, 4, 3\] but delta"):
+        ops.project_step_linf(delta, grad[..., :3], x, STEP, EPS, 1.0)
+    with pytest.raises(RuntimeError, match="project_step_linf: eps must be finite and >= 0"):
+        ops.project_step_linf(delta, grad, x, STEP, -1.0, 1.0)
+    image = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="apply_quantize_u8: image_u8 must be Byte, got Float"):
+        ops.apply_quantize_u8(image.float(), delta)
+    with pytest.raises(RuntimeError, match="apply_quantize_u8: image_u8 must be NxCxHxW or CxHxW"):
+        ops.apply_quantize_u8(image[0, 0], delta[0, 0])
+    with pytest.raises(RuntimeError, match="apply_quantize_u8: delta has shape"):
+        ops.apply_quantize_u8(image, delta[:1])
+
+
+# -------------------------------------------------------------------------------- apply_quantize
+
+
+def _quantize_inputs(shape, seed: int):
+    """Random images with saturated pixels, perturbations in the ε-ball, plus exact .5 ties
+    (255 · 0.5 = 127.5 in float32) and perturbations that push far past 0 and 255."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def where(p: float) -> torch.Tensor:
+        return torch.rand(shape, generator=gen) < p
+
+    image = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    image[where(0.05)] = 0
+    image[where(0.05)] = 255
+    delta = (2 * torch.rand(shape, generator=gen) - 1) * EPS
+    delta[where(0.05)] = 0.5
+    delta[where(0.05)] = -0.5
+    delta[where(0.02)] = 2.0
+    delta[where(0.02)] = -2.0
+    # Ties on both parities, so half-to-even is tested whatever the draw: 137.5, 138.5, 72.5, 73.5.
+    image.view(-1)[:4] = torch.tensor([10, 11, 200, 201], dtype=torch.uint8)
+    delta.view(-1)[:4] = torch.tensor([0.5, 0.5, -0.5, -0.5])
+    return image, delta
+
+
+def _check_quantize(backend: str, image, delta):
+    expected = apply_quantize_reference(image, delta)
+    _poison_allocator(image)
+    out_u8, linf, sq_err = _run(backend, apply_quantize, image, delta)
+    n = image.shape[0] if image.dim() == 4 else 1
+    assert out_u8.dtype == torch.uint8 and out_u8.shape == image.shape
+    assert linf.dtype == torch.float32 and linf.shape == (n,)
+    assert sq_err.dtype == torch.float64 and sq_err.shape == (n,)
+    assert torch.equal(out_u8, expected.out_u8)
+    assert torch.equal(linf, expected.linf)
+    assert torch.equal(sq_err, expected.sq_err)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "dispatch"])
+@pytest.mark.parametrize("shape", [*SHAPES[:3], (3, 33, 31), LARGE_SHAPE], ids=str)
+def test_apply_quantize_matches_reference(backend, shape):
+    _require(backend)
+    _check_quantize(backend, *_quantize_inputs(shape, seed=len(shape) + shape[0]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "dispatch"])
+def test_apply_quantize_hand_computed(backend):
+    if backend != "reference":
+        _require(backend)
+    image = torch.tensor([[10, 11, 0, 255, 100, 7]], dtype=torch.uint8).reshape(1, 1, 2, 3)
+    delta = torch.tensor([[0.5, 0.5, -0.5, 0.5, 0.0, -1.0]]).reshape(1, 1, 2, 3)
+    out_u8, linf, sq_err = _run(backend, apply_quantize, image, delta)
+    # 137.5 → 138 and 138.5 → 138 (half to even); −127.5 and 382.5 saturate; 7 − 255 → 0.
+    assert out_u8.flatten().tolist() == [138, 138, 0, 255, 100, 0]
+    assert linf.tolist() == [128.0]
+    assert sq_err.tolist() == [(128**2 + 127**2 + 7**2) / 255**2]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "dispatch"])
+def test_apply_quantize_noncontiguous_inputs(backend):
+    _require(backend)
+    image, delta = _quantize_inputs((3, 3, 17, 19), seed=2)
+    _check_quantize(
+        backend,
+        image.contiguous(memory_format=torch.channels_last),
+        delta.transpose(-1, -2).contiguous().transpose(-1, -2),
+    )
+    _check_quantize(backend, image[:, :, ::2, 1::3], delta[:, :, ::2, 1::3])
+
+
+@pytest.mark.parametrize("backend", ["cpp", "dispatch"])
+def test_apply_quantize_empty_batch(backend):
+    _require(backend)
+    _check_quantize(backend, torch.zeros(0, 3, 4, 4, dtype=torch.uint8), torch.zeros(0, 3, 4, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "dispatch"])
+def test_apply_quantize_rejects_bad_arguments(backend):
+    if backend != "reference":
+        _require(backend)
+    image, delta = _quantize_inputs((2, 3, 4, 4), seed=0)
+    with pytest.raises(TypeError, match="image_u8 must be uint8, got torch.float32"):
+        _run(backend, apply_quantize, image.float(), delta)
+    with pytest.raises(TypeError, match="delta must be float32, got torch.float64"):
+        _run(backend, apply_quantize, image, delta.double())
+    with pytest.raises(ValueError, match="must be a non-empty"):
+        _run(backend, apply_quantize, image[0, 0], delta[0, 0])
+    with pytest.raises(ValueError, match=r"delta has shape \(1, 3, 4, 4\)"):
+        _run(backend, apply_quantize, image, delta[:1])
+
+
+# ------------------------------------------------------------------------------ backend switches
+
+
+def test_backend_for_automatic_choice():
+    _require("cpp")
+    cpu = torch.zeros(1)
+    assert backend_for(cpu) == "cpp"
+    assert backend_for(cpu, "apply_quantize") == "cpp"
+
+
+def test_force_reference_switches(monkeypatch):
+    cpu = torch.zeros(1)
+    with force_reference():
+        assert backend_for(cpu) == "reference"
+        assert backend_for(cpu, "apply_quantize") == "reference"
+    monkeypatch.setenv(_ext.FORCE_REFERENCE_ENV, "1")
+    assert backend_for(cpu) == "reference"
+    if _ext.cpp_available():
+        with use_backend("cpp"):  # an explicit context outranks the environment
+            assert backend_for(cpu) == "cpp"
+    monkeypatch.setenv(_ext.FORCE_REFERENCE_ENV, "0")
+    assert backend_for(cpu) == ("cpp" if _ext.cpp_available() else "reference")
+
+
+def test_switches_reject_unknown_names():
+    with pytest.raises(ValueError, match="valid backends: triton, cpp, reference"):
+        with use_backend("cuda"):
+            pass
+    with pytest.raises(ValueError, match="valid ops: project_step, apply_quantize"):
+        backend_for(torch.zeros(1), "project")
+
+
+def test_forcing_a_missing_implementation_raises():
+    image, delta = _quantize_inputs((1, 3, 4, 4), seed=0)
+    with use_backend("triton"), pytest.raises(RuntimeError, match="apply_quantize has no triton implementation"):
+        apply_quantize(image, delta)
