@@ -1,0 +1,247 @@
+"""End-to-end ``ueguard protect`` on real image files: formats, modes, budget on the saved files,
+manifest, exit codes, refusals and resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from trees import EPS_LEVELS, write_class_tree, write_mixed_tree
+from ueguard.cli import main
+from ueguard.data.images import load_image
+from ueguard.data.manifest import MANIFEST_NAME, read_manifest
+
+# A budget small enough for CI: two rounds of two PGD steps on a slim surrogate at 16 px.
+FAST = ["--budget", "quick", "--size", "16", "--device", "cpu", "--surrogate", "resnet18_cifar_slim",
+        "-o", "max_rounds=2", "-o", "pgd_steps=2", "-o", "train_steps=2", "--quiet"]
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def file_records(manifest: Path) -> dict[str, dict]:
+    return {r["source"]: r for r in read_manifest(manifest) if r["kind"] == "file"}
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    """One protect run over the mixed tree, shared by the checks below (generation is the slow part)."""
+    base = tmp_path_factory.mktemp("mixed")
+    src, dst = base / "photos", base / "out"
+    made = write_mixed_tree(src)
+    before = tree_digest(src)
+    result = run_cli("protect", str(src), "--out", str(dst), "--eps", "8/255", *FAST)
+    return src, dst, made, before, result
+
+
+def test_exit_status_and_summary_report_the_failed_file(mixed_run):
+    _, _, _, _, result = mixed_run
+    assert result.exit_code == 3, result.output
+    assert "broken.png" in result.output and "1 file(s) failed" in result.output
+
+
+def test_source_folder_is_untouched(mixed_run):
+    src, _, _, before, _ = mixed_run
+    assert tree_digest(src) == before
+
+
+def test_manifest_has_config_line_and_one_record_per_file(mixed_run):
+    src, dst, made, _, _ = mixed_run
+    records = list(read_manifest(dst / MANIFEST_NAME))
+    header = records[0]
+    assert header["kind"] == "run"
+    assert header["options"]["method"] == "emn" and header["options"]["eps_255"] == 8
+    assert header["ueguard_version"] and header["torch_version"] and len(header["surrogate_sha256"]) == 64
+    files = file_records(dst / MANIFEST_NAME)
+    assert set(files) == set(made)
+    for rel, rec in files.items():
+        for key in ("source", "output", "source_sha256", "output_sha256", "label", "method", "eps", "seed",
+                    "linf", "psnr", "status", "error"):
+            assert key in rec, (rel, key)
+        if made[rel] == "corrupt":
+            assert rec["status"] == "failed" and "broken.png" in rec["error"]
+        elif made[rel] == "non-image":
+            assert rec["status"] == "skipped" and ".txt" in rec["error"]
+        else:
+            assert rec["status"] == "ok", rec
+            assert rec["error"] is None
+            assert rec["label"] == rel.split("/")[0]
+            assert rec["source_sha256"] == hashlib.sha256((src / rel).read_bytes()).hexdigest()
+            assert rec["output_sha256"] == hashlib.sha256((dst / rec["output"]).read_bytes()).hexdigest()
+    lines = (dst / MANIFEST_NAME).read_text().splitlines()
+    assert max(map(len, lines)) < 2000  # metadata only: no line could hold even a thumbnail's pixels
+
+
+def test_outputs_mirror_the_tree_as_png(mixed_run):
+    _, dst, made, _, _ = mixed_run
+    for rel, kind in made.items():
+        if kind in ("corrupt", "non-image"):
+            continue
+        out = dst / Path(rel).with_suffix(".png")
+        assert out.is_file(), out
+    assert not list(dst.rglob("*.tmp")) and not (dst / ".ueguard").exists()
+
+
+def test_budget_holds_on_every_decoded_output_and_the_perturbation_is_real(mixed_run):
+    src, dst, made, _, _ = mixed_run
+    files = file_records(dst / MANIFEST_NAME)
+    changed_levels = []
+    for rel, rec in files.items():
+        if rec["status"] != "ok":
+            continue
+        original, saved = load_image(src / rel), load_image(dst / rec["output"])
+        assert saved.pixels.shape == original.pixels.shape, rel          # size and channel count kept
+        assert saved.max_value == original.max_value, rel                # 16-bit stays 16-bit
+        diff = np.abs(saved.pixels.astype(np.int64) - original.pixels.astype(np.int64)) / original.max_value
+        assert diff.max() <= (EPS_LEVELS + 0.5) / 255 + 1e-9, (rel, diff.max() * 255)
+        assert rec["linf"] == pytest.approx(diff.max() * 255, abs=1e-3)
+        if original.alpha is not None:
+            np.testing.assert_array_equal(saved.alpha, original.alpha)    # alpha carried over unchanged
+        else:
+            assert saved.alpha is None
+        changed_levels.append(diff.mean() * 255)
+    assert len(changed_levels) == sum(k not in ("corrupt", "non-image") for k in made.values())
+    assert np.mean(changed_levels) > 1.0  # on average more than one level per pixel moved: not trivial
+
+
+def test_modes_are_kept(mixed_run):
+    _, dst, made, _, _ = mixed_run
+    for rel, kind in made.items():
+        if kind in ("corrupt", "non-image"):
+            continue
+        saved = load_image(dst / Path(rel).with_suffix(".png"))
+        assert saved.grayscale == (kind.startswith(("L ", "LA ", "16-bit"))), (rel, kind)
+        assert saved.has_alpha == (kind in ("RGBA png", "LA png")), (rel, kind)
+
+
+def test_exif_orientation_is_applied(mixed_run):
+    _, dst, _, _, _ = mixed_run
+    saved = load_image(dst / "cat" / "rotated.png")
+    assert (saved.width, saved.height) == (24, 36)  # stored 36×24 with orientation 6 → displayed 24×36
+
+
+@pytest.mark.parametrize("eps", ["8/255", "0.031", "8"])
+def test_eps_forms_are_accepted(tmp_path, eps):
+    write_class_tree(tmp_path / "src", n_per_class=3, classes=2, size=16)
+    result = run_cli("protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--eps", eps, *FAST,
+                     "-o", "max_rounds=1")
+    assert result.exit_code == 0, result.output
+    header = next(read_manifest(tmp_path / "out" / MANIFEST_NAME))
+    assert header["options"]["eps"] == pytest.approx(0.031 if eps == "0.031" else 8 / 255)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--eps", "abc"], "invalid eps"),
+    (["--eps", "300"], "out of range"),
+    (["--eps", "0"], "out of range"),
+    (["--method", "nope"], "valid methods: emn"),
+    (["-o", "pgd_steps"], "KEY=VALUE"),
+    (["-o", "no_such_constant=1"], "has no option"),
+])
+def test_bad_options_are_usage_errors(tmp_path, args, message):
+    write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
+    result = CliRunner().invoke(main, ["protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "out").exists()  # nothing created for a refused request
+
+
+def test_destination_inside_source_is_refused(tmp_path):
+    write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
+    before = tree_digest(tmp_path / "src")
+    for dst in (tmp_path / "src", tmp_path / "src" / "class_0" / "out"):
+        result = CliRunner().invoke(main, ["protect", str(tmp_path / "src"), "--out", str(dst)])
+        assert result.exit_code == 2 and "inside the source folder" in result.output
+    assert tree_digest(tmp_path / "src") == before
+
+
+def test_non_empty_destination_needs_resume(tmp_path):
+    write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    result = CliRunner().invoke(main, ["protect", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--resume" in result.output
+    result = CliRunner().invoke(main, ["protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--resume"])
+    assert result.exit_code == 2 and "not made by ueguard" in result.output
+    assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+
+
+def test_missing_or_flat_source_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(main, ["protect", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "no such folder" in result.output
+    flat = tmp_path / "flat"
+    write_class_tree(tmp_path / "tmp", n_per_class=2, classes=1, size=16)
+    (tmp_path / "tmp" / "class_0").rename(flat)
+    result = CliRunner().invoke(main, ["protect", str(flat)])
+    assert result.exit_code == 2 and "no class subfolders" in result.output
+
+
+def test_default_destination_is_a_sibling(tmp_path):
+    write_class_tree(tmp_path / "photos", n_per_class=2, classes=2, size=16)
+    result = run_cli("protect", str(tmp_path / "photos"), *FAST, "-o", "max_rounds=1")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "photos_protected" / MANIFEST_NAME).exists()
+
+
+def test_resume_redoes_only_unfinished_files_and_matches_an_uninterrupted_run(tmp_path):
+    write_class_tree(tmp_path / "src", n_per_class=5, classes=2, size=20)
+    full, partial = tmp_path / "full", tmp_path / "partial"
+    assert run_cli("protect", str(tmp_path / "src"), "--out", str(full), *FAST).exit_code == 0
+    assert run_cli("protect", str(tmp_path / "src"), "--out", str(partial), *FAST).exit_code == 0
+    # Simulate a run killed after 6 of 10 files: drop the last 4 outputs and their manifest lines.
+    lines = (partial / MANIFEST_NAME).read_text().splitlines()
+    file_lines = [i for i, line in enumerate(lines) if json.loads(line)["kind"] == "file"]
+    for i in file_lines[6:]:
+        (partial / json.loads(lines[i])["output"]).unlink()
+    (partial / MANIFEST_NAME).write_text("\n".join(lines[: file_lines[6]]) + "\n")
+    kept = {p: p.stat().st_mtime_ns for p in partial.rglob("*.png")}
+    result = run_cli("protect", str(tmp_path / "src"), "--out", str(partial), *FAST, "--resume")
+    assert result.exit_code == 0, result.output
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished files were not redone
+    assert tree_digest(partial)[MANIFEST_NAME] != tree_digest(full)[MANIFEST_NAME]
+    strip = lambda d: {k: v for k, v in d.items() if k != MANIFEST_NAME}  # noqa: E731
+    assert strip(tree_digest(partial)) == strip(tree_digest(full))  # same outputs, byte for byte
+    assert len(file_records(partial / MANIFEST_NAME)) == 10
+
+
+def test_resume_with_different_settings_is_refused(tmp_path):
+    write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
+    assert run_cli("protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *FAST).exit_code == 0
+    result = CliRunner().invoke(main, ["protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *FAST,
+                                       "--eps", "4/255", "--resume"])
+    assert result.exit_code == 2 and "different settings (eps" in result.output
+
+
+def test_lossy_format_is_warned_about_and_measured(tmp_path):
+    write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
+    result = run_cli("protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *FAST, "--format", "jpeg",
+                     "-o", "max_rounds=1")
+    assert result.exit_code == 0 and "warning" in result.output
+    records = file_records(tmp_path / "out" / MANIFEST_NAME)
+    assert all(r["output"].endswith(".jpg") and r["linf"] is not None for r in records.values())
+
+
+def test_methods_lists_emn():
+    result = run_cli("methods")
+    assert result.exit_code == 0 and result.output.startswith("emn ") and "error-minimising" in result.output
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).with_name("ueguard")
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "ueguard"]
+    out = subprocess.run([*command, "methods"], capture_output=True, text=True, env={**os.environ}, timeout=120)
+    assert out.returncode == 0 and "emn" in out.stdout, out.stderr

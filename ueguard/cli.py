@@ -1,0 +1,204 @@
+"""The ``ueguard`` command line: a thin click layer over :mod:`ueguard.sdk`.
+
+Exit status: 0 success; 1 fatal error; 2 usage error (bad option, refused destination); 3 some files
+failed (each recorded in the manifest with its reason, the others protected); 130 interrupted.
+Set ``UEGUARD_DEBUG=1`` for tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import sys
+
+import click
+
+from ueguard.errors import EXIT_FATAL, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
+
+EXIT_INTERRUPTED = 130
+
+
+def _handle_errors(func):
+    """Map SDK exceptions to exit codes with one-line messages (tracebacks only with UEGUARD_DEBUG=1)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UsageError as error:
+            click.echo(f"ueguard: error: {error}", err=True)
+            sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:
+            click.echo("\nueguard: interrupted. Finished files are kept; run the same command again with "
+                       "--resume to continue where it stopped.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.exceptions.Exit:
+            raise
+        except Exception as error:  # fatal: say what, not a traceback
+            if os.environ.get("UEGUARD_DEBUG"):
+                raise
+            click.echo(f"ueguard: fatal: {type(error).__name__}: {error}  (UEGUARD_DEBUG=1 shows the traceback)",
+                       err=True)
+            sys.exit(EXIT_FATAL)
+
+    return wrapper
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ueguard", prog_name="ueguard")
+def main() -> None:
+    """ueguard: make image data unlearnable, and verify whether the protection holds."""
+
+
+@main.command()
+@click.argument("src", type=click.Path(file_okay=False, path_type=str))
+@click.option("--out", "out", type=click.Path(path_type=str), help="Output folder (default: SRC_protected beside SRC).")
+@click.option("--method", default="emn", show_default=True, help="Protection method (see `ueguard methods`).")
+@click.option("--eps", default="8/255", show_default=True, help="L∞ budget: 8/255, 0.031, or 8 (meaning 8/255).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Autocast precision for the surrogate (auto: bf16 on GPUs, fp32 on CPU).")
+@click.option("--budget", default="standard", show_default=True, type=click.Choice(["quick", "standard", "thorough"]),
+              help="Steps/rounds preset (and working-size cap: 64 / 128 / 224 px).")
+@click.option("--size", type=click.IntRange(8, 1024), help="Working resolution in px (default: suited to the data).")
+@click.option("--surrogate", help="Surrogate model: a timm name or one of ueguard's (resnet18_cifar, ...).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local surrogate checkpoint.")
+@click.option("--pretrained", is_flag=True, help="Surrogate weights from the timm hub (needs network).")
+@click.option("--format", "format_", default="png", show_default=True,
+              type=click.Choice(["png", "keep", "jpeg", "webp"]), help="Output format (lossy ones weaken protection).")
+@click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG/WebP quality.")
+@click.option("--perturbation", type=click.Choice(["samplewise", "classwise"]), help="Sample- or class-wise δ.")
+@click.option("-o", "--option", "method_options", multiple=True, metavar="KEY=VALUE",
+              help="A method constant, e.g. -o pgd_steps=10 (repeatable).")
+@click.option("--max-pixels", default=None, type=click.IntRange(1), help="Refuse images above this many pixels.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in a non-empty --out.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_handle_errors
+def protect(src, out, method, eps, seed, device, precision, budget, size, surrogate, weights, pretrained, format_,
+            quality, perturbation, method_options, max_pixels, resume, quiet) -> None:
+    """Protect every image under SRC (class subfolders = labels) into a mirrored folder."""
+    from ueguard.data.images import LOSSY_FORMATS
+    from ueguard.sdk import protect as sdk_protect
+    from ueguard.sdk.options import parse_method_options
+
+    if format_ in LOSSY_FORMATS or format_ == "keep":
+        click.echo(f"ueguard: warning: --format {format_} may re-encode lossily (JPEG/WebP/GIF), which removes part "
+                   "of the perturbation; the manifest's linf/psnr show what survived.", err=True)
+    result = sdk_protect(src, out, method, eps=eps, seed=seed, device=device, precision=precision, budget=budget,
+                         size=size, surrogate=surrogate, weights=weights, pretrained=pretrained, format=format_,
+                         quality=quality, perturbation=perturbation,
+                         method_options=parse_method_options(method_options), max_pixels=max_pixels,
+                         resume=resume, progress=_show_progress(quiet))
+    ok = [item for item in result.items if item["status"] == "ok"]
+    line = f"protected {len(ok)} image(s) into {result.out}"
+    if ok:
+        linf = statistics.median(item["linf"] for item in ok)
+        psnrs = [item["psnr"] for item in ok if item["psnr"] is not None]
+        line += f"; median L∞ {linf:.2f}/255" + (f", mean PSNR {statistics.fmean(psnrs):.1f} dB" if psnrs else "")
+    click.echo(line)
+    if result.skipped:
+        click.echo(f"skipped {result.skipped} file(s) that are not images in class folders (listed in the manifest)")
+    click.echo(f"manifest: {result.manifest_path}")
+    if result.failed:
+        failed = [item for item in result.items if item["status"] == "failed"]
+        for item in failed[:10]:
+            click.echo(f"  failed: {item['source']}: {item['error']}", err=True)
+        more = f" (first 10 shown; all in the manifest)" if len(failed) > 10 else ""
+        click.echo(f"ueguard: {len(failed)} file(s) failed{more}; the others were protected.", err=True)
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@main.command()
+@click.argument("protected", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.option("--test", "test", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Clean test images, same class folders.")
+@click.option("--clean", type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="The original (unprotected) training images, for the baseline and the verdict.")
+@click.option("--paradigm", default="scratch", show_default=True, help="scratch | finetune (see `ueguard defenses`).")
+@click.option("--defense", default="none", show_default=True, help="Training-time defense (see `ueguard defenses`).")
+@click.option("--arch", help="Victim architecture (default: CIFAR ResNet-18 up to 64 px, timm resnet18 above).")
+@click.option("--epochs", type=click.IntRange(1), help="Training epochs (default per budget: 10 / 30 / 60).")
+@click.option("--budget", default="standard", show_default=True, type=click.Choice(["quick", "standard", "thorough"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Pretrained checkpoint for finetune.")
+@click.option("--pretrained", is_flag=True, help="Pretrained weights from the timm hub for finetune.")
+@click.option("--size", type=click.IntRange(8, 1024), help="Training resolution in px.")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--lr", type=float, help="Peak learning rate (default: 0.1 scratch, 1e-3 finetune).")
+@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Verdict: protected iff acc - chance <= threshold * (clean acc - chance).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_handle_errors
+def verify(protected, test, clean, json_path, quiet, **options) -> None:
+    """Train on PROTECTED (and CLEAN), test on TEST, and say whether the protection held."""
+    from ueguard.sdk import verify as sdk_verify
+
+    report = sdk_verify(protected, test, clean, json_path=json_path, progress=_show_progress(quiet), **options)
+    click.echo(format_report(report))
+    if json_path:
+        click.echo(f"report: {json_path}")
+
+
+def format_report(report: dict) -> str:
+    """A small table: one row per run, accuracies in %, then the verdict and its rule."""
+    pct = lambda v: "   —" if v is None else f"{100 * v:5.1f}"  # noqa: E731
+    rows = [f"{'defense':<10} {'paradigm':<9} {'arch':<20} {'protected-trained':>17} {'peak':>6} {'clean':>6} {'chance':>6}"]
+    for run in report["runs"]:
+        rows.append(f"{run['defense']:<10} {run['paradigm']:<9} {run['arch']:<20} {pct(run['test_accuracy']):>17} "
+                    f"{pct(run['peak_test_accuracy']):>6} {pct(run['clean_accuracy']):>6} {pct(run['chance']):>6}")
+    verdict = report["protected"]
+    text = {True: "PROTECTED: training on the protected images gives a model far below the clean baseline",
+            False: "NOT PROTECTED: a model trained on the protected images comes close to the clean baseline",
+            None: "no verdict: pass --clean ORIGINALS for a baseline (or train longer if the clean model did not learn)"}
+    return "\n".join(rows + ["", f"{text[verdict]}", f"rule: {report['rule']}"])
+
+
+@main.command()
+def methods() -> None:
+    """List the protection methods."""
+    from ueguard.methods import METHODS, list_methods
+
+    for name, description in list_methods():
+        cls = METHODS.get(name)
+        tags = [tag for tag, on in (("needs pretrained surrogate", cls.needs_pretrained),
+                                    ("label-free", not cls.needs_labels)) if on]
+        click.echo(f"{name:<10} {description}" + (f" [{', '.join(tags)}]" if tags else ""))
+
+
+@main.command()
+def defenses() -> None:
+    """List the defenses and training paradigms that verify runs."""
+    from ueguard.defenses import PARADIGMS, list_defenses
+
+    click.echo("defenses (--defense):")
+    for name, description in list_defenses():
+        click.echo(f"  {name:<10} {description}")
+    click.echo("paradigms (--paradigm):")
+    for name, cls in PARADIGMS.items():
+        click.echo(f"  {name:<10} {cls.description}")
+
+
+@main.command()
+@click.option("--workdir", default="ueguard-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the demo writes its folders (rebuilt on each run).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_handle_errors
+def demo(workdir, seed, quiet) -> None:
+    """Protect scikit-learn's handwritten digits with EMN and verify against the clean baseline."""
+    from ueguard.demo import run_demo
+
+    run_demo(workdir, seed=seed, progress=_show_progress(quiet), echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The run manifest ``DST/ueguard-manifest.jsonl``: one JSON object per line, appended as work finishes.
+
+Line kinds (field ``kind``):
+  * ``run`` — first line of every invocation (a resumed run appends another): the resolved
+    configuration, ueguard / torch versions, device, and the SHA-256 of the surrogate's initial weights.
+  * ``generation`` — the method's statistics once the perturbation is computed.
+  * ``file`` — one per input file, written right after its output is in place: ``source``, ``output``,
+    ``source_sha256``, ``output_sha256``, ``label``, ``method``, ``eps``, ``seed``, ``linf`` and
+    ``psnr`` measured on the decoded saved file (``linf`` in 1/255 pixel levels), ``status``
+    (``ok``, ``failed`` — could not be read or written — or ``skipped`` — not an image / not in a class
+    folder) and ``error``.
+The manifest never contains pixel data. Each line is flushed and fsync'ed, so a crash loses at most the
+line being written, and a torn last line is ignored when reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST_NAME = "ueguard-manifest.jsonl"
+
+
+class ManifestWriter:
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "ManifestWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_manifest(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The records of a manifest, skipping a torn (incomplete) final line."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

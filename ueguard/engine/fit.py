@@ -1,0 +1,73 @@
+"""A victim's training run: what ``verify`` does for every (defense, paradigm) pair.
+
+The training set stays on the device as uint8; each epoch is one shuffled pass of minibatches, each
+batch converted to float, augmented by the defense and stepped by the defense (standard SGD by
+default), with a one-cycle learning-rate schedule. Test accuracy is measured after every epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ueguard.data.working_set import WorkingSet
+from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, predict
+from ueguard.engine.progress import SILENT, Progress
+from ueguard.engine.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+
+
+def accuracy(model: nn.Module, data: WorkingSet, runtime: Runtime, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on clean ``data``."""
+    images, labels = data.images.to(runtime.device), data.labels.to(runtime.device)
+    batches = (runtime.to_float(images[s]) for s in batch_ranges(len(data), batch_size))
+    pred = predict(model, batches, runtime)
+    return (pred == labels).float().mean().item() if len(data) else float("nan")
+
+
+def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *, defense, params, runtime: Runtime,
+        generator: torch.Generator, progress: Progress = SILENT, desc: str = "training") -> list[dict]:
+    """Train ``model`` on ``train`` under ``defense`` and return the per-epoch history
+    (``epoch``, ``train_loss``, ``train_accuracy`` on the augmented training batches, ``test_accuracy``,
+    ``lr``, ``seconds``)."""
+    model = runtime.prepare_model(model)
+    images = defense.preprocess(train.images).to(runtime.device)
+    labels = train.labels.to(runtime.device)
+    sampler = BatchSampler(len(train), cfg.batch_size, generator, drop_last=len(train) > cfg.batch_size)
+    trainer = Trainer(model, runtime, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov, grad_clip=None),
+                      total_steps=cfg.epochs * sampler.steps_per_epoch(), params=params)
+    history = []
+    with progress.bar(cfg.epochs, desc, unit="epoch") as bar:
+        for epoch in range(1, cfg.epochs + 1):
+            started = time.perf_counter()
+            model.train()
+            loss_sum = torch.zeros((), device=runtime.device)
+            correct = torch.zeros((), dtype=torch.long, device=runtime.device)
+            seen = 0
+            for idx in sampler.epoch():
+                idx = idx.to(runtime.device)
+                x = defense.augment(runtime.to_float(images[idx]), generator)
+                loss, hits = defense.step(trainer, x, labels[idx])
+                loss_sum += loss * idx.numel()
+                correct += hits
+                seen += idx.numel()
+            record = {"epoch": epoch, "train_loss": round(loss_sum.item() / seen, 5),
+                      "train_accuracy": round(correct.item() / seen, 5),
+                      "test_accuracy": round(accuracy(model, test, runtime), 5),
+                      "lr": trainer.optimizer.param_groups[0]["lr"],
+                      "seconds": round(time.perf_counter() - started, 3)}
+            history.append(record)
+            bar.update(1, test_acc=f"{record['test_accuracy']:.3f}")
+    return history

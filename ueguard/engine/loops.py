@@ -1,0 +1,124 @@
+"""The two halves of every bi-level protection loop, shared by all model-based methods and by verify.
+
+* :class:`Trainer` — SGD on a classifier (the surrogate's outer step, a victim's training run).
+* :func:`input_gradient` + :func:`ueguard.kernels.project_step` — one PGD step on perturbations.
+
+Both take float images in [0, 1] and leave data movement to the caller, who keeps the whole working
+set on the device as uint8 and converts one batch at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ueguard.engine.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with momentum, weight decay and gradient-norm clipping (the field's standard surrogate)."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    grad_clip: float | None = 5.0
+
+
+class Trainer:
+    """Owns a model, its SGD optimiser and (optionally) a per-step learning-rate schedule."""
+
+    def __init__(self, model: nn.Module, runtime: Runtime, optim: OptimConfig = OptimConfig(),
+                 total_steps: int | None = None, params=None) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.optim = optim
+        trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.SGD(trainable, lr=optim.lr, momentum=optim.momentum,
+                                         weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+        self.scheduler = (torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=optim.lr, total_steps=total_steps, pct_start=0.15,
+            anneal_strategy="linear", div_factor=10, final_div_factor=100)
+            if total_steps else None)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step on a batch; returns (loss, number correct) as device tensors, so the loop never
+        waits on the host unless the caller reads them."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.runtime.autocast():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        if self.optim.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """∇ₓ CE(f(x), y) for a batch (model mode is the caller's choice), and the per-sample correctness.
+
+    Only the input gradient is requested, so autograd skips the weight gradients."""
+    x = x.detach().requires_grad_(True)
+    with runtime.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad, logits.argmax(1) == y
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches, runtime: Runtime) -> torch.Tensor:
+    """Argmax predictions over an iterable of float batches, in eval mode, concatenated."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for x in batches:
+        with runtime.autocast():
+            out.append(model(x).argmax(1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=runtime.device)
+
+
+def batch_ranges(n: int, batch_size: int):
+    """Consecutive index ranges covering ``0..n-1``."""
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+class BatchSampler:
+    """Endless shuffled minibatches of sample indices, one fresh permutation per pass (epoch), drawn from
+    the caller's generator so runs are reproducible."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> None:
+        if n <= 0:
+            raise ValueError("cannot sample batches from an empty set")
+        self.n, self.batch_size, self.generator = n, min(batch_size, n), generator
+        self.drop_last = drop_last
+        self._order = torch.empty(0, dtype=torch.long)
+        self._pos = 0
+
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def epoch(self):
+        """One pass over a fresh permutation."""
+        order = torch.randperm(self.n, generator=self.generator)
+        for i in range(self.steps_per_epoch()):
+            yield order[i * self.batch_size:(i + 1) * self.batch_size]
+
+    def next(self) -> torch.Tensor:
+        if self._pos + self.batch_size > self._order.numel():
+            self._order = torch.randperm(self.n, generator=self.generator)
+            self._pos = 0
+        idx = self._order[self._pos:self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return idx

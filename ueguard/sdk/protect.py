@@ -1,0 +1,415 @@
+"""``protect``: a folder (or an in-memory batch) in, protected images out.
+
+Folder flow: scan SRC → decode every image at the working resolution (failures recorded, not fatal)
+→ build the surrogate → generate δ with the method (cached under ``DST/.ueguard/`` so ``--resume``
+skips it) → for each image: decode the original again, resize its δ row to the native size, add,
+clip, round, save atomically, decode the saved file and measure L∞ / PSNR on it, append the manifest
+line. SRC is only ever read.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+import ueguard
+from ueguard.data.folder import FolderEntry, FolderListing, scan_folder
+from ueguard.data.images import DecodedImage, ImageFileError, ImageReadError, load_image, output_path, quantize, resolve_format, save_image
+from ueguard.data.manifest import MANIFEST_NAME, ManifestWriter, read_manifest, sha256_file
+from ueguard.data.working_set import WorkingSet, image_sides, load_folder_working_set, resize_float, suggest_size
+from ueguard.engine.progress import SILENT, Progress
+from ueguard.engine.runtime import Runtime, seed_everything
+from ueguard.errors import UsageError
+from ueguard.methods import METHODS, Perturbation, create_method
+from ueguard.sdk.options import SIZE_CAP, ProtectOptions, default_arch
+
+STATE_DIR = ".ueguard"
+#: Options that must match for ``--resume`` to continue a run (the rest — device, precision — may change).
+RESUME_KEYS = ("method", "eps", "seed", "budget", "size", "surrogate", "weights", "pretrained", "format",
+               "quality", "perturbation", "method_options")
+
+
+@dataclass
+class ProtectResult:
+    """What ``protect`` returns.
+
+    Folder input: ``out`` and ``manifest_path`` are set and ``items`` holds the manifest's file records.
+    In-memory input: ``data`` holds the protected array in the input's type, layout and dtype and
+    ``items`` one ``{"index", "label", "linf", "psnr"}`` record per image. ``linf`` is in 1/255 levels.
+    """
+
+    items: list[dict[str, Any]]
+    perturbation: Perturbation | None
+    options: ProtectOptions
+    out: Path | None = None
+    manifest_path: Path | None = None
+    data: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def _count(self, status: str) -> int:
+        return sum(1 for item in self.items if item.get("status", "ok") == status)
+
+    @property
+    def ok(self) -> int:
+        return self._count("ok")
+
+    @property
+    def failed(self) -> int:
+        return self._count("failed")
+
+    @property
+    def skipped(self) -> int:
+        return self._count("skipped")
+
+    @property
+    def paths(self) -> list[Path]:
+        """Output files written (folder input)."""
+        return [self.out / item["output"] for item in self.items if item.get("status") == "ok"] if self.out else []
+
+
+def protect(src, out=None, method: str = "emn", *, labels=None, layout: str = "auto",
+            progress: Progress | bool | None = False, **options: Any) -> ProtectResult:
+    """Protect a folder of images (``src`` a path) or an in-memory batch (``src`` an array or tensor).
+
+    ``options`` are the CLI's long options as keywords: ``eps`` (``"8/255"``, ``0.031`` or ``8``),
+    ``seed``, ``budget``, ``device``, ``precision``, ``size``, ``surrogate``, ``weights``,
+    ``pretrained``, ``format``, ``quality``, ``perturbation``, ``method_options`` (a dict of the
+    method's constants), ``max_pixels``, ``resume``.
+
+    In-memory input: uint8 or float (values in [0, 1]) ``N×C×H×W`` or ``N×H×W×C`` (``layout`` says
+    which when C is ambiguous) with C = 1 or 3, NumPy or torch, and ``labels`` (N ints).
+    """
+    if isinstance(options.get("method_options"), dict):
+        options["method_options"] = tuple(sorted(options["method_options"].items()))
+    opts = ProtectOptions.resolve(method=method, **options)
+    reporter = progress if isinstance(progress, Progress) else Progress(progress)
+    if isinstance(src, (str, os.PathLike)):
+        if labels is not None:
+            raise UsageError("labels= is for in-memory data; a folder's labels come from its class subfolders")
+        return _protect_folder(Path(src), None if out is None else Path(out), opts, reporter)
+    if out is not None:
+        raise UsageError("out= is for folder input; in-memory input returns the protected array in .data")
+    return _protect_array(src, labels, layout, opts, reporter)
+
+
+# --------------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _build_method(opts: ProtectOptions, size: int, num_classes: int, runtime: Runtime, progress: Progress):
+    """Seed, build the surrogate (when the method needs one) and the method. Returns (method, record)."""
+    from ueguard import models
+
+    cls = METHODS.get(opts.method)
+    seed_everything(opts.seed)
+    record: dict[str, Any] = {}
+    surrogate = None
+    if cls.needs_surrogate:
+        if cls.needs_pretrained and not (opts.weights or opts.pretrained):
+            raise UsageError(f"method {opts.method!r} needs a pretrained surrogate: pass --weights FILE or --pretrained")
+        name = opts.surrogate or default_arch(size, opts.budget)
+        try:
+            surrogate = models.create_model(name, num_classes, weights=opts.weights, pretrained=opts.pretrained)
+        except (ValueError, FileNotFoundError) as error:
+            raise UsageError(str(error)) from None
+        record = {"surrogate": name, "surrogate_sha256": models.state_dict_sha256(surrogate),
+                  "weights_sha256": models.weights_sha256(opts.weights) if opts.weights else None}
+    try:
+        method = create_method(opts.method, budget=opts.budget, runtime=runtime, surrogate=surrogate,
+                               progress=progress, **opts.method_overrides())
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return method, record
+
+
+def make_runtime(device: str, precision: str) -> Runtime:
+    """The run's :class:`Runtime`; asking for a device this machine lacks is a usage error."""
+    try:
+        return Runtime.create(device, precision)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(str(error)) from None
+
+
+def _environment(runtime: Runtime) -> dict[str, Any]:
+    return {"ueguard_version": ueguard.__version__, "torch_version": torch.__version__,
+            "device": str(runtime.device), "precision": runtime.precision,
+            "threads": torch.get_num_threads()}
+
+
+def _quality(original: DecodedImage, saved: DecodedImage) -> tuple[float, float | None]:
+    """L∞ in 1/255 levels and PSNR in dB (None when identical) between a source and its decoded output.
+
+    Compared as floats in [0, 1], broadcasting channels, because a lossy output may change bit depth
+    (16-bit → 8-bit JPEG) or channel count (gray → RGB WebP/GIF)."""
+    diff = np.abs(original.to_float().astype(np.float64) - saved.to_float().astype(np.float64))
+    linf = float(diff.max()) * 255
+    mse = float(np.mean(diff**2))
+    psnr = None if mse == 0 else 10 * math.log10(1.0 / mse)
+    return round(linf, 4), None if psnr is None else round(psnr, 3)
+
+
+def perturb_native(planes: np.ndarray, max_value: int, delta: torch.Tensor) -> np.ndarray:
+    """Apply a working-resolution δ (``3×h×w``, already gray-projected) to an integer ``H×W×C`` image at
+    its native size: resize δ (a convex interpolation, so it stays within ±ε), add, clip to the valid
+    range, round to the image's levels. 8-bit images go through the fused ``apply_quantize`` op."""
+    from ueguard.kernels import apply_quantize
+
+    height, width, channels = planes.shape
+    native = resize_float(delta[:channels].float().cpu(), (height, width))
+    if max_value == 255:
+        image = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1)))
+        out, _, _ = apply_quantize(image[None], native[None].contiguous())
+        return out[0].permute(1, 2, 0).numpy()
+    x = torch.from_numpy(planes.astype(np.float32) / max_value).permute(2, 0, 1)
+    return quantize((x + native).clamp_(0, 1).permute(1, 2, 0).numpy(), max_value)
+
+
+# --------------------------------------------------------------------------------------------------
+# folder input
+
+
+def _check_destination(src: Path, dst: Path, resume: bool) -> None:
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if dst_r == src_r or src_r in dst_r.parents:
+        raise UsageError(f"the output folder {dst} is inside the source folder {src}: SRC is never written to; "
+                         "choose --out outside it")
+    if dst_r in src_r.parents:
+        raise UsageError(f"the output folder {dst} contains the source folder {src}; choose --out beside it")
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"the output path {dst} exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()):
+        if not resume:
+            raise UsageError(f"the output folder {dst} is not empty: pass --resume to continue a run there, "
+                             "or choose a new --out")
+        if not (dst / MANIFEST_NAME).exists():
+            raise UsageError(f"--resume: {dst} has files but no {MANIFEST_NAME}; it was not made by ueguard — "
+                             "choose a new --out")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create the output folder {dst}: {error.strerror or error}") from None
+    if not os.access(dst, os.W_OK):
+        raise UsageError(f"the output folder {dst} is not writable")
+
+
+def _previous_run(dst: Path, opts: ProtectOptions) -> dict[str, dict[str, Any]]:
+    """For ``--resume``: the finished file records of earlier runs (by source path), after checking that
+    the earlier run used the same settings."""
+    path = dst / MANIFEST_NAME
+    if not path.exists():
+        return {}
+    records = list(read_manifest(path))
+    header = next((r for r in records if r.get("kind") == "run"), None)
+    if header is not None:
+        before, now = header["options"], opts.record()
+        changed = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
+        if changed:
+            raise UsageError(f"--resume: {dst} was made with different settings ({', '.join(changed)}); "
+                             "resume with the same options or choose a new --out")
+    return {r["source"]: r for r in records
+            if r.get("kind") == "file" and r.get("status") == "ok" and (dst / r["output"]).exists()}
+
+
+def _plan_outputs(listing: FolderListing, fmt: str) -> tuple[dict[PurePosixPath, PurePosixPath], dict[PurePosixPath, str]]:
+    """Output path per image, and the images refused because two sources would write one output
+    (``a.jpg`` and ``a.png`` both become ``a.png``), or the output name would take the manifest's place."""
+    planned: dict[PurePosixPath, PurePosixPath] = {}
+    owner: dict[str, PurePosixPath] = {MANIFEST_NAME.lower(): PurePosixPath(MANIFEST_NAME)}
+    refused: dict[PurePosixPath, str] = {}
+    for entry in listing.images:
+        target = PurePosixPath(output_path(entry.relpath, fmt))
+        key = str(target).lower()  # case-insensitive file systems would merge these too
+        if key in owner:
+            refused[entry.relpath] = (f"its output {target} would overwrite the output of {owner[key]}; "
+                                      "rename one of them or use --format keep")
+            continue
+        owner[key] = entry.relpath
+        planned[entry.relpath] = target
+    return planned, refused
+
+
+def _load_state(path: Path, ids: list[str]) -> Perturbation | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a torn or foreign file: regenerate (deterministic for the same seed)
+        return None
+    if state.get("ids") != ids:
+        return None
+    return Perturbation(state["delta"], bool(state["classwise"]), float(state["eps"]), dict(state["info"]))
+
+
+def _save_state(path: Path, perturbation: Perturbation, ids: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"delta": perturbation.delta.cpu(), "classwise": perturbation.classwise, "eps": perturbation.eps,
+                "info": perturbation.info, "ids": ids}, tmp)
+    os.replace(tmp, path)
+
+
+def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress: Progress) -> ProtectResult:
+    try:
+        listing = scan_folder(src)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    cls = METHODS.get(opts.method)
+    if cls.needs_labels and not listing.classes:
+        raise UsageError(f"{src}: no class subfolders, so the images have no labels; method {opts.method!r} "
+                         "needs them — put each class's images in SRC/<class>/")
+    dst = dst if dst is not None else src.parent / f"{src.name}_protected"
+    runtime = make_runtime(opts.device, opts.precision)
+    images = listing.images
+    size = opts.size or suggest_size(image_sides(listing, images), cap=SIZE_CAP[opts.budget])
+    # Everything that can refuse the request runs before the destination is created.
+    method, surrogate_record = _build_method(opts, size, len(listing.classes), runtime, progress)
+    _check_destination(src, dst, opts.resume)
+    done = _previous_run(dst, opts) if opts.resume else {}
+    items: list[dict[str, Any]] = []
+    common = {"method": opts.method, "eps": opts.eps, "eps_255": round(opts.eps * 255, 4), "seed": opts.seed}
+
+    with ManifestWriter(dst / MANIFEST_NAME) as manifest:
+        def record(entry: FolderEntry, status: str, error: str | None, **extra: Any) -> None:
+            label = listing.classes[entry.label] if entry.label is not None else None
+            line = {"kind": "file", "source": str(entry.relpath), "output": extra.pop("output", None),
+                    "source_sha256": extra.pop("source_sha256", None), "output_sha256": extra.pop("output_sha256", None),
+                    "label": label, **common, "linf": extra.pop("linf", None), "psnr": extra.pop("psnr", None),
+                    "status": status, "error": error, **extra}
+            manifest.write(line)
+            items.append(line)
+
+        manifest.write({"kind": "run", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": str(src.resolve()),
+                        "output": str(dst.resolve()), "options": opts.record(), "size": size, "classes": list(listing.classes),
+                        "linf_units": "1/255", "resumed": bool(done), **surrogate_record, **_environment(runtime)})
+        for entry in listing.skipped:
+            record(entry, "skipped", entry.skip_reason)
+        planned, refused = _plan_outputs(listing, opts.format)
+        for entry in images:
+            if entry.relpath in refused:
+                record(entry, "failed", refused[entry.relpath])
+        todo = [e for e in images if e.relpath in planned]
+        if all(str(e.relpath) in done for e in todo):
+            items.extend(done.values())
+            return ProtectResult(items, None, opts, dst, dst / MANIFEST_NAME)
+
+        with progress.bar(len(todo), "decoding", unit="img") as bar:
+            def failed_read(entry: FolderEntry, error: ImageReadError) -> None:
+                record(entry, "failed", str(error))
+
+            working, kept = load_folder_working_set(listing, todo, size, max_pixels=opts.max_pixels,
+                                                    on_error=failed_read, on_progress=bar.update)
+        if not kept:
+            return ProtectResult(items, None, opts, dst, dst / MANIFEST_NAME)
+
+        state_path = dst / STATE_DIR / "perturbation.pt"
+        perturbation = _load_state(state_path, working.ids)
+        if perturbation is None:
+            progress.log(f"generating {opts.method} perturbations for {len(working)} images at {size}px on {runtime.device}")
+            perturbation = method(working)
+            _save_state(state_path, perturbation, working.ids)
+        manifest.write({"kind": "generation", "method": opts.method, **perturbation.info})
+
+        pending = [(i, e) for i, e in enumerate(kept) if str(e.relpath) not in done]
+        with progress.bar(len(pending), "saving", unit="img") as bar:
+            for i, entry in pending:
+                status, error, extra = _save_one(listing, dst, entry, planned[entry.relpath], working, perturbation, i, opts)
+                record(entry, status, error, **extra)
+                bar.update(1)
+        items.extend(done.values())
+    shutil.rmtree(dst / STATE_DIR, ignore_errors=True)
+    return ProtectResult(items, perturbation, opts, dst, dst / MANIFEST_NAME, info=dict(perturbation.info))
+
+
+def _save_one(listing: FolderListing, dst: Path, entry: FolderEntry, target: PurePosixPath, working: WorkingSet,
+              perturbation: Perturbation, row: int, opts: ProtectOptions) -> tuple[str, str | None, dict[str, Any]]:
+    """Protect one file at its native size; every failure becomes a ``failed`` record, never an exception."""
+    source = listing.root / entry.relpath
+    out_file = dst / target
+    try:
+        image = load_image(source, max_pixels=opts.max_pixels)
+        index = torch.tensor([row])
+        delta = perturbation.for_samples(index, working.labels.cpu(), working.grayscale.cpu())[0]
+        pixels = perturb_native(image.pixels, image.max_value, delta)
+        fmt = resolve_format(opts.format, entry.relpath.suffix)
+        save_image(out_file, image, pixels, fmt=fmt, quality=opts.quality)
+        saved = load_image(out_file, max_pixels=opts.max_pixels)
+    except (ImageFileError, OSError, ValueError) as error:
+        return "failed", str(error), {}
+    linf, psnr = _quality(image, saved)
+    return "ok", None, {"output": str(target), "source_sha256": sha256_file(source),
+                        "output_sha256": sha256_file(out_file), "linf": linf, "psnr": psnr,
+                        "size": [image.width, image.height]}
+
+
+# --------------------------------------------------------------------------------------------------
+# in-memory input
+
+
+def _to_nchw(array, layout: str) -> tuple[torch.Tensor, str]:
+    tensor = torch.as_tensor(array)
+    if tensor.dim() != 4:
+        raise UsageError(f"in-memory images must be 4-D (N×C×H×W or N×H×W×C), got shape {tuple(tensor.shape)}")
+    if layout == "auto":
+        nchw, nhwc = tensor.shape[1] in (1, 3), tensor.shape[-1] in (1, 3)
+        if nchw == nhwc:
+            raise UsageError(f"cannot tell the channel axis of shape {tuple(tensor.shape)}; pass layout='NCHW' or 'NHWC'")
+        layout = "NCHW" if nchw else "NHWC"
+    if layout not in ("NCHW", "NHWC"):
+        raise UsageError(f"layout must be 'auto', 'NCHW' or 'NHWC', got {layout!r}")
+    tensor = tensor if layout == "NCHW" else tensor.permute(0, 3, 1, 2)
+    if tensor.shape[1] not in (1, 3):
+        raise UsageError(f"images must have 1 or 3 channels, got {tensor.shape[1]}")
+    return tensor, layout
+
+
+def _protect_array(array, labels, layout: str, opts: ProtectOptions, progress: Progress) -> ProtectResult:
+    if labels is None:
+        raise UsageError("in-memory input needs labels= (one int per image)")
+    images, layout = _to_nchw(array, layout)
+    is_uint8 = images.dtype == torch.uint8
+    if not is_uint8 and not images.is_floating_point():
+        raise UsageError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
+    x = images.float().div(255) if is_uint8 else images.float()
+    if not is_uint8 and (x.min() < 0 or x.max() > 1):
+        raise UsageError("float images must hold values in [0, 1]")
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long).flatten()
+    if y.numel() != x.shape[0] or bool((y < 0).any()):
+        raise UsageError(f"labels must be {x.shape[0]} non-negative ints, got {y.numel()}")
+    gray = torch.full((x.shape[0],), x.shape[1] == 1)
+    x3 = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    num_classes = int(y.max()) + 1
+    size = opts.size
+    working_x = resize_float(x3, (size, size)) if size else x3
+    working = WorkingSet(torch.round(working_x.clamp(0, 1) * 255).to(torch.uint8), y, gray,
+                         tuple(str(k) for k in range(num_classes)), [str(i) for i in range(x.shape[0])])
+    runtime = make_runtime(opts.device, opts.precision)
+    method, _ = _build_method(opts, size or max(x.shape[-2:]), num_classes, runtime, progress)
+    perturbation = method(working)
+    delta = perturbation.for_samples(torch.arange(len(working)), y, gray).cpu()
+    delta = resize_float(delta, tuple(x.shape[-2:]))[:, : x.shape[1]]
+    protected = (x + delta).clamp_(0, 1)
+    if is_uint8:
+        protected = torch.round(protected * 255).to(torch.uint8)
+        change = (protected.float() - images.float()).abs().div(255)
+    else:
+        protected = protected.to(images.dtype)
+        change = (protected.float() - x).abs()
+    linf = change.flatten(1).amax(1) * 255
+    mse = change.pow(2).flatten(1).mean(1)
+    items = [{"index": i, "label": int(y[i]), "linf": round(float(linf[i]), 4),
+              "psnr": None if mse[i] == 0 else round(10 * math.log10(1 / float(mse[i])), 3)}
+             for i in range(x.shape[0])]
+    out = protected if layout == "NCHW" else protected.permute(0, 2, 3, 1)
+    if isinstance(array, np.ndarray):
+        out = out.contiguous().numpy()
+    else:
+        out = out.contiguous().to(array.device)
+    return ProtectResult(items, perturbation, opts, data=out, info=dict(perturbation.info))
