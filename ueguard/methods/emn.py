@@ -111,13 +111,16 @@ class EMN(ProtectionMethod):
         x = self.runtime.to_float(data.images[dev_idx])
         return apply_delta(x, perturbation.for_samples(dev_idx, data.labels, data.grayscale))
 
+    def _batch(self, data: WorkingSet, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean float images, labels and grayscale flags of samples ``idx`` on the run's device."""
+        dev_idx = idx.to(self.runtime.device)
+        return self.runtime.to_float(data.images[dev_idx]), data.labels[dev_idx], data.grayscale[dev_idx]
+
     def _samplewise_pgd(self, model, data: WorkingSet, delta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``pgd_steps`` signed-gradient steps that descend CE in δ, each projected onto the ε-ball and
         the valid image range (fused in ``project_step``), then onto the gray subspace where needed."""
         cfg, rt = self.config, self.runtime
-        dev_idx = idx.to(rt.device)
-        x = rt.to_float(data.images[dev_idx])
-        y, gray = data.labels[dev_idx], data.grayscale[dev_idx]
+        x, y, gray = self._batch(data, idx)
         alpha = cfg.step_fraction * cfg.eps
         for _ in range(cfg.pgd_steps):
             grad, _ = input_gradient(model, x + delta, y, rt)
@@ -128,9 +131,7 @@ class EMN(ProtectionMethod):
         """Class-wise PGD on one batch: the gradient of δ_k is the sum of the input gradients of the
         batch's class-k samples (zero where x + δ was clipped); signed step, then the ε-ball."""
         cfg, rt = self.config, self.runtime
-        dev_idx = idx.to(rt.device)
-        x = rt.to_float(data.images[dev_idx])
-        y, gray = data.labels[dev_idx], data.grayscale[dev_idx]
+        x, y, gray = self._batch(data, idx)
         alpha = cfg.step_fraction * cfg.eps
         for _ in range(cfg.pgd_steps):
             raw = x + gray_project(delta[y], gray)
