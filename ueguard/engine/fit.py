@@ -30,11 +30,10 @@ class FitConfig:
 
 
 def accuracy(model: nn.Module, data: WorkingSet, runtime: Runtime, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on clean ``data``."""
-    images, labels = data.images.to(runtime.device), data.labels.to(runtime.device)
-    batches = (runtime.to_float(images[s]) for s in batch_ranges(len(data), batch_size))
+    """Top-1 accuracy of ``model`` (eval mode) on clean ``data`` (already on the run's device)."""
+    batches = (runtime.to_float(data.images[s]) for s in batch_ranges(len(data), batch_size))
     pred = predict(model, batches, runtime)
-    return (pred == labels).float().mean().item() if len(data) else float("nan")
+    return (pred == data.labels).float().mean().item() if len(data) else float("nan")
 
 
 def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *, defense, params, runtime: Runtime,
@@ -45,6 +44,7 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
     model = runtime.prepare_model(model)
     images = defense.preprocess(train.images).to(runtime.device)
     labels = train.labels.to(runtime.device)
+    test = test.to(runtime.device)  # once, not every epoch
     sampler = BatchSampler(len(train), cfg.batch_size, generator, drop_last=len(train) > cfg.batch_size)
     trainer = Trainer(model, runtime, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov, grad_clip=None),
                       total_steps=cfg.epochs * sampler.steps_per_epoch(), params=params)

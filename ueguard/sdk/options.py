@@ -53,11 +53,7 @@ class ProtectOptions:
     def resolve(cls, **kwargs: Any) -> "ProtectOptions":
         """Validate and normalise keyword options; every problem is a :class:`UsageError` that names the
         option and its valid values."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - valid)
-        if unknown:
-            raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-        values = {k: v for k, v in kwargs.items() if v is not None}
+        values = given_options(cls, kwargs)
         if "eps" in values:
             try:
                 values["eps"] = parse_eps(values["eps"])
@@ -102,6 +98,16 @@ class ProtectOptions:
         out["method_options"] = dict(self.method_options)
         out["eps_255"] = round(self.eps * 255, 4)
         return out
+
+
+def given_options(options_class: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword options actually given (``None`` means "use the default"), after rejecting names that
+    are not fields of ``options_class`` with a :class:`UsageError` listing the valid ones."""
+    valid = {f.name for f in dataclasses.fields(options_class)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def default_arch(size: int, budget: str) -> str:

@@ -32,7 +32,7 @@ from ueguard.engine.progress import Progress
 from ueguard.engine.runtime import seed_everything
 from ueguard.errors import UsageError
 from ueguard.methods import BUDGETS
-from ueguard.sdk.options import SIZE_CAP, default_arch
+from ueguard.sdk.options import SIZE_CAP, default_arch, given_options
 from ueguard.sdk.protect import make_runtime
 
 #: Training epochs per budget (the authors evaluate with 60).
@@ -61,11 +61,7 @@ class VerifyOptions:
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "VerifyOptions":
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - valid)
-        if unknown:
-            raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-        opts = cls(**{k: v for k, v in kwargs.items() if v is not None})
+        opts = cls(**given_options(cls, kwargs))
         try:
             paradigm = PARADIGMS.get(opts.paradigm)
             DEFENSES.get(opts.defense)
