@@ -89,3 +89,35 @@ def test_unknown_option_lists_valid_ones():
         METHODS.get("emn").make_config("quick", pgd_stepz=3)
     with pytest.raises(ValueError, match="samplewise"):
         METHODS.get("emn").make_config("quick", perturbation="pixelwise")
+
+
+def test_augment_option_is_validated():
+    with pytest.raises(ValueError, match="cropflip"):
+        METHODS.get("emn").make_config("quick", augment="rotate")
+
+
+def test_input_gradient_reaches_the_input_through_the_transform():
+    """With a transform T, the gradient w.r.t. x is T's adjoint applied to the gradient at T(x): for a
+    horizontal flip (its own adjoint) that is the flipped gradient at the flipped image."""
+    from ueguard.engine.loops import input_gradient
+
+    torch.manual_seed(0)
+    model = create_model("resnet18_cifar_slim", 3).eval()
+    rt = Runtime.create("cpu", "fp32")
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    through, _ = input_gradient(model, x, y, rt, transform=lambda z: z.flip(-1))
+    direct, _ = input_gradient(model, x.flip(-1), y, rt)
+    assert torch.allclose(through, direct.flip(-1), atol=1e-6)
+    assert not torch.allclose(through, input_gradient(model, x, y, rt)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["samplewise", "classwise"])
+def test_emn_through_augmentation_stays_in_budget_and_reproducible(digits_set, kind):
+    small = digits_set.subset(range(60))
+    a = run_emn(small, perturbation=kind, augment="cropflip", max_rounds=2)
+    b = run_emn(small, perturbation=kind, augment="cropflip", max_rounds=2)
+    plain = run_emn(small, perturbation=kind, max_rounds=2)
+    assert torch.equal(a.delta, b.delta) and not torch.equal(a.delta, plain.delta)
+    assert a.delta.abs().max() <= 8 / 255 + 1e-6 and a.delta.abs().mean() > 1 / 255
+    applied = a.for_samples(torch.arange(len(small)), small.labels, small.grayscale)
+    assert torch.allclose(applied[:, 0], applied[:, 2])  # gray images get gray noise

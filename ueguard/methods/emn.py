@@ -10,7 +10,9 @@ easy-to-learn shortcut, so a model trained on x + δ learns the noise instead of
 Sample-wise δ is keyed by sample index; class-wise δ (one tensor per class) by label. The authors'
 settings (``thorough`` budget): ε = 8/255, 20 PGD steps of 0.8/255 per pass, 10 surrogate steps per
 round, stop at 99 % (sample-wise) or 90 % (class-wise) train accuracy, SGD 0.1 / wd 5e-4 / clip 5.
-Like the authors' generation loop, the surrogate sees no augmentation here.
+Like the authors' generation loop, the surrogate sees no augmentation by default; ``augment=crop`` or
+``cropflip`` trains the surrogate and optimises δ through random crops (and flips) — an expectation over
+the victim's augmentation, which pixel-aligned noise otherwise has to survive by luck.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from ueguard.data.working_set import WorkingSet
+from ueguard.engine.augment import crop_flip
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, predict
 from ueguard.kernels import project_step
 from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project
 
 PERTURBATION_KINDS = ("samplewise", "classwise")
+AUGMENT_MODES = ("none", "crop", "cropflip")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class EMNConfig(MethodConfig):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     grad_clip: float = 5.0
+    augment: str = "none"        # crop / cropflip: the surrogate trains, and δ is optimised, through the
+                                 # victim's standard augmentation (expectation over transformations)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,6 +55,8 @@ class EMNConfig(MethodConfig):
             raise ValueError(f"perturbation must be one of {', '.join(PERTURBATION_KINDS)}, got {self.perturbation!r}")
         if self.pgd_steps < 1 or self.train_steps < 0 or self.max_rounds < 1 or self.batch_size < 1:
             raise ValueError("pgd_steps, max_rounds and batch_size must be ≥ 1 and train_steps ≥ 0")
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {self.augment!r}")
 
     @property
     def target_accuracy(self) -> float:
@@ -82,13 +90,15 @@ class EMN(ProtectionMethod):
         sampler = BatchSampler(n, cfg.batch_size, self.generator)
         check = (torch.randperm(n, generator=self.generator)[:cfg.eval_limit].sort().values
                  if n > cfg.eval_limit else torch.arange(n))
+        augment = self._augmentation()
         history = []
         with self.progress.bar(cfg.max_rounds, "emn rounds", unit="round") as bar:
             for round_ in range(cfg.max_rounds):
                 model.train()
                 for _ in range(cfg.train_steps):
                     idx = sampler.next()
-                    trainer.step(self._perturbed(data, perturbation, idx), data.labels[idx.to(rt.device)])
+                    x = self._perturbed(data, perturbation, idx)
+                    trainer.step(x if augment is None else augment(x), data.labels[idx.to(rt.device)])
                 model.eval()
                 for span in batch_ranges(n, cfg.batch_size):
                     idx = torch.arange(span.start, span.stop)
@@ -105,6 +115,13 @@ class EMN(ProtectionMethod):
                              "converged": history[-1] >= cfg.target_accuracy,
                              "seconds": round(time.perf_counter() - started, 2)}
         return perturbation
+
+    def _augmentation(self):
+        """A fresh random crop (+ flip) per call, or None."""
+        if self.config.augment == "none":
+            return None
+        flip = self.config.augment == "cropflip"
+        return lambda x: crop_flip(x, self.generator, flip=flip)
 
     def _perturbed(self, data: WorkingSet, perturbation: Perturbation, idx: torch.Tensor) -> torch.Tensor:
         dev_idx = idx.to(self.runtime.device)
@@ -123,7 +140,7 @@ class EMN(ProtectionMethod):
         x, y, gray = self._batch(data, idx)
         alpha = cfg.step_fraction * cfg.eps
         for _ in range(cfg.pgd_steps):
-            grad, _ = input_gradient(model, x + delta, y, rt)
+            grad, _ = input_gradient(model, x + delta, y, rt, transform=self._augmentation())
             delta = gray_project(project_step(delta, grad, x, alpha, cfg.eps, 1.0), gray)
         return delta
 
@@ -135,7 +152,7 @@ class EMN(ProtectionMethod):
         alpha = cfg.step_fraction * cfg.eps
         for _ in range(cfg.pgd_steps):
             raw = x + gray_project(delta[y], gray)
-            grad, _ = input_gradient(model, raw.clamp(0, 1), y, rt)
+            grad, _ = input_gradient(model, raw.clamp(0, 1), y, rt, transform=self._augmentation())
             grad = grad * ((raw > 0) & (raw < 1))
             class_grad = torch.zeros_like(delta).index_add_(0, y, grad.contiguous())
             delta.sub_(alpha * class_grad.sign()).clamp_(-cfg.eps, cfg.eps)
