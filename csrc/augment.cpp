@@ -1,4 +1,4 @@
-// CPU kernels of the training augmentation op (ueguard/kernels/augment.py is the specification):
+// CPU kernels of the training augmentation op (ueguard/kernels/augmentation.py is the specification):
 // per-sample random crop with zero or reflect padding, horizontal flip, uint8 -> float conversion
 // and per-channel normalisation in one gather pass, and its exact adjoint for gradients that flow
 // back through the augmentation to a float input.

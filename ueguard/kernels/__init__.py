@@ -7,7 +7,7 @@ under ``TRITON_INTERPRET=1``) and :func:`backend_for` reports the choice.
 """
 
 from ueguard.kernels._ext import cpp_available, force_reference, use_backend
-from ueguard.kernels.augment import augment, augment_reference
+from ueguard.kernels.augmentation import augment, augment_reference
 from ueguard.kernels.project import (
     Quantized,
     Stepped,
