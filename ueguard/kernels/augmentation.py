@@ -254,7 +254,7 @@ def augment_reference(
     return out
 
 
-_AUGMENT_IMPLS = {"reference": augment_reference, **{name: name for name in _FORWARD}}
+_AUGMENT_IMPLS = {"reference": augment_reference, **_FORWARD}  # backends; backward from _BACKWARD
 project.register_op("augment", _AUGMENT_IMPLS)
 
 
