@@ -1,10 +1,15 @@
-"""Every kernel backend against the PyTorch reference that specifies it (ueguard.kernels.project).
+"""Every kernel backend against the PyTorch reference that specifies it (ueguard.kernels.project,
+ueguard.kernels.augmentation).
 
 Backends under test: "cpp" (the ueguard._C operators), "triton" (on CPU tensors through the
 interpreter, TRITON_INTERPRET=1 from conftest; on CUDA tensors when a GPU job sets it to 0) and
 "dispatch" (the public function with no backend forced). All backends perform the reference's
 float32 operations in the same order, so outputs are compared for exact equality, NaN positions
 included; apply_quantize's sq_err is an exact integer sum divided once by 255², so it is exact too.
+Stated tolerances where the order of a reduction differs: the L2 step's per-sample norms
+(rtol 1e-5, atol 1e-6) and augment's reflect-padding adjoint (sums of ≤ 9 terms: rtol 1e-5, atol 1e-5).
+bf16 next-input outputs of the Triton kernel are compared on a GPU only: the interpreter converts
+float32 → bfloat16 by truncation, the compiled kernel (and PyTorch) round to nearest even.
 """
 
 import pytest
@@ -14,6 +19,8 @@ from hypothesis import strategies as st
 
 from ueguard.kernels import (
     _ext,
+    augment,
+    augment_reference,
     apply_quantize,
     apply_quantize_reference,
     backend_for,
@@ -23,6 +30,7 @@ from ueguard.kernels import (
     project_step_reference,
     use_backend,
 )
+from ueguard.kernels import augmentation as augment_module
 
 EPS = 8 / 255
 STEP = 0.8 / 255
@@ -50,12 +58,12 @@ def _require(backend: str) -> None:
         pytest.skip(TRITON_SKIP_REASON)
 
 
-def _run(backend: str, op, *args):
+def _run(backend: str, op, *args, **kwargs):
     """Call a public kernel op on ``backend`` ("dispatch": whatever it picks by itself)."""
     if backend == "dispatch":
-        return op(*args)
+        return op(*args, **kwargs)
     with use_backend(backend):
-        return op(*args)
+        return op(*args, **kwargs)
 
 
 def _poison_allocator(like: torch.Tensor) -> None:
@@ -268,6 +276,7 @@ def _quantize_inputs(shape, seed: int):
 
 
 def _check_quantize(backend: str, image, delta):
+    image, delta = image.to(_device(backend)), delta.to(_device(backend))
     expected = apply_quantize_reference(image, delta)
     _poison_allocator(image)
     out_u8, linf, sq_err = _run(backend, apply_quantize, image, delta)
@@ -280,19 +289,22 @@ def _check_quantize(backend: str, image, delta):
     assert torch.equal(sq_err, expected.sq_err)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "dispatch"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "dispatch"])
 @pytest.mark.parametrize("shape", [*SHAPES[:3], (3, 33, 31), LARGE_SHAPE], ids=str)
 def test_apply_quantize_matches_reference(backend, shape):
     _require(backend)
+    if backend == "triton" and shape == LARGE_SHAPE and project._TRITON_INTERPRETED:
+        pytest.skip("large shapes only for compiled kernels: the Triton interpreter is slow")
     _check_quantize(backend, *_quantize_inputs(shape, seed=len(shape) + shape[0]))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", "dispatch"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton", "dispatch"])
 def test_apply_quantize_hand_computed(backend):
     if backend != "reference":
         _require(backend)
     image = torch.tensor([[10, 11, 0, 255, 100, 7]], dtype=torch.uint8).reshape(1, 1, 2, 3)
     delta = torch.tensor([[0.5, 0.5, -0.5, 0.5, 0.0, -1.0]]).reshape(1, 1, 2, 3)
+    image, delta = image.to(_device(backend)), delta.to(_device(backend))
     out_u8, linf, sq_err = _run(backend, apply_quantize, image, delta)
     # 137.5 → 138 and 138.5 → 138 (half to even); −127.5 and 382.5 saturate; 7 − 255 → 0.
     assert out_u8.flatten().tolist() == [138, 138, 0, 255, 100, 0]
@@ -300,7 +312,7 @@ def test_apply_quantize_hand_computed(backend):
     assert sq_err.tolist() == [(128**2 + 127**2 + 7**2) / 255**2]
 
 
-@pytest.mark.parametrize("backend", ["cpp", "dispatch"])
+@pytest.mark.parametrize("backend", ["cpp", "triton", "dispatch"])
 def test_apply_quantize_noncontiguous_inputs(backend):
     _require(backend)
     image, delta = _quantize_inputs((3, 3, 17, 19), seed=2)
@@ -361,11 +373,335 @@ def test_switches_reject_unknown_names():
     with pytest.raises(ValueError, match="valid backends: triton, cpp, reference"):
         with use_backend("cuda"):
             pass
-    with pytest.raises(ValueError, match="valid ops: project_step, apply_quantize"):
+    with pytest.raises(ValueError, match="valid ops: project_step, apply_quantize, augment"):
         backend_for(torch.zeros(1), "project")
 
 
-def test_forcing_a_missing_implementation_raises():
+def test_forcing_a_missing_implementation_raises(monkeypatch):
     image, delta = _quantize_inputs((1, 3, 4, 4), seed=0)
+    monkeypatch.delitem(project._APPLY_QUANTIZE_IMPLS, "triton", raising=False)
     with use_backend("triton"), pytest.raises(RuntimeError, match="apply_quantize has no triton implementation"):
         apply_quantize(image, delta)
+
+
+# ------------------------------------------------------------- project_step: next input and L2
+
+L2_EPS = 0.5
+L2_STEP = 0.1
+L2_TOL = dict(rtol=1e-5, atol=1e-6)
+BF16_TRITON_SKIP = "bf16 Triton outputs only on a GPU: the interpreter truncates float32 → bfloat16"
+
+
+def _next_input_case(backend: str, dtype) -> None:
+    _require(backend)
+    if backend == "triton" and dtype == torch.bfloat16 and project._TRITON_INTERPRETED:
+        pytest.skip(BF16_TRITON_SKIP)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "dispatch"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(1, 3, 33, 31), (7, 3, 8, 9), (2, 1, 5, 7)], ids=str)
+def test_project_step_next_input_matches_reference(backend, norm, dtype, channels_last, shape):
+    """The fused second output x + δ' in the requested dtype and layout equals the reference's
+    conversion of its own x + δ' exactly; δ' itself matches as in the single-output tests."""
+    _next_input_case(backend, dtype)
+    delta, grad, x = _project_inputs(shape, seed=shape[0] + 10, device=_device(backend))
+    eps, step = (EPS, STEP) if norm == "linf" else (L2_EPS, L2_STEP)
+    kwargs = dict(norm=norm, input_dtype=dtype, input_channels_last=channels_last)
+    expected = project_step_reference(delta, grad, x, step, eps, -1.0, **kwargs)
+    _poison_allocator(delta)
+    _poison_allocator(delta.to(dtype))
+    out = _run(backend, project_step, delta, grad, x, step, eps, -1.0, **kwargs)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.next_input.dtype == dtype and out.next_input.shape == delta.shape
+    assert out.next_input.is_contiguous(memory_format=memory_format)
+    tol = dict(rtol=0, atol=0) if norm == "linf" else L2_TOL
+    torch.testing.assert_close(out.delta, expected.delta, **tol)
+    # x + δ' from a δ' that differs by rounding may round to a neighbouring bf16/fp16 value.
+    next_tol = dict(rtol=0, atol=0) if norm == "linf" else dict(rtol=0, atol=float(torch.finfo(dtype).eps))
+    torch.testing.assert_close(out.next_input, expected.next_input, **next_tol)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "dispatch"])
+@pytest.mark.parametrize("shape", [(1, 3, 33, 31), (7, 3, 32, 32), (2, 1, 5, 7), (1, 1151)], ids=str)
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_project_step_l2_matches_reference(backend, shape, direction):
+    _require(backend)
+    delta, grad, x = _project_inputs(shape, seed=len(shape) + 20, device=_device(backend))
+    delta = delta * 40  # outside the ball of radius L2_EPS for most samples, so the projection acts
+    grad[0] = 0.0  # a sample with no gradient takes no step
+    expected = project_step_reference(delta, grad, x, L2_STEP, L2_EPS, direction, norm="l2")
+    _poison_allocator(delta)
+    out = _run(backend, project_step, delta, grad, x, L2_STEP, L2_EPS, direction, norm="l2")
+    assert out.dtype == torch.float32 and out.shape == delta.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, **L2_TOL)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "dispatch"])
+def test_project_step_l2_matches_reference_large(backend):
+    _require(backend)
+    delta, grad, x = _project_inputs(LARGE_SHAPE, seed=21)
+    expected = project_step_reference(delta, grad, x, L2_STEP, L2_EPS, 1.0, norm="l2")
+    _poison_allocator(delta)
+    torch.testing.assert_close(_run(backend, project_step, delta, grad, x, L2_STEP, L2_EPS, norm="l2"), expected,
+                               **L2_TOL)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_project_step_l2_geometry(backend):
+    """Away from the image box: the step has length α along −ĝ, the result lies in the L2 ball, and
+    a step that stays inside the ball is not rescaled."""
+    if backend != "reference":
+        _require(backend)
+    dev = _device(backend)
+    x = torch.full((3, 2, 4, 4), 0.5, device=dev)
+    grad = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0)).to(dev)
+    delta = torch.zeros_like(x)
+    delta[2] = 0.3 * grad[2] / grad[2].norm()  # sample 2 starts on the ray, so the step is along it
+    with use_backend(backend):
+        small = project_step(delta, grad, x, 0.01, 1.0, norm="l2")
+        big = project_step(delta, grad, x, 0.8, 0.1, norm="l2")
+    unit = grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(small, delta - 0.01 * unit, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(big.flatten(1).norm(dim=1), torch.full((3,), 0.1, device=dev), rtol=1e-5, atol=1e-6)
+
+
+def test_project_step_rejects_bad_new_arguments():
+    delta, grad, x = _project_inputs((2, 3, 4, 4), seed=0)
+    with pytest.raises(ValueError, match="valid norms: linf, l2"):
+        project_step(delta, grad, x, STEP, EPS, norm="l1")
+    with pytest.raises(ValueError, match="norm='l2' needs a batch dimension"):
+        project_step(delta[0, 0, 0], grad[0, 0, 0], x[0, 0, 0], STEP, EPS, norm="l2")
+    with pytest.raises(TypeError, match="input_dtype must be one of"):
+        project_step(delta, grad, x, STEP, EPS, input_dtype=torch.float64)
+    with pytest.raises(ValueError, match="input_channels_last needs input_dtype and 4-D"):
+        project_step(delta, grad, x, STEP, EPS, input_channels_last=True)
+
+
+# ------------------------------------------------------------------------------------- augment
+
+AUG_SHAPES = [(1, 3, 33, 31), (7, 3, 8, 9), (2, 1, 5, 7)]
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+REFLECT_ADJOINT_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _augment_case(shape, dtype, padding: str, normalise: bool, seed: int, device: str = "cpu"):
+    """An input batch, a parameter draw that reaches every border (offsets 0 and 2·pad, both
+    flips), and the keyword arguments."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    pad = max(1, min(h, w) // 3) if padding == "reflect" else max(1, h // 4)
+    pad = min(pad, min(h, w) - 1) if padding == "reflect" else pad
+    if dtype == torch.uint8:
+        x = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    else:
+        x = torch.rand(shape, generator=gen)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)
+    offsets[0] = torch.tensor([0, 2 * pad])
+    flips = torch.rand(n, generator=gen) < 0.5
+    flips[0] = True
+    if n > 1:
+        offsets[1] = torch.tensor([2 * pad, 0])
+        flips[1] = False
+    kwargs = dict(pad=pad, padding=padding)
+    if normalise:
+        kwargs.update(mean=torch.tensor(MEAN[:c]), std=torch.tensor(STD[:c]))
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return x.to(device), offsets.to(device), flips.to(device), kwargs
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "dispatch"])
+@pytest.mark.parametrize("shape", AUG_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
+@pytest.mark.parametrize("padding", ["zero", "reflect"])
+@pytest.mark.parametrize("normalise", [False, True])
+def test_augment_forward_matches_reference(backend, shape, dtype, padding, normalise):
+    _require(backend)
+    x, offsets, flips, kwargs = _augment_case(shape, dtype, padding, normalise, seed=shape[0], device=_device(backend))
+    expected = augment_reference(x, offsets, flips, **kwargs)
+    _poison_allocator(expected)
+    out = _run(backend, augment, x, offsets, flips, **kwargs)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
+@pytest.mark.parametrize("padding", ["zero", "reflect"])
+def test_augment_forward_matches_reference_large(dtype, padding):
+    _require("cpp")
+    x, offsets, flips, kwargs = _augment_case(LARGE_SHAPE, dtype, padding, True, seed=3)
+    expected = augment_reference(x, offsets, flips, **kwargs)
+    _poison_allocator(expected)
+    torch.testing.assert_close(_run("cpp", augment, x, offsets, flips, **kwargs), expected, rtol=0, atol=0)
+
+
+def _reference_backward(x, offsets, flips, grad_out, kwargs) -> torch.Tensor:
+    leaf = x.detach().clone().requires_grad_(True)
+    augment_reference(leaf, offsets, flips, **kwargs).backward(grad_out)
+    return leaf.grad
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "dispatch"])
+@pytest.mark.parametrize("shape", AUG_SHAPES, ids=str)
+@pytest.mark.parametrize("padding", ["zero", "reflect"])
+@pytest.mark.parametrize("normalise", [False, True])
+def test_augment_backward_matches_reference(backend, shape, padding, normalise):
+    """The kernels' backward equals autograd through the reference: exactly with zero padding
+    (one reader per pixel), to the order of ≤ 9 additions with reflect padding."""
+    _require(backend)
+    dev = _device(backend)
+    x, offsets, flips, kwargs = _augment_case(shape, torch.float32, padding, normalise, seed=7, device=dev)
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dev)
+    expected = _reference_backward(x, offsets, flips, grad_out, kwargs)
+    leaf = x.clone().requires_grad_(True)
+    out = _run(backend, augment, leaf, offsets, flips, **kwargs)
+    _poison_allocator(expected)
+    out.backward(grad_out)
+    tol = REFLECT_ADJOINT_TOL if padding == "reflect" else dict(rtol=0, atol=0)
+    torch.testing.assert_close(leaf.grad, expected, **tol)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("padding", ["zero", "reflect"])
+def test_augment_adjoint_identity(backend, padding):
+    """<A x, y> = <x, Aᵀ y> for the linear part A (no mean; the std scaling is linear)."""
+    if backend != "reference":
+        _require(backend)
+    dev = _device(backend)
+    x, offsets, flips, kwargs = _augment_case((7, 3, 33, 31), torch.float32, padding, True, seed=5, device=dev)
+    kwargs["mean"] = torch.zeros_like(kwargs["mean"])
+    y = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dev)
+    leaf = x.clone().requires_grad_(True)
+    ax = _run(backend, augment, leaf, offsets, flips, **kwargs)
+    (aty,) = torch.autograd.grad(ax, leaf, y)
+    lhs = (ax.double() * y.double()).sum()
+    rhs = (x.double() * aty.double()).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_augment_channels_last_in_and_out(backend):
+    """A channels-last input is read in place and the output (and gradient) keep its layout."""
+    _require(backend)
+    x, offsets, flips, kwargs = _augment_case((2, 3, 9, 11), torch.float32, "zero", True, seed=9,
+                                              device=_device(backend))
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out = _run(backend, augment, x_cl, offsets, flips, **kwargs)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, augment_reference(x, offsets, flips, **kwargs), rtol=0, atol=0)
+    grad_out = torch.randn_like(x)
+    out.backward(grad_out)
+    torch.testing.assert_close(x_cl.grad, _reference_backward(x, offsets, flips, grad_out, kwargs), rtol=0, atol=0)
+
+
+def test_augment_hand_computed():
+    """A 1×1×2×3 image, pad 1: offsets (0, 0) shift the window up-left into the zero border;
+    offsets (2, 2) with a flip read the mirrored window shifted down-right."""
+    x = torch.tensor([[[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]]]).repeat(2, 1, 1, 1)
+    offsets = torch.tensor([[0, 0], [2, 2]])
+    flips = torch.tensor([False, True])
+    for backend in ("reference", "cpp"):
+        if backend == "cpp":
+            _require("cpp")
+        out = _run(backend, augment, x, offsets, flips, pad=1)
+        assert out[0, 0].tolist() == [[0.0, 0.0, 0.0], [0.0, 1.0, 2.0]]
+        assert out[1, 0].tolist() == [[0.0, 6.0, 5.0], [0.0, 0.0, 0.0]]
+        reflect = _run(backend, augment, x, offsets, flips, pad=1, padding="reflect")
+        assert reflect[0, 0].tolist() == [[5.0, 4.0, 5.0], [2.0, 1.0, 2.0]]
+
+
+def test_augment_rejects_bad_arguments():
+    x = torch.rand(2, 3, 8, 8)
+    offsets, flips = torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"offsets must lie in \[0, 2·pad\] = \[0, 2\]"):
+        augment(x, offsets + 3, flips, pad=1)
+    with pytest.raises(ValueError, match="reflect padding needs pad < H"):
+        augment(x, offsets, flips, pad=8, padding="reflect")
+    with pytest.raises(ValueError, match="valid paddings: zero, reflect"):
+        augment(x, offsets, flips, pad=1, padding="wrap")
+    with pytest.raises(ValueError, match="pass both mean and std"):
+        augment(x, offsets, flips, pad=1, mean=[0.5] * 3)
+    with pytest.raises(TypeError, match="x must be uint8 or float32"):
+        augment(x.double(), offsets, flips, pad=1)
+    with pytest.raises(ValueError, match="flips must be bool of shape"):
+        augment(x, offsets, flips[:1], pad=1)
+
+
+def test_crop_flip_draws_then_replays_through_the_op():
+    """crop_flip = draw_crop_flip + augment (zero padding, pad H//8): the same seed gives the same
+    batch on every backend, and the gradient reaches the input."""
+    from ueguard.engine.augment import crop_flip, draw_crop_flip
+
+    x = torch.rand(7, 3, 32, 32, requires_grad=True)
+    offsets, flips = draw_crop_flip(7, torch.Generator().manual_seed(4), pad=4)
+    expected = augment_reference(x.detach(), offsets, flips, pad=4)
+    with force_reference():
+        reference = crop_flip(x.detach(), torch.Generator().manual_seed(4))
+    torch.testing.assert_close(reference, expected, rtol=0, atol=0)
+    out = crop_flip(x, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.sum() > 0
+    # each pixel is read at most once, so its gradient is 0 or 1
+    assert set(x.grad.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_augment_backend_switch():
+    assert augment_module._AUGMENT_IMPLS.keys() >= {"reference", "cpp"}
+    with force_reference():
+        assert backend_for(torch.zeros(1), "augment") == "reference"
+
+
+# --------------------------------------------------------------------------------- end to end
+
+
+def test_emn_with_kernels_matches_reference():
+    """A few EMN outer steps on a tiny random working set: the fused kernels and the forced
+    references produce the same δ (bit-for-bit here, since the L∞ step is exact)."""
+    _require("cpp")
+    from ueguard.data.working_set import WorkingSet
+    from ueguard.engine.runtime import Runtime
+    from ueguard.methods import create_method
+    from ueguard.models import create_model
+
+    gen = torch.Generator().manual_seed(0)
+    n = 16
+    data = WorkingSet(torch.randint(0, 256, (n, 3, 8, 8), generator=gen, dtype=torch.uint8),
+                      torch.arange(n) % 3, torch.zeros(n, dtype=torch.bool), ("a", "b", "c"),
+                      [str(i) for i in range(n)])
+
+    def run():
+        torch.manual_seed(0)
+        surrogate = create_model("resnet20_cifar", 3)
+        method = create_method("emn", budget="quick", runtime=Runtime.create("cpu", "fp32"), surrogate=surrogate,
+                               seed=0, pgd_steps=2, train_steps=1, max_rounds=2, batch_size=16, stop_accuracy=1.0)
+        return method(data).delta
+
+    with use_backend("cpp"):
+        fused = run()
+    with force_reference():
+        reference = run()
+    assert fused.abs().max() > 0
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-6)
+
+
+def test_save_path_quality_from_the_fused_op_equals_the_full_comparison():
+    """protect's save path takes L∞/PSNR from apply_quantize when the saved file decodes to exactly
+    the written pixels; the numbers equal the decoded-file comparison, and any other file falls back."""
+    from ueguard.data.images import DecodedImage
+    from ueguard.sdk.protect import _quality, perturb_native
+
+    gen = torch.Generator().manual_seed(0)
+    planes = torch.randint(0, 256, (31, 33, 3), generator=gen, dtype=torch.uint8).numpy()
+    delta = (2 * torch.rand(3, 16, 16, generator=gen) - 1) * EPS
+    original = DecodedImage(planes, None, 255, "PNG")
+    native = perturb_native(planes, 255, delta)
+    saved = DecodedImage(native.pixels.copy(), None, 255, "PNG")
+    fused = native.quality_if_saved_as_written(original, saved)
+    assert fused is not None and fused == _quality(original, saved)
+    assert fused[0] > 0 and fused[1] is not None
+    lossy = native.pixels.copy()
+    lossy[0, 0, 0] ^= 1
+    assert native.quality_if_saved_as_written(original, DecodedImage(lossy, None, 255, "JPEG")) is None

@@ -152,24 +152,48 @@ def _quality(original: DecodedImage, saved: DecodedImage) -> tuple[float, float 
     diff = np.abs(original.to_float().astype(np.float64) - saved.to_float().astype(np.float64))
     linf = float(diff.max()) * 255
     mse = float(np.mean(diff**2))
+    return _rounded_quality(linf, mse)
+
+
+def _rounded_quality(linf_levels: float, mse: float) -> tuple[float, float | None]:
     psnr = None if mse == 0 else 10 * math.log10(1.0 / mse)
-    return round(linf, 4), None if psnr is None else round(psnr, 3)
+    return round(linf_levels, 4), None if psnr is None else round(psnr, 3)
 
 
-def perturb_native(planes: np.ndarray, max_value: int, delta: torch.Tensor) -> np.ndarray:
+@dataclass(frozen=True)
+class NativeResult:
+    """A perturbed native-size image and, for 8-bit images, what the fused save op measured on the
+    pixels it wrote: L∞ in levels and the sum of squared errors in [0, 1] units (None otherwise)."""
+
+    pixels: np.ndarray
+    linf: float | None = None
+    sq_err: float | None = None
+
+    def quality_if_saved_as_written(self, original: DecodedImage, saved: DecodedImage) -> tuple[float, float | None] | None:
+        """The op's L∞/PSNR when the decoded saved file holds exactly the written pixels (a lossless
+        save of the same shape and bit depth), so they describe the file; None otherwise."""
+        if self.linf is None or saved.max_value != original.max_value or saved.pixels.shape != self.pixels.shape:
+            return None
+        if not np.array_equal(saved.pixels, self.pixels):
+            return None
+        return _rounded_quality(self.linf, self.sq_err / self.pixels.size)
+
+
+def perturb_native(planes: np.ndarray, max_value: int, delta: torch.Tensor) -> NativeResult:
     """Apply a working-resolution δ (``3×h×w``, already gray-projected) to an integer ``H×W×C`` image at
     its native size: resize δ (a convex interpolation, so it stays within ±ε), add, clip to the valid
-    range, round to the image's levels. 8-bit images go through the fused ``apply_quantize`` op."""
+    range, round to the image's levels. 8-bit images go through the fused ``apply_quantize`` op, which
+    also measures the change it made in the same pass."""
     from ueguard.kernels import apply_quantize
 
     height, width, channels = planes.shape
     native = resize_float(delta[:channels].float().cpu(), (height, width))
     if max_value == 255:
         image = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1)))
-        out, _, _ = apply_quantize(image[None], native[None].contiguous())
-        return out[0].permute(1, 2, 0).numpy()
+        out, linf, sq_err = apply_quantize(image[None], native[None].contiguous())
+        return NativeResult(out[0].permute(1, 2, 0).numpy(), float(linf[0]), float(sq_err[0]))
     x = torch.from_numpy(planes.astype(np.float32) / max_value).permute(2, 0, 1)
-    return quantize((x + native).clamp_(0, 1).permute(1, 2, 0).numpy(), max_value)
+    return NativeResult(quantize((x + native).clamp_(0, 1).permute(1, 2, 0).numpy(), max_value))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,13 +361,15 @@ def _save_one(listing: FolderListing, dst: Path, entry: FolderEntry, target: Pur
         image = load_image(source, max_pixels=opts.max_pixels)
         index = torch.tensor([row])
         delta = perturbation.for_samples(index, working.labels.cpu(), working.grayscale.cpu())[0]
-        pixels = perturb_native(image.pixels, image.max_value, delta)
+        native = perturb_native(image.pixels, image.max_value, delta)
         fmt = resolve_format(opts.format, entry.relpath.suffix)
-        save_image(out_file, image, pixels, fmt=fmt, quality=opts.quality)
+        save_image(out_file, image, native.pixels, fmt=fmt, quality=opts.quality)
         saved = load_image(out_file, max_pixels=opts.max_pixels)
     except (ImageFileError, OSError, ValueError) as error:
         return "failed", str(error), {}
-    linf, psnr = _quality(image, saved)
+    # The manifest describes the saved file: the save op's own statistics when the file decodes to
+    # exactly the pixels written, a full comparison otherwise (lossy formats, changed channels).
+    linf, psnr = native.quality_if_saved_as_written(image, saved) or _quality(image, saved)
     return "ok", None, {"output": str(target), "source_sha256": sha256_file(source),
                         "output_sha256": sha256_file(out_file), "linf": linf, "psnr": psnr,
                         "size": [image.width, image.height]}
@@ -395,15 +421,17 @@ def _protect_array(array, labels, layout: str, opts: ProtectOptions, progress: P
     perturbation = method(working)
     delta = perturbation.for_samples(torch.arange(len(working)), y, gray).cpu()
     delta = resize_float(delta, tuple(x.shape[-2:]))[:, : x.shape[1]]
-    protected = (x + delta).clamp_(0, 1)
     if is_uint8:
-        protected = torch.round(protected * 255).to(torch.uint8)
-        change = (protected.float() - images.float()).abs().div(255)
+        # The fused save op: rounded, clipped uint8 plus per-image L∞ (levels) and squared error.
+        from ueguard.kernels import apply_quantize
+
+        protected, linf, sq_err = apply_quantize(images.cpu().contiguous(), delta.contiguous())
+        mse = sq_err / images[0].numel()
     else:
-        protected = protected.to(images.dtype)
+        protected = (x + delta).clamp_(0, 1).to(images.dtype)
         change = (protected.float() - x).abs()
-    linf = change.flatten(1).amax(1) * 255
-    mse = change.pow(2).flatten(1).mean(1)
+        linf = change.flatten(1).amax(1) * 255
+        mse = change.pow(2).flatten(1).mean(1)
     items = [{"index": i, "label": int(y[i]), "linf": round(float(linf[i]), 4),
               "psnr": None if mse[i] == 0 else round(10 * math.log10(1 / float(mse[i])), 3)}
              for i in range(x.shape[0])]

@@ -1,0 +1,99 @@
+"""Benchmark of ueguard's fused kernels against their eager PyTorch references, in the same run.
+
+For each op and shape (256×3×32×32 and 64×3×224×224): the C++ CPU operator vs the reference on
+CPU tensors, and — when CUDA is present — the Triton kernel vs the reference on the GPU. Prints
+median time, spread and the speedup (reference ÷ fused); ``--json FILE`` writes one record per
+(op, shape, device). Needs no data set.
+
+    python bench/kernels.py [--quick] [--json bench/results/kernels-cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import environment, measure, write_json  # noqa: E402
+
+from ueguard.kernels import _ext, apply_quantize, augment, project_step, use_backend  # noqa: E402
+
+SHAPES = [(256, 3, 32, 32), (64, 3, 224, 224)]
+EPS, STEP = 8 / 255, 2 / 255
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+
+def cases(shape, device: str):
+    """(op name, callable) pairs; each callable runs the op on whichever backend is active."""
+    gen = torch.Generator().manual_seed(0)
+    n, c, h, w = shape
+    x = torch.rand(shape, generator=gen).to(device)
+    delta = ((2 * torch.rand(shape, generator=gen) - 1) * EPS).to(device)
+    grad = torch.randn(shape, generator=gen).to(device)
+    image = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
+    pad = max(1, h // 8)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen).to(device)
+    flips = (torch.rand(n, generator=gen) < 0.5).to(device)
+    mean, std = torch.tensor(MEAN, device=device), torch.tensor(STD, device=device)
+    x_grad = x.clone().requires_grad_(True)
+    grad_out = torch.randn(shape, generator=gen).to(device)
+
+    def augment_backward():
+        out = augment(x_grad, offsets, flips, pad=pad, mean=mean, std=std)
+        (g,) = torch.autograd.grad(out, x_grad, grad_out)
+        return g
+
+    return [
+        ("project_step_linf", lambda: project_step(delta, grad, x, STEP, EPS)),
+        ("project_step_linf+next_bf16_cl", lambda: project_step(delta, grad, x, STEP, EPS, input_dtype=torch.bfloat16,
+                                                                 input_channels_last=True)),
+        ("project_step_l2", lambda: project_step(delta, grad, x, 0.1, 0.5, norm="l2")),
+        ("augment_u8_normalise", lambda: augment(image, offsets, flips, pad=pad, mean=mean, std=std)),
+        ("augment_f32_reflect", lambda: augment(x, offsets, flips, pad=pad, padding="reflect")),
+        ("augment_fwd+bwd_f32", augment_backward),
+        ("apply_quantize", lambda: apply_quantize(image, delta)),
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (3 warm-up, 5 timed)")
+    parser.add_argument("--json", metavar="FILE", help="write the records to FILE")
+    args = parser.parse_args(argv)
+    warmup, repeat = (2, 5) if args.quick else (3, 15)
+    targets = [("cpu", "cpp")]
+    if _ext.cpp_available() is False:
+        targets = []
+        print(f"C++ extension unavailable: {_ext.cpp_unavailable_reason()}")
+    if torch.cuda.is_available():
+        targets.append(("cuda", "triton"))
+    env = environment()
+    print(f"# {env}")
+    records = []
+    header = f"{'op':32} {'shape':>18} {'device':>6} {'fused ms':>10} {'ref ms':>10} {'speedup':>8}"
+    print(header)
+    for device, backend in targets:
+        for shape in SHAPES:
+            for name, fn in cases(shape, device):
+                with use_backend(backend):
+                    fused = measure(fn, device=device, warmup=warmup, repeat=repeat)
+                with use_backend("reference"):
+                    ref = measure(fn, device=device, warmup=warmup, repeat=repeat)
+                speedup = ref["median_s"] / fused["median_s"]
+                records.append({"op": name, "shape": list(shape), "device": device, "backend": backend,
+                                "fused": fused, "reference": ref, "speedup": speedup})
+                print(f"{name:32} {'x'.join(map(str, shape)):>18} {device:>6} {fused['median_s'] * 1e3:10.3f} "
+                      f"{ref['median_s'] * 1e3:10.3f} {speedup:8.2f}", flush=True)
+    if args.json:
+        command = "python bench/kernels.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        write_json(args.json, records, command.strip())
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
