@@ -343,7 +343,7 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
         planned, refused = _plan_outputs(listing, opts.format)
         for entry in images:
             if entry.relpath in refused:
-                record(entry, "failed", refused[entry.relpath])
+                record(entry, "failed", f"{src / entry.relpath}: {refused[entry.relpath]}")
         todo = [e for e in images if e.relpath in planned]
         if all(str(e.relpath) in done for e in todo):
             items.extend(done.values())
