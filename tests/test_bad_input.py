@@ -190,3 +190,19 @@ def test_unreadable_file_and_folder_are_reported_and_the_rest_protected(tmp_path
     assert "locked: cannot list this folder (Permission denied)" in records["class_1/locked"]["error"]
     assert "secret.png" in done.stderr and "locked" in done.stderr
     assert sum(r["status"] == "ok" for r in records.values()) == 6
+
+
+@pytest.mark.parametrize("fmt, refused_message", [
+    ("png", "would overwrite the output of class_0/a.PNG; rename one of them or use --format keep"),
+    ("keep", "differs from the output of class_0/a.PNG only in letter case"),
+])
+def test_case_colliding_names_keep_the_first_and_refuse_the_second(tmp_path, fmt, refused_message):
+    from ueguard.sdk.protect import _plan_outputs
+
+    for name in ("a.PNG", "a.png", "b.png"):
+        (tmp_path / "src" / "class_0").mkdir(parents=True, exist_ok=True)
+        _picture(np.random.default_rng(0), 0, 8, 8).save(tmp_path / "src" / "class_0" / name, format="PNG")
+    planned, refused = _plan_outputs(scan_folder(tmp_path / "src"), fmt)
+    assert {str(k): str(v) for k, v in planned.items()} == {
+        "class_0/a.PNG": "class_0/a.png" if fmt == "png" else "class_0/a.PNG", "class_0/b.png": "class_0/b.png"}
+    assert list(map(str, refused)) == ["class_0/a.png"] and refused_message in refused[PurePosixPath("class_0/a.png")]
