@@ -1,7 +1,8 @@
 """The ``ueguard`` command line: a thin click layer over :mod:`ueguard.sdk`.
 
-Exit status: 0 success; 1 fatal error; 2 usage error (bad option, refused destination); 3 some files
-failed (each recorded in the manifest with its reason, the others protected); 130 interrupted.
+Exit status: 0 success; 1 fatal error (e.g. the output disk is full: finished files are kept, fix it and
+``--resume``); 2 usage error (bad option, refused destination); 3 some files failed (each recorded in the
+manifest with its reason, the others protected); 130 interrupted (Ctrl-C; ``--resume`` continues).
 Set ``UEGUARD_DEBUG=1`` for tracebacks.
 """
 
@@ -14,7 +15,7 @@ import sys
 
 import click
 
-from ueguard.errors import EXIT_FATAL, EXIT_SOME_FAILED, EXIT_USAGE, UsageError
+from ueguard.errors import EXIT_FATAL, EXIT_SOME_FAILED, EXIT_USAGE, FatalError, UsageError
 
 EXIT_INTERRUPTED = 130
 
@@ -29,6 +30,9 @@ def _handle_errors(func):
         except UsageError as error:
             click.echo(f"ueguard: error: {error}", err=True)
             sys.exit(EXIT_USAGE)
+        except FatalError as error:
+            click.echo(f"ueguard: fatal: {error}", err=True)
+            sys.exit(EXIT_FATAL)
         except KeyboardInterrupt:
             click.echo("\nueguard: interrupted. Finished files are kept; run the same command again with "
                        "--resume to continue where it stopped.", err=True)
@@ -76,12 +80,18 @@ def main() -> None:
 @click.option("--perturbation", type=click.Choice(["samplewise", "classwise"]), help="Sample- or class-wise δ.")
 @click.option("-o", "--option", "method_options", multiple=True, metavar="KEY=VALUE",
               help="A method constant, e.g. -o pgd_steps=10 (repeatable).")
-@click.option("--max-pixels", default=None, type=click.IntRange(1), help="Refuse images above this many pixels.")
+@click.option("--max-pixels", default=None, type=click.IntRange(1),
+              help="Refuse images above this many pixels (decompression bombs; default 178956970).")
+@click.option("--keep-metadata", is_flag=True,
+              help="Keep camera/date/GPS EXIF in JPEG/PNG/WebP outputs. Never kept: the EXIF thumbnail "
+                   "(a copy of the unprotected image), maker notes, XMP/IPTC, orientation (applied).")
+@click.option("--follow-symlinks", is_flag=True,
+              help="Follow links to folders and links that lead outside SRC (default: skipped, and listed).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in a non-empty --out.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def protect(src, out, method, eps, seed, device, precision, budget, size, surrogate, weights, pretrained, format_,
-            quality, perturbation, method_options, max_pixels, resume, quiet) -> None:
+            quality, perturbation, method_options, max_pixels, keep_metadata, follow_symlinks, resume, quiet) -> None:
     """Protect every image under SRC (class subfolders = labels) into a mirrored folder."""
     from ueguard.data.images import LOSSY_FORMATS
     from ueguard.sdk import protect as sdk_protect
@@ -94,7 +104,8 @@ def protect(src, out, method, eps, seed, device, precision, budget, size, surrog
                          size=size, surrogate=surrogate, weights=weights, pretrained=pretrained, format=format_,
                          quality=quality, perturbation=perturbation,
                          method_options=parse_method_options(method_options), max_pixels=max_pixels,
-                         resume=resume, progress=_show_progress(quiet))
+                         keep_metadata=keep_metadata, follow_symlinks=follow_symlinks, resume=resume,
+                         progress=_show_progress(quiet))
     ok = [item for item in result.items if item["status"] == "ok"]
     line = f"protected {len(ok)} image(s) into {result.out}"
     if ok:
@@ -103,7 +114,8 @@ def protect(src, out, method, eps, seed, device, precision, budget, size, surrog
         line += f"; median L∞ {linf:.2f}/255" + (f", mean PSNR {statistics.fmean(psnrs):.1f} dB" if psnrs else "")
     click.echo(line)
     if result.skipped:
-        click.echo(f"skipped {result.skipped} file(s) that are not images in class folders (listed in the manifest)")
+        click.echo(f"skipped {result.skipped} file(s): not images in class folders, or links not followed "
+                   "(each listed in the manifest with the reason)")
     click.echo(f"manifest: {result.manifest_path}")
     if result.failed:
         failed = [item for item in result.items if item["status"] == "failed"]

@@ -2,7 +2,8 @@
 
 * :class:`UsageError` (exit 2) — the request itself is wrong: a malformed ε, an unknown method, a
   destination inside the source, a non-empty destination without ``--resume``.
-* Anything else that stops a run is fatal (exit 1). Files that fail one by one do not raise: they are
+* :class:`FatalError` (exit 1) — the run cannot go on (the output disk is full or read-only); the
+  message says what to do. Anything else that stops a run is fatal too. Files that fail one by one do not raise: they are
   recorded in the manifest and the run exits 3 at the end (``EXIT_SOME_FAILED``).
 """
 
@@ -14,3 +15,8 @@ EXIT_SOME_FAILED = 3
 
 class UsageError(ValueError):
     """A bad option or a refused request; the message says how to proceed."""
+
+
+class FatalError(RuntimeError):
+    """A problem that stops the whole run (e.g. the output disk is full); the message says how to proceed.
+    Finished outputs stay in place and ``--resume`` continues after the problem is fixed."""

@@ -16,12 +16,16 @@ Decisions a reader should know about (each is explained where it is implemented)
   rather than flattening it onto a guessed background.
 * Mode ``F`` (32-bit float TIFF) is rejected: its values have no fixed range, so any mapping to [0, 1] would
   be a guess.
-* Only the ICC profile is carried over. EXIF is never written: orientation has already been applied, and
-  EXIF can hold a thumbnail of the unprotected original.
+* Only the ICC profile is carried over by default. EXIF is not written: orientation has already been
+  applied, EXIF can hold a thumbnail of the unprotected original, and GPS and maker notes are private.
+  ``load_image(..., keep_metadata=True)`` keeps a cleaned EXIF (see :func:`clean_exif`) for formats
+  that can store it (JPEG, PNG, WebP); it never keeps the thumbnail, maker notes or orientation.
+  XMP, IPTC and PNG text chunks are never carried over.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import pathlib
@@ -32,6 +36,8 @@ from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ueguard._crash import kill_point
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -89,9 +95,10 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 class ImageFileError(Exception):
     """A file ueguard could not read or write; ``str(e)`` is ``"<path>: <reason>"``."""
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], reason: str, errno: int | None = None) -> None:
         self.path = os.fspath(path)
         self.reason = reason
+        self.errno = errno  # the OS error number when the file system refused (ENOSPC, EACCES, ...)
         super().__init__(f"{self.path}: {reason}")
 
 
@@ -112,7 +119,9 @@ class DecodedImage:
     orientation already applied. ``alpha`` is HxW uint8 (Pillow decodes every alpha channel at 8 bits) or
     None; it is never perturbed, only carried over. ``source_format`` is Pillow's name of the decoded
     format ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"). ``icc_profile`` is kept only when it describes
-    ``pixels``' colour space (a CMYK profile is dropped once CMYK has been converted to RGB).
+    ``pixels``' colour space (a CMYK profile is dropped once CMYK has been converted to RGB). ``exif``
+    is a cleaned EXIF block (see :func:`clean_exif`), present only when ``load_image`` was asked to keep
+    metadata and the file had any.
     """
 
     pixels: np.ndarray
@@ -120,6 +129,7 @@ class DecodedImage:
     max_value: int
     source_format: str
     icc_profile: bytes | None = None
+    exif: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 3 or self.pixels.shape[2] not in (1, 3):
@@ -234,7 +244,9 @@ def output_path(relative_src: pathlib.PurePath, fmt: str) -> pathlib.PurePath:
 # Decoding
 
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def load_image(
+    path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS, keep_metadata: bool = False
+) -> DecodedImage:
     """Decode the first frame of an image file, with EXIF orientation applied.
 
     Pillow modes map as follows: ``1`` and ``L`` → 1 channel uint8; ``LA`` → gray + alpha; ``P``,
@@ -244,7 +256,8 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
     RGB. A transparency key on 16-bit grayscale is not carried over: it would need a 16-bit gray plus alpha
     image, which no Pillow writer can store losslessly.
 
-    ``max_pixels`` bounds width x height, read from the header before any pixel is decoded. Raises
+    ``max_pixels`` bounds width x height, read from the header before any pixel is decoded.
+    ``keep_metadata`` keeps a cleaned EXIF block in ``exif`` (see :func:`clean_exif`). Raises
     :class:`ImageReadError` for every kind of bad file.
     """
     if max_pixels <= 0:
@@ -254,7 +267,65 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PI
         if os.fstat(fh.fileno()).st_size == 0:
             raise ImageReadError(path, "zero-byte file")
         img, source_format = _decode(path, fh, max_pixels)
-    return _to_decoded(path, img, source_format)
+    decoded = _to_decoded(path, img, source_format)
+    exif = _read_exif(img) if keep_metadata else None
+    return dataclasses.replace(decoded, exif=exif) if exif else decoded
+
+
+def _read_exif(img: Image.Image) -> bytes | None:
+    """The cleaned EXIF of a decoded image; an EXIF block Pillow cannot parse is dropped, not fatal."""
+    try:
+        return clean_exif(img.getexif())
+    except Exception:  # only Pillow's EXIF parser runs here
+        return None
+
+
+# EXIF tags never kept, even with keep_metadata: orientation (already applied to the pixels), the
+# offsets/lengths of embedded image data (thumbnails, strips, tiles), and blobs that can hold a preview
+# of the unprotected image or other opaque data: MakerNote, XMP (ApplicationNotes), IPTC, ICC (kept
+# separately, checked against the pixels), PrintIM.
+_EXIF_DROPPED = frozenset({
+    0x0112,  # Orientation
+    0x0111, 0x0117, 0x0144, 0x0145, 0x0201, 0x0202,  # strip/tile/JPEG-thumbnail offsets and lengths
+    0x927C,  # MakerNote
+    0x02BC,  # XMP
+    0x83BB,  # IPTC
+    0x8773,  # ICC profile
+    0xC4A5,  # PrintIM
+})
+_EXIF_MAX_VALUE_BYTES = 512  # longer byte strings are opaque blobs (previews hide there), never text
+
+
+def clean_exif(exif: Image.Exif) -> bytes | None:
+    """The EXIF worth keeping with ``--keep-metadata``, as bytes for Pillow's ``exif=``, or None.
+
+    Kept: the main image's descriptive tags (camera make and model, dates, exposure, copyright, artist)
+    and the GPS block — the user asked for their metadata. Never kept: the thumbnail (IFD1 is not
+    written at all: it is a small copy of the *unprotected* image), orientation (already applied), maker
+    notes, XMP/IPTC blobs and any byte string over 512 bytes (see ``_EXIF_DROPPED``).
+    """
+    if not exif:
+        return None
+    from PIL import ExifTags
+
+    sub = {tag: dict(exif.get_ifd(tag)) for tag in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo) if exif.get_ifd(tag)}
+    cleaned = Image.Exif()
+    for tag, value in exif.items():
+        if tag not in sub and _keep_exif_value(tag, value) and tag not in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo):
+            cleaned[tag] = value
+    for ifd_tag, values in sub.items():
+        kept = {tag: value for tag, value in values.items()
+                if _keep_exif_value(tag, value) and tag != ExifTags.IFD.Interop}
+        if kept:
+            cleaned.get_ifd(ifd_tag).update(kept)
+            cleaned[ifd_tag] = cleaned.get_ifd(ifd_tag)
+    return cleaned.tobytes() if len(cleaned) else None
+
+
+def _keep_exif_value(tag: int, value: Any) -> bool:
+    if tag in _EXIF_DROPPED or isinstance(value, dict):
+        return False
+    return not (isinstance(value, bytes) and len(value) > _EXIF_MAX_VALUE_BYTES)
 
 
 def _allow_pillow_up_to(max_pixels: int) -> None:
@@ -425,6 +496,7 @@ def save_image(
     *,
     fmt: str,
     quality: int = 95,
+    keep_metadata: bool = False,
 ) -> None:
     """Write ``pixels`` (same shape and dtype as ``image.pixels``) with ``image``'s alpha and ICC profile.
 
@@ -432,7 +504,9 @@ def save_image(
     ``quality`` with 4:4:4 chroma; webp is lossy at ``quality`` and lossless at ``quality == 100`` (with
     the colour under fully transparent pixels kept exactly); gif is palette-quantised. Grayscale stays
     grayscale, 16-bit stays 16-bit in png/tiff and is rounded to 8-bit (``round(v / 257)``) for the lossy
-    formats. ``quality`` (1..100) matters only for jpeg and webp. No EXIF or other metadata is written.
+    formats. ``quality`` (1..100) matters only for jpeg and webp. No EXIF or other metadata is written,
+    except ``image.exif`` (already cleaned, see :func:`clean_exif`) with ``keep_metadata`` for jpeg, png
+    and webp.
 
     The file appears atomically: it is encoded to a hidden ``.ueguard-<random>.tmp`` beside the
     destination, fsynced and renamed into place, so an interrupted run never leaves a half-written image.
@@ -463,7 +537,12 @@ def save_image(
         params.update(quality=quality, lossless=quality == 100, exact=quality == 100)
     elif fmt == "tiff":
         params.update(compression="tiff_lzw")
+    if keep_metadata and image.exif and fmt in _EXIF_FORMATS:
+        params["exif"] = image.exif
     _write_atomically(pathlib.Path(path), encoded, codec.pillow_format, params)
+
+
+_EXIF_FORMATS = frozenset({"jpeg", "png", "webp"})
 
 
 def _unsupported_reason(fmt: str, image: DecodedImage) -> str | None:
@@ -514,18 +593,19 @@ def _write_atomically(
         # 0o666 filtered by the umask, like any ordinary new file (mkstemp would force 0o600).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as err:
-        raise ImageWriteError(path, f"cannot create the output file ({err.strerror or err})") from err
+        raise ImageWriteError(path, f"cannot create the output file ({err.strerror or err})", err.errno) from err
     try:
         with os.fdopen(fd, "wb") as fh:
             encoded.save(fh, format=pillow_format, **params)
             fh.flush()
             os.fsync(fh.fileno())
+        kill_point("tmp-written")
         os.replace(tmp, path)
         _fsync_directory(path.parent)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise ImageWriteError(path, f"cannot write the output file ({err.strerror or err})") from err
+            raise ImageWriteError(path, f"cannot write the output file ({err.strerror or err})", err.errno) from err
         raise
 
 

@@ -10,7 +10,9 @@ Line kinds (field ``kind``):
     (``ok``, ``failed`` — could not be read or written — or ``skipped`` — not an image / not in a class
     folder) and ``error``.
 The manifest never contains pixel data. Each line is flushed and fsync'ed, so a crash loses at most the
-line being written, and a torn last line is ignored when reading.
+line being written; a torn last line is ignored when reading, and a writer reopening the file starts a
+new line after it. A file name that is not valid UTF-8 (bytes kept by Python as lone surrogates) is
+written with ``\\udcXX`` escapes, which ``json.loads`` turns back into the same name.
 """
 
 from __future__ import annotations
@@ -21,17 +23,40 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from ueguard.errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent runs on one folder are not detected
+    fcntl = None
+
 MANIFEST_NAME = "ueguard-manifest.jsonl"
 
 
 class ManifestWriter:
+    """Appends records to a manifest. Holds an exclusive lock on it while open, so two runs cannot write
+    into one output folder at the same time (the second is refused at once)."""
+
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a", encoding="utf-8")
+        try:
+            _lock(self._fh)
+        except BlockingIOError:
+            self._fh.close()
+            raise UsageError(f"another ueguard run is writing to {self.path.parent}; wait for it to finish "
+                             "(or stop it), then run again with --resume") from None
+        if self._fh.tell() > 0 and not _ends_with_newline(self.path):
+            self._fh.write("\n")  # a crash mid-line: end that line, so the next record is not glued onto it
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+        text = json.dumps(record, ensure_ascii=False, allow_nan=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a non-UTF-8 file name: escape it rather than fail the run
+            text = json.dumps(record, ensure_ascii=True, allow_nan=False)
+        self._fh.write(text + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -43,6 +68,17 @@ class ManifestWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _lock(fh) -> None:
+    if fcntl is not None:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
 
 
 def read_manifest(path: str | os.PathLike) -> Iterator[dict[str, Any]]:

@@ -29,7 +29,9 @@ class ProtectOptions:
     ``size`` ``None`` means "suited to the data" (the median short side snapped to a standard
     resolution, capped per budget: quick 64, standard 128, thorough 224). ``surrogate`` ``None`` means
     the default for the working size and budget (see :func:`default_arch`). ``method_options``
-    are the method's own constants (``-o key=value``).
+    are the method's own constants (``-o key=value``). ``keep_metadata`` keeps a cleaned EXIF (never the
+    thumbnail, maker notes or orientation; see :func:`ueguard.data.images.clean_exif`);
+    ``follow_symlinks`` follows links to folders and links leading outside the source folder.
     """
 
     method: str = "emn"
@@ -48,6 +50,8 @@ class ProtectOptions:
     method_options: tuple[tuple[str, Any], ...] = ()
     max_pixels: int = DEFAULT_MAX_PIXELS
     resume: bool = False
+    keep_metadata: bool = False
+    follow_symlinks: bool = False
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "ProtectOptions":

@@ -5,10 +5,19 @@ Folder flow: scan SRC → decode every image at the working resolution (failures
 skips it) → for each image: decode the original again, resize its δ row to the native size, add,
 clip, round, save atomically, decode the saved file and measure L∞ / PSNR on it, append the manifest
 line. SRC is only ever read.
+
+Crash safety: an output appears under its final name only by an atomic rename of a complete, fsynced
+temporary file, and its manifest line is appended only after that rename, so a manifest ``ok`` line
+always means a complete file. ``--resume`` trusts a finished file only when its ``ok`` line is there and
+its bytes still hash to the recorded ``output_sha256``; everything else is redone from the same cached
+(or deterministically regenerated) perturbation, so the result equals an uninterrupted run. Leftover
+temporary files of a killed run are removed on resume. A full or read-only output disk stops the run
+(:class:`FatalError`) instead of failing every remaining file one by one.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -22,19 +31,25 @@ import torch
 
 import ueguard
 from ueguard.data.folder import FolderEntry, FolderListing, scan_folder
-from ueguard.data.images import DecodedImage, ImageFileError, ImageReadError, load_image, output_path, quantize, resolve_format, save_image
+from ueguard._crash import kill_point
+from ueguard.data.images import (DecodedImage, ImageFileError, ImageReadError, ImageWriteError, load_image, output_path,
+                                 quantize, resolve_format, save_image)
 from ueguard.data.manifest import MANIFEST_NAME, ManifestWriter, read_manifest, sha256_file
 from ueguard.data.working_set import WorkingSet, image_sides, load_folder_working_set, resize_float, suggest_size
 from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.runtime import Runtime, seed_everything
-from ueguard.errors import UsageError
+from ueguard.errors import FatalError, UsageError
 from ueguard.methods import METHODS, Perturbation, create_method
 from ueguard.sdk.options import SIZE_CAP, ProtectOptions, default_arch
 
 STATE_DIR = ".ueguard"
 #: Options that must match for ``--resume`` to continue a run (the rest — device, precision — may change).
 RESUME_KEYS = ("method", "eps", "seed", "budget", "size", "surrogate", "weights", "pretrained", "format",
-               "quality", "perturbation", "method_options")
+               "quality", "perturbation", "method_options", "keep_metadata", "follow_symlinks")
+#: OS errors on an output that no other file would escape: the run stops instead of failing each file.
+FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+#: Names of ueguard's temporary files under DST (see ``save_image`` and ``_save_state``).
+TEMP_PREFIXES = (".ueguard-", ".perturbation.pt.")
 
 
 @dataclass
@@ -82,7 +97,7 @@ def protect(src, out=None, method: str = "emn", *, labels=None, layout: str = "a
     ``options`` are the CLI's long options as keywords: ``eps`` (``"8/255"``, ``0.031`` or ``8``),
     ``seed``, ``budget``, ``device``, ``precision``, ``size``, ``surrogate``, ``weights``,
     ``pretrained``, ``format``, ``quality``, ``perturbation``, ``method_options`` (a dict of the
-    method's constants), ``max_pixels``, ``resume``.
+    method's constants), ``max_pixels``, ``resume``, ``keep_metadata``, ``follow_symlinks``.
 
     In-memory input: uint8 or float (values in [0, 1]) ``N×C×H×W`` or ``N×H×W×C`` (``layout`` says
     which when C is ambiguous) with C = 1 or 3, NumPy or torch, and ``labels`` (N ints).
@@ -233,27 +248,55 @@ def _previous_run(dst: Path, opts: ProtectOptions) -> dict[str, dict[str, Any]]:
     records = list(read_manifest(path))
     header = next((r for r in records if r.get("kind") == "run"), None)
     if header is not None:
-        before, now = header["options"], opts.record()
-        changed = [k for k in RESUME_KEYS if before.get(k) != now.get(k)]
+        before, now, defaults = header["options"], opts.record(), ProtectOptions().record()
+        changed = [k for k in RESUME_KEYS if before.get(k, defaults[k]) != now[k]]
         if changed:
             raise UsageError(f"--resume: {dst} was made with different settings ({', '.join(changed)}); "
                              "resume with the same options or choose a new --out")
     return {r["source"]: r for r in records
-            if r.get("kind") == "file" and r.get("status") == "ok" and (dst / r["output"]).exists()}
+            if r.get("kind") == "file" and r.get("status") == "ok" and _intact(dst / r["output"], r["output_sha256"])}
+
+
+def _intact(path: Path, sha256: str) -> bool:
+    """Whether a finished output is still there with the bytes the manifest recorded."""
+    try:
+        return path.is_file() and sha256_file(path) == sha256
+    except OSError:
+        return False
+
+
+def _remove_temporaries(dst: Path) -> int:
+    """Delete the temporary files a killed run left under DST (hidden ``.ueguard-*.tmp`` beside outputs,
+    ``.ueguard/.perturbation.pt.*.tmp``); their names are ueguard's own, never a final output's."""
+    removed = 0
+    for folder, _, names in os.walk(dst):
+        for name in names:
+            if name.startswith(TEMP_PREFIXES) and name.endswith(".tmp"):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+    return removed
 
 
 def _plan_outputs(listing: FolderListing, fmt: str) -> tuple[dict[PurePosixPath, PurePosixPath], dict[PurePosixPath, str]]:
-    """Output path per image, and the images refused because two sources would write one output
-    (``a.jpg`` and ``a.png`` both become ``a.png``), or the output name would take the manifest's place."""
+    """Output path per image, and the images refused because their output would overwrite another's:
+    two sources that differ only in suffix (``a.jpg`` and ``a.png`` both become ``a.png``) or only in
+    letter case (``a.PNG`` and ``a.png``: one file on case-insensitive file systems — macOS, Windows, and
+    any disk the outputs are later copied to). The first in walk order is kept; nothing is overwritten."""
     planned: dict[PurePosixPath, PurePosixPath] = {}
-    owner: dict[str, PurePosixPath] = {MANIFEST_NAME.lower(): PurePosixPath(MANIFEST_NAME)}
+    owner: dict[str, PurePosixPath] = {MANIFEST_NAME.casefold(): PurePosixPath(MANIFEST_NAME)}
     refused: dict[PurePosixPath, str] = {}
     for entry in listing.images:
         target = PurePosixPath(output_path(entry.relpath, fmt))
-        key = str(target).lower()  # case-insensitive file systems would merge these too
+        key = str(target).casefold()
         if key in owner:
-            refused[entry.relpath] = (f"its output {target} would overwrite the output of {owner[key]}; "
-                                      "rename one of them or use --format keep")
+            other = owner[key]
+            if str(planned.get(other, other)) == str(target):
+                hint = "; rename one of them" + (" or use --format keep" if fmt != "keep" else "")
+                refused[entry.relpath] = f"its output {target} would overwrite the output of {other}{hint}"
+            else:
+                refused[entry.relpath] = (f"its output {target} differs from the output of {other} only in letter "
+                                          "case, so one would overwrite the other on a case-insensitive file "
+                                          "system; rename one of them")
             continue
         owner[key] = entry.relpath
         planned[entry.relpath] = target
@@ -282,7 +325,7 @@ def _save_state(path: Path, perturbation: Perturbation, ids: list[str]) -> None:
 
 def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress: Progress) -> ProtectResult:
     try:
-        listing = scan_folder(src)
+        listing = scan_folder(src, follow_symlinks=opts.follow_symlinks)
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise UsageError(str(error)) from None
     cls = METHODS.get(opts.method)
@@ -300,7 +343,11 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
     items: list[dict[str, Any]] = []
     common = {"method": opts.method, "eps": opts.eps, "eps_255": round(opts.eps * 255, 4), "seed": opts.seed}
 
-    with ManifestWriter(dst / MANIFEST_NAME) as manifest:
+    with ManifestWriter(dst / MANIFEST_NAME) as manifest:  # locked: one run per output folder
+        if opts.resume:
+            removed = _remove_temporaries(dst)
+            if removed:
+                progress.log(f"removed {removed} temporary file(s) left by the interrupted run")
         def record(entry: FolderEntry, status: str, error: str | None, **extra: Any) -> None:
             label = listing.classes[entry.label] if entry.label is not None else None
             line = {"kind": "file", "source": str(entry.relpath), "output": extra.pop("output", None),
@@ -315,10 +362,12 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
                         "linf_units": "1/255", "resumed": bool(done), **surrogate_record, **_environment(runtime)})
         for entry in listing.skipped:
             record(entry, "skipped", entry.skip_reason)
+        for entry in listing.failed:
+            record(entry, "failed", f"{src / entry.relpath}: {entry.error}")
         planned, refused = _plan_outputs(listing, opts.format)
         for entry in images:
             if entry.relpath in refused:
-                record(entry, "failed", refused[entry.relpath])
+                record(entry, "failed", f"{src / entry.relpath}: {refused[entry.relpath]}")
         todo = [e for e in images if e.relpath in planned]
         if all(str(e.relpath) in done for e in todo):
             items.extend(done.values())
@@ -337,6 +386,7 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
         perturbation = _load_state(state_path, working.ids)
         if perturbation is None:
             progress.log(f"generating {opts.method} perturbations for {len(working)} images at {size}px on {runtime.device}")
+            kill_point("generating")
             perturbation = method(working)
             _save_state(state_path, perturbation, working.ids)
         manifest.write({"kind": "generation", "method": opts.method, **perturbation.info})
@@ -345,6 +395,7 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
         with progress.bar(len(pending), "saving", unit="img") as bar:
             for i, entry in pending:
                 status, error, extra = _save_one(listing, dst, entry, planned[entry.relpath], working, perturbation, i, opts)
+                kill_point("renamed")
                 record(entry, status, error, **extra)
                 bar.update(1)
         items.extend(done.values())
@@ -354,17 +405,24 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
 
 def _save_one(listing: FolderListing, dst: Path, entry: FolderEntry, target: PurePosixPath, working: WorkingSet,
               perturbation: Perturbation, row: int, opts: ProtectOptions) -> tuple[str, str | None, dict[str, Any]]:
-    """Protect one file at its native size; every failure becomes a ``failed`` record, never an exception."""
+    """Protect one file at its native size; every failure becomes a ``failed`` record, except a full or
+    read-only output disk, which stops the run (:class:`FatalError`)."""
     source = listing.root / entry.relpath
     out_file = dst / target
     try:
-        image = load_image(source, max_pixels=opts.max_pixels)
+        image = load_image(source, max_pixels=opts.max_pixels, keep_metadata=opts.keep_metadata)
         index = torch.tensor([row])
         delta = perturbation.for_samples(index, working.labels.cpu(), working.grayscale.cpu())[0]
         native = perturb_native(image.pixels, image.max_value, delta)
         fmt = resolve_format(opts.format, entry.relpath.suffix)
-        save_image(out_file, image, native.pixels, fmt=fmt, quality=opts.quality)
+        save_image(out_file, image, native.pixels, fmt=fmt, quality=opts.quality, keep_metadata=opts.keep_metadata)
         saved = load_image(out_file, max_pixels=opts.max_pixels)
+    except ImageWriteError as error:
+        if error.errno in FATAL_WRITE_ERRNOS:
+            raise FatalError(f"{error}. Nothing partial was left under {target}; the finished files are kept. "
+                             "Free space (or make the output writable), then run the same command with "
+                             "--resume") from error
+        return "failed", str(error), {}
     except (ImageFileError, OSError, ValueError) as error:
         return "failed", str(error), {}
     # The manifest describes the saved file: the save op's own statistics when the file decodes to
