@@ -63,13 +63,16 @@ class Trainer:
         return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """∇ₓ CE(f(x), y) for a batch (model mode is the caller's choice), and the per-sample correctness.
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: Runtime,
+                   transform=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """∇ₓ CE(f(T(x)), y) for a batch (model mode is the caller's choice), and the per-sample correctness.
 
-    Only the input gradient is requested, so autograd skips the weight gradients."""
+    ``transform`` T (default identity) is a differentiable augmentation drawn fresh by the caller, so the
+    gradient is the expectation-over-transformations sample that reaches x through T's adjoint. Only
+    the input gradient is requested, so autograd skips the weight gradients."""
     x = x.detach().requires_grad_(True)
     with runtime.autocast():
-        logits = model(x)
+        logits = model(x if transform is None else transform(x))
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, x)
     return grad, logits.argmax(1) == y
