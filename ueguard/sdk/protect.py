@@ -362,7 +362,7 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
     size = opts.size or suggest_size(image_sides(listing, images), cap=SIZE_CAP[opts.budget])
     # Everything that can refuse the request runs before the destination is created (with pseudo-labels
     # the method is built again once the number of clusters is known).
-    num_classes = len(listing.classes) if not pseudo else max(2, opts.clusters or 2)
+    num_classes = max(1, len(listing.classes)) if not pseudo else max(2, opts.clusters or 2)  # a head is needed even label-free
     method, surrogate_record = _build_method(opts, size, num_classes, runtime, progress)
     _check_destination(src, dst, opts.resume)
     done = _previous_run(dst, opts) if opts.resume else {}
