@@ -95,11 +95,19 @@ class UC(ProtectionMethod):
     }
 
     def generate(self, data: WorkingSet) -> Perturbation:
-        cfg, rt = self.config, self.runtime
         started = time.perf_counter()
-        model = rt.prepare_model(self.surrogate).eval()
-        for p in model.parameters():
+        model = self.runtime.prepare_model(self.surrogate).eval()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:  # the surrogate is frozen here: only the generators learn
             p.requires_grad_(False)
+        try:
+            return self._generate(data, model, started)
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+
+    def _generate(self, data: WorkingSet, model, started: float) -> Perturbation:
+        cfg, rt = self.config, self.runtime
         clustering = pseudo_labels(model, data.images, rt, min(cfg.clusters, len(data)), seed=cfg.seed,
                                    normalize=False)
         k = clustering.k
