@@ -230,9 +230,9 @@ def test_tap_targets_a_wrong_class_and_skips_training_a_fitted_surrogate():
     # Measured: 47 % of the protected images land on their target class vs 7 % of the clean ones (16-px
     # digits, a barely fitted ResNet-20, ε = 8/255; more steps do not raise it: the attack is at its bound).
     assert on_target >= 0.4 and on_target > clean_on_target + 0.3, (on_target, clean_on_target)
-    assert p.info["target_success"] == pytest.approx(on_target, abs=1e-6)
+    assert p.info["target_success"] == pytest.approx(on_target, abs=1e-4)  # recorded to 4 decimals
     # The now clean-trained surrogate (as if loaded with --weights) is used as is.
-    again = create_method("tap", budget="quick", runtime=RUNTIME, surrogate=model, fit_accuracy=fitted, steps=1,
+    again = create_method("tap", budget="quick", runtime=RUNTIME, surrogate=model, fit_accuracy=fitted - 1e-3, steps=1,
                           restarts=1, batch_size=15)(data)
     assert again.info["clean_train_epochs"] == 0
 
