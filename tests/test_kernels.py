@@ -685,23 +685,3 @@ def test_emn_with_kernels_matches_reference():
         reference = run()
     assert fused.abs().max() > 0
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-6)
-
-
-def test_save_path_quality_from_the_fused_op_equals_the_full_comparison():
-    """protect's save path takes L∞/PSNR from apply_quantize when the saved file decodes to exactly
-    the written pixels; the numbers equal the decoded-file comparison, and any other file falls back."""
-    from ueguard.data.images import DecodedImage
-    from ueguard.sdk.protect import _quality, perturb_native
-
-    gen = torch.Generator().manual_seed(0)
-    planes = torch.randint(0, 256, (31, 33, 3), generator=gen, dtype=torch.uint8).numpy()
-    delta = (2 * torch.rand(3, 16, 16, generator=gen) - 1) * EPS
-    original = DecodedImage(planes, None, 255, "PNG")
-    native = perturb_native(planes, 255, delta)
-    saved = DecodedImage(native.pixels.copy(), None, 255, "PNG")
-    fused = native.quality_if_saved_as_written(original, saved)
-    assert fused is not None and fused == _quality(original, saved)
-    assert fused[0] > 0 and fused[1] is not None
-    lossy = native.pixels.copy()
-    lossy[0, 0, 0] ^= 1
-    assert native.quality_if_saved_as_written(original, DecodedImage(lossy, None, 255, "JPEG")) is None

@@ -148,7 +148,7 @@ def test_eps_forms_are_accepted(tmp_path, eps):
     (["--eps", "abc"], "invalid eps"),
     (["--eps", "300"], "out of range"),
     (["--eps", "0"], "out of range"),
-    (["--method", "nope"], "valid methods: emn"),
+    (["--method", "nope"], "valid methods: ar, emn"),
     (["-o", "pgd_steps"], "KEY=VALUE"),
     (["-o", "no_such_constant=1"], "has no option"),
 ])
@@ -237,7 +237,10 @@ def test_lossy_format_is_warned_about_and_measured(tmp_path):
 
 def test_methods_lists_emn():
     result = run_cli("methods")
-    assert result.exit_code == 0 and result.output.startswith("emn ") and "error-minimising" in result.output
+    assert result.exit_code == 0 and "error-minimising" in result.output
+    listed = [line.split()[0] for line in result.output.splitlines()]
+    assert listed == ["ar", "emn", "lsp", "ops", "rem", "sp", "tap", "uc"]
+    assert "needs pretrained surrogate" in result.output and "label-free" in result.output and "L2 -o l2_eps" in result.output
 
 
 def test_console_script_is_installed():

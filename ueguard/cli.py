@@ -63,7 +63,9 @@ def main() -> None:
 @click.argument("src", type=click.Path(file_okay=False, path_type=str))
 @click.option("--out", "out", type=click.Path(path_type=str), help="Output folder (default: SRC_protected beside SRC).")
 @click.option("--method", default="emn", show_default=True, help="Protection method (see `ueguard methods`).")
-@click.option("--eps", default="8/255", show_default=True, help="L∞ budget: 8/255, 0.031, or 8 (meaning 8/255).")
+@click.option("--eps", default="8/255", show_default=True,
+              help="L∞ budget of L∞ methods: 8/255, 0.031, or 8 (meaning 8/255). L2 methods (lsp, ar) take "
+                   "-o l2_eps=VALUE instead; ops changes one pixel (see `ueguard methods`).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
@@ -87,12 +89,18 @@ def main() -> None:
                    "(a copy of the unprotected image), maker notes, XMP/IPTC, orientation (applied).")
 @click.option("--follow-symlinks", is_flag=True,
               help="Follow links to folders and links that lead outside SRC (default: skipped, and listed).")
+@click.option("--labels", "label_source", default="folders", show_default=True, type=click.Choice(["folders", "auto"]),
+              help="Where labels come from: class subfolders, or (auto, for a flat folder) k-means pseudo-labels "
+                   "of a pretrained surrogate's features (needs --weights or --pretrained).")
+@click.option("--clusters", type=click.IntRange(1), help="Number of pseudo-classes for --labels auto "
+              "(default: the best silhouette score over 2-10).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in a non-empty --out.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def protect(src, out, method, eps, seed, device, precision, budget, size, surrogate, weights, pretrained, format_,
-            quality, perturbation, method_options, max_pixels, keep_metadata, follow_symlinks, resume, quiet) -> None:
-    """Protect every image under SRC (class subfolders = labels) into a mirrored folder."""
+            quality, perturbation, method_options, max_pixels, keep_metadata, follow_symlinks, label_source, clusters,
+            resume, quiet) -> None:
+    """Protect every image under SRC (class subfolders = labels, or --labels auto) into a mirrored folder."""
     from ueguard.data.images import LOSSY_FORMATS
     from ueguard.sdk import protect as sdk_protect
     from ueguard.sdk.options import parse_method_options
@@ -104,14 +112,22 @@ def protect(src, out, method, eps, seed, device, precision, budget, size, surrog
                          size=size, surrogate=surrogate, weights=weights, pretrained=pretrained, format=format_,
                          quality=quality, perturbation=perturbation,
                          method_options=parse_method_options(method_options), max_pixels=max_pixels,
-                         keep_metadata=keep_metadata, follow_symlinks=follow_symlinks, resume=resume,
-                         progress=_show_progress(quiet))
+                         keep_metadata=keep_metadata, follow_symlinks=follow_symlinks, label_source=label_source,
+                         clusters=clusters, resume=resume, progress=_show_progress(quiet))
     ok = [item for item in result.items if item["status"] == "ok"]
     line = f"protected {len(ok)} image(s) into {result.out}"
     if ok:
         linf = statistics.median(item["linf"] for item in ok)
         psnrs = [item["psnr"] for item in ok if item["psnr"] is not None]
         line += f"; median L∞ {linf:.2f}/255" + (f", mean PSNR {statistics.fmean(psnrs):.1f} dB" if psnrs else "")
+        norm = ok[0].get("norm")
+        if norm == "l2":
+            line += f", median RMS {statistics.median(item['rms'] for item in ok):.2f}/255 (L2 budget)"
+        elif norm == "l0":
+            line += f", median {statistics.median(item['l0'] for item in ok):g} pixel(s) changed (L0 budget)"
+        over = sum(1 for item in ok if item.get("within_budget") is False)
+        if over:
+            line += f"; {over} file(s) exceed the method's budget (lossy format?) — see within_budget in the manifest"
     click.echo(line)
     if result.skipped:
         click.echo(f"skipped {result.skipped} file(s): not images in class folders, or links not followed "
@@ -179,11 +195,17 @@ def methods() -> None:
     """List the protection methods."""
     from ueguard.methods import METHODS, list_methods
 
+    budgets = {"linf": "L∞ --eps", "l2": "L2 -o l2_eps", "l0": "L0 one pixel"}
     for name, description in list_methods():
         cls = METHODS.get(name)
-        tags = [tag for tag, on in (("needs pretrained surrogate", cls.needs_pretrained),
-                                    ("label-free", not cls.needs_labels)) if on]
-        click.echo(f"{name:<10} {description}" + (f" [{', '.join(tags)}]" if tags else ""))
+        if cls.name != name:
+            click.echo(f"{name:<10} {description}")
+            continue
+        tags = [budgets[cls.norm]] + [tag for tag, on in (
+            ("needs pretrained surrogate: --weights/--pretrained", cls.needs_pretrained),
+            ("model-free", not cls.needs_surrogate),
+            ("label-free", not cls.needs_labels)) if on]
+        click.echo(f"{name:<10} {description} [{', '.join(tags)}]")
 
 
 @main.command()

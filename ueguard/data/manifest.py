@@ -3,10 +3,17 @@
 Line kinds (field ``kind``):
   * ``run`` — first line of every invocation (a resumed run appends another): the resolved
     configuration, ueguard / torch versions, device, and the SHA-256 of the surrogate's initial weights.
-  * ``generation`` — the method's statistics once the perturbation is computed.
+  * ``pseudo_labels`` — with ``--labels auto`` on a flat folder: the surrogate whose features were
+    clustered, the number of clusters, how it was chosen (``given`` or ``silhouette``, with the score
+    of every k tried) and the cluster sizes.
+  * ``generation`` — the method's budget (``norm``: ``linf``/``l2``/``l0``, ``budget``) and statistics
+    once the perturbation is computed.
   * ``file`` — one per input file, written right after its output is in place: ``source``, ``output``,
-    ``source_sha256``, ``output_sha256``, ``label``, ``method``, ``eps``, ``seed``, ``linf`` and
-    ``psnr`` measured on the decoded saved file (``linf`` in 1/255 pixel levels), ``status``
+    ``source_sha256``, ``output_sha256``, ``label`` (a class folder, or ``cluster_k`` with
+    ``pseudo_label`` true), ``method``, ``eps``, ``seed``, and measured on the decoded saved file:
+    ``linf`` and ``rms`` (1/255 pixel levels), ``psnr``, ``l2`` ([0, 1] units), ``l0`` (changed pixel
+    positions), plus the method's ``norm`` and ``budget`` and ``within_budget`` (the change is within
+    that budget, allowing 8-bit rounding; see ``ueguard.sdk.protect.within_budget``), ``status``
     (``ok``, ``failed`` — could not be read or written — or ``skipped`` — not an image / not in a class
     folder) and ``error``.
 The manifest never contains pixel data. Each line is flushed and fsync'ed, so a crash loses at most the

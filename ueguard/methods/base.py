@@ -23,6 +23,11 @@ from ueguard._registry import Registry
 
 BUDGETS = ("quick", "standard", "thorough")
 
+#: The norms a method's budget can be stated in. ``linf``: every value moves by at most ε (the CLI's
+#: ``--eps``); ``l2``: the Euclidean length of each image's δ at the working resolution is at most the
+#: method's ``l2_eps``; ``l0``: at most that many pixel positions change.
+NORMS = ("linf", "l2", "l0")
+
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -38,28 +43,95 @@ class MethodConfig:
 
 @dataclass
 class Perturbation:
-    """What a method releases: δ rows in [−ε, ε] at the working resolution.
+    """What a method releases: δ rows at the working resolution, within the method's budget.
 
     ``delta`` is ``N×3×H×W`` (sample-wise, row i belongs to sample i) or ``K×3×H×W`` (class-wise, row
-    k to class k). ``info`` carries the method's own statistics (rounds, final surrogate accuracy, …).
+    k to class k, or to the rows of ``assignment`` — per-sample row indices — when the method groups
+    samples itself, as UC's clusters do). ``norm`` and ``eps`` state the budget: for ``linf`` every
+    value of δ is in [−ε, ε]; for ``l2`` every row has Euclidean norm ≤ ε (in [0, 1] units at the
+    working resolution); for ``l0`` every row changes at most ε pixel positions (OPS writes ±1 there so
+    that clipping sets the pixel to a corner colour). ``resample`` is how a row is resized to a file's
+    native size: ``bilinear`` (a convex interpolation: it never leaves the L∞ box and does not raise the
+    RMS) or ``nearest`` (one working pixel becomes the block of native pixels it covers). ``info``
+    carries the method's own statistics (rounds, final surrogate accuracy, …).
     """
 
     delta: torch.Tensor
     classwise: bool
     eps: float
     info: dict[str, Any] = field(default_factory=dict)
+    norm: str = "linf"
+    assignment: torch.Tensor | None = None
+    resample: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.resample not in ("bilinear", "nearest"):
+            raise ValueError(f"resample must be 'bilinear' or 'nearest', got {self.resample!r}")
+
+    def rows_for(self, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The δ row index of each sample in ``index``."""
+        if not self.classwise:
+            return index
+        keys = self.assignment if self.assignment is not None else labels
+        return keys.to(index.device)[index]
 
     def for_samples(self, index: torch.Tensor, labels: torch.Tensor, grayscale: torch.Tensor) -> torch.Tensor:
         """δ for samples ``index`` (labels/grayscale given per sample of the whole set)."""
-        rows = self.delta[labels[index]] if self.classwise else self.delta[index]
+        rows = self.delta[self.rows_for(index, labels).to(self.delta.device)]
         return gray_project(rows, grayscale[index].to(rows.device))
+
+    def budget(self) -> dict[str, Any]:
+        """The budget as the manifest records it: the norm and its radius (L∞ also in 1/255 levels)."""
+        out: dict[str, Any] = {"norm": self.norm, "budget": self.eps}
+        if self.norm == "linf":
+            out["budget_255"] = round(self.eps * 255, 4)
+        return out
+
+
+def norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-row size of ``delta`` (``N×C×H×W``) in ``norm``: max |δ|, Euclidean length, or the number of
+    pixel positions where any channel is non-zero."""
+    flat = delta.flatten(1)
+    if norm == "linf":
+        return flat.abs().amax(1)
+    if norm == "l2":
+        return flat.norm(dim=1)
+    if norm == "l0":
+        return (delta != 0).any(1).flatten(1).sum(1).to(delta.dtype)
+    raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+
+
+def l2_project(delta: torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:
+    """Scale every row of ``delta`` down onto the L2 ball of ``radius`` (rows inside are kept): the
+    Euclidean projection onto {δ : ‖δ‖₂ ≤ r}."""
+    norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+    factor = (torch.as_tensor(radius, dtype=delta.dtype, device=delta.device) / norms).clamp(max=1.0)
+    return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
+
+
+def l2_scale(delta: torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:
+    """Scale every row of ``delta`` to Euclidean length exactly ``radius`` (zero rows stay zero)."""
+    norms = delta.flatten(1).norm(dim=1)
+    factor = torch.where(norms > 0, torch.as_tensor(radius, dtype=delta.dtype, device=delta.device) / norms.clamp_min(1e-12),
+                         torch.zeros_like(norms))
+    return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
 
 
 def gray_project(delta: torch.Tensor, grayscale: torch.Tensor) -> torch.Tensor:
     """Replace the three channels of grayscale samples by their mean: the closest perturbation that keeps
-    a gray image gray. The mean of values in [−ε, ε] stays in [−ε, ε], so the budget is preserved."""
+    a gray image gray. The mean of values in [−ε, ε] stays in [−ε, ε], and averaging channels is an
+    orthogonal projection (it never lengthens δ, nor adds changed pixels), so every budget is kept."""
     mean = delta.mean(1, keepdim=True).expand_as(delta)
     return torch.where(grayscale[:, None, None, None], mean, delta)
+
+
+def clean_batch(data: WorkingSet, idx: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clean float images, labels and grayscale flags of samples ``idx`` on the run's device."""
+    dev_idx = idx.to(data.images.device)
+    return (runtime.to_float(data.images[dev_idx]), data.labels[dev_idx].to(runtime.device),
+            data.grayscale[dev_idx].to(runtime.device))
 
 
 def apply_delta(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -83,6 +155,9 @@ class ProtectionMethod(ABC):
     needs_labels: ClassVar[bool] = True
     needs_surrogate: ClassVar[bool] = True
     needs_pretrained: ClassVar[bool] = False
+    #: The norm of the method's budget (see :data:`NORMS`). Only ``linf`` methods take the CLI's ``--eps``;
+    #: ``l2`` methods take ``-o l2_eps=...``, ``l0`` ones have a fixed pixel count.
+    norm: ClassVar[str] = "linf"
 
     def __init__(self, config: MethodConfig, *, runtime: Runtime, surrogate: nn.Module | None = None,
                  progress: Progress = SILENT) -> None:
@@ -129,5 +204,5 @@ def create_method(name: str, *, budget: str = "standard", runtime: Runtime, surr
 
 
 def list_methods() -> list[tuple[str, str]]:
-    """``(name, one-line description)`` for every registered method."""
-    return [(name, cls.description) for name, cls in METHODS.items()]
+    """``(name, one-line description)`` for every registered method; an alias says whose it is."""
+    return [(name, cls.description if cls.name == name else f"alias of {cls.name}") for name, cls in METHODS.items()]

@@ -18,8 +18,15 @@ from ueguard.units import parse_eps
 
 FORMATS = OUTPUT_FORMATS
 
+#: Where labels come from: ``folders`` — the class subfolders (the default); ``auto`` — the class
+#: subfolders when there are any, else pseudo-labels by k-means of a pretrained surrogate's features.
+LABEL_SOURCES = ("folders", "auto")
+
 #: Default working-size cap per budget: quick stays CPU-friendly, thorough goes to ImageNet scale.
 SIZE_CAP = {"quick": 64, "standard": 128, "thorough": 224}
+
+
+DEFAULT_EPS = 8 / 255
 
 
 @dataclass(frozen=True)
@@ -31,11 +38,17 @@ class ProtectOptions:
     the default for the working size and budget (see :func:`default_arch`). ``method_options``
     are the method's own constants (``-o key=value``). ``keep_metadata`` keeps a cleaned EXIF (never the
     thumbnail, maker notes or orientation; see :func:`ueguard.data.images.clean_exif`);
-    ``follow_symlinks`` follows links to folders and links leading outside the source folder.
+    ``follow_symlinks`` follows links to folders and links leading outside the source folder. ``label_source`` (``--labels``) and ``clusters``
+    (``--clusters``) say where labels come from (see :data:`LABEL_SOURCES`); with ``auto`` and no
+    ``clusters`` the number of pseudo-classes is chosen by silhouette score over 2–10.
+
+    ``eps`` is an L∞ budget and applies to L∞ methods only; an L2 method (lsp, ar) takes
+    ``-o l2_eps=...`` and an L0 one (ops) has its fixed pixel count, so giving them another ``eps`` than
+    the default is refused rather than silently ignored.
     """
 
     method: str = "emn"
-    eps: float = 8 / 255
+    eps: float = DEFAULT_EPS
     seed: int = 0
     budget: str = "standard"
     device: str = "auto"
@@ -52,6 +65,8 @@ class ProtectOptions:
     resume: bool = False
     keep_metadata: bool = False
     follow_symlinks: bool = False
+    label_source: str = "folders"
+    clusters: int | None = None
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "ProtectOptions":
@@ -72,7 +87,17 @@ class ProtectOptions:
             METHODS.get(self.method)
         except ValueError as error:
             raise UsageError(str(error)) from None
+        cls = METHODS.get(self.method)
+        if cls.norm != "linf" and self.eps != DEFAULT_EPS:
+            hint = "-o l2_eps=VALUE (L2 norm per image, [0, 1] units)" if cls.norm == "l2" else "nothing: its budget is one pixel"
+            raise UsageError(f"method {self.method!r} has an {cls.norm.upper()} budget; --eps is the L∞ budget of L∞ "
+                             f"methods and does not apply to it — give {hint}")
+        if self.clusters is not None and self.clusters < 1:
+            raise UsageError(f"invalid clusters {self.clusters}: must be ≥ 1")
+        if self.clusters is not None and self.label_source != "auto":
+            raise UsageError("--clusters is for --labels auto (pseudo-labels of an unlabeled folder)")
         for name, value, choices in (("budget", self.budget, BUDGETS), ("device", self.device, DEVICES),
+                                     ("labels", self.label_source, LABEL_SOURCES),
                                      ("precision", self.precision, PRECISIONS), ("format", self.format, FORMATS)):
             if value not in choices:
                 raise UsageError(f"invalid {name} {value!r}; choose one of {', '.join(choices)}")

@@ -3,8 +3,12 @@
 Folder flow: scan SRC → decode every image at the working resolution (failures recorded, not fatal)
 → build the surrogate → generate δ with the method (cached under ``DST/.ueguard/`` so ``--resume``
 skips it) → for each image: decode the original again, resize its δ row to the native size, add,
-clip, round, save atomically, decode the saved file and measure L∞ / PSNR on it, append the manifest
-line. SRC is only ever read.
+clip, round, save atomically, decode the saved file and measure the change on it (L∞, PSNR, L2/RMS,
+changed pixels, and whether it is within the method's own budget), append the manifest line. SRC is
+only ever read.
+
+Labels: class subfolders; or, with ``--labels auto`` on a flat folder, pseudo-labels from k-means of a
+pretrained surrogate's features (:mod:`ueguard.engine.clusters`), recorded per file in the manifest.
 
 Crash safety: an output appears under its final name only by an atomic rename of a complete, fsynced
 temporary file, and its manifest line is appended only after that rename, so a manifest ``ok`` line
@@ -45,7 +49,8 @@ from ueguard.sdk.options import SIZE_CAP, ProtectOptions, default_arch
 STATE_DIR = ".ueguard"
 #: Options that must match for ``--resume`` to continue a run (the rest — device, precision — may change).
 RESUME_KEYS = ("method", "eps", "seed", "budget", "size", "surrogate", "weights", "pretrained", "format",
-               "quality", "perturbation", "method_options", "keep_metadata", "follow_symlinks")
+               "quality", "perturbation", "method_options", "keep_metadata", "follow_symlinks",
+               "label_source", "clusters")
 #: OS errors on an output that no other file would escape: the run stops instead of failing each file.
 FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 #: Names of ueguard's temporary files under DST (see ``save_image`` and ``_save_state``).
@@ -58,7 +63,9 @@ class ProtectResult:
 
     Folder input: ``out`` and ``manifest_path`` are set and ``items`` holds the manifest's file records.
     In-memory input: ``data`` holds the protected array in the input's type, layout and dtype and
-    ``items`` one ``{"index", "label", "linf", "psnr"}`` record per image. ``linf`` is in 1/255 levels.
+    ``items`` one ``{"index", "label", "linf", "psnr", "l2", "rms", "l0", "within_budget"}`` record per
+    image. ``linf`` and ``rms`` are in 1/255 levels, ``l2`` in [0, 1] units, ``l0`` in pixel positions.
+    ``labels`` holds the labels used (the pseudo-labels with ``labels="auto"``).
     """
 
     items: list[dict[str, Any]]
@@ -68,6 +75,7 @@ class ProtectResult:
     manifest_path: Path | None = None
     data: Any = None
     info: dict[str, Any] = field(default_factory=dict)
+    labels: Any = None
 
     def _count(self, status: str) -> int:
         return sum(1 for item in self.items if item.get("status", "ok") == status)
@@ -101,14 +109,23 @@ def protect(src, out=None, method: str = "emn", *, labels=None, layout: str = "a
 
     In-memory input: uint8 or float (values in [0, 1]) ``N×C×H×W`` or ``N×H×W×C`` (``layout`` says
     which when C is ambiguous) with C = 1 or 3, NumPy or torch, and ``labels`` (N ints).
+
+    ``labels="auto"`` (either input): pseudo-labels by k-means of a pretrained surrogate's features
+    (``weights``/``pretrained`` required; ``clusters`` = k, or chosen by silhouette over 2–10). For a
+    folder, ``auto`` uses the class subfolders when there are any. Label-free methods (``uc``) need
+    neither.
     """
+    if isinstance(labels, str):
+        options["label_source"] = labels
+        labels = None
     if isinstance(options.get("method_options"), dict):
         options["method_options"] = tuple(sorted(options["method_options"].items()))
     opts = ProtectOptions.resolve(method=method, **options)
     reporter = progress if isinstance(progress, Progress) else Progress(progress)
     if isinstance(src, (str, os.PathLike)):
         if labels is not None:
-            raise UsageError("labels= is for in-memory data; a folder's labels come from its class subfolders")
+            raise UsageError("labels= is for in-memory data; a folder's labels come from its class subfolders "
+                             "(or labels='auto' for pseudo-labels)")
         return _protect_folder(Path(src), None if out is None else Path(out), opts, reporter)
     if out is not None:
         raise UsageError("out= is for folder input; in-memory input returns the protected array in .data")
@@ -117,6 +134,17 @@ def protect(src, out=None, method: str = "emn", *, labels=None, layout: str = "a
 
 # --------------------------------------------------------------------------------------------------
 # shared pieces
+
+
+def _surrogate(opts: ProtectOptions, size: int, num_classes: int):
+    """The surrogate named by the options (default architecture for the size and budget) with its weights."""
+    from ueguard import models
+
+    name = opts.surrogate or default_arch(size, opts.budget)
+    try:
+        return name, models.create_model(name, num_classes, weights=opts.weights, pretrained=opts.pretrained)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
 
 
 def _build_method(opts: ProtectOptions, size: int, num_classes: int, runtime: Runtime, progress: Progress):
@@ -130,11 +158,7 @@ def _build_method(opts: ProtectOptions, size: int, num_classes: int, runtime: Ru
     if cls.needs_surrogate:
         if cls.needs_pretrained and not (opts.weights or opts.pretrained):
             raise UsageError(f"method {opts.method!r} needs a pretrained surrogate: pass --weights FILE or --pretrained")
-        name = opts.surrogate or default_arch(size, opts.budget)
-        try:
-            surrogate = models.create_model(name, num_classes, weights=opts.weights, pretrained=opts.pretrained)
-        except (ValueError, FileNotFoundError) as error:
-            raise UsageError(str(error)) from None
+        name, surrogate = _surrogate(opts, size, num_classes)
         record = {"surrogate": name, "surrogate_sha256": models.state_dict_sha256(surrogate),
                   "weights_sha256": models.weights_sha256(opts.weights) if opts.weights else None}
     try:
@@ -143,6 +167,27 @@ def _build_method(opts: ProtectOptions, size: int, num_classes: int, runtime: Ru
     except ValueError as error:
         raise UsageError(str(error)) from None
     return method, record
+
+
+def _check_pseudo_labels(opts: ProtectOptions) -> None:
+    if not (opts.weights or opts.pretrained):
+        raise UsageError("--labels auto clusters the features of a pretrained surrogate: pass --weights FILE or "
+                         "--pretrained (a random network would group the images by colour, not content)")
+
+
+def _pseudo_labels(opts: ProtectOptions, size: int, working: WorkingSet, runtime: Runtime, progress: Progress):
+    """k-means pseudo-labels of the working images on the pretrained surrogate's features."""
+    from ueguard.engine.clusters import pseudo_labels
+
+    seed_everything(opts.seed)
+    name, model = _surrogate(opts, size, max(2, opts.clusters or 2))
+    progress.log(f"clustering {len(working)} images on {name} features for pseudo-labels")
+    try:
+        clustering = pseudo_labels(model, working.images, runtime, opts.clusters, seed=opts.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    classes = tuple(f"cluster_{k}" for k in range(clustering.k))
+    return clustering, WorkingSet(working.images, clustering.labels, working.grayscale, classes, working.ids), name
 
 
 def make_runtime(device: str, precision: str) -> Runtime:
@@ -159,56 +204,71 @@ def _environment(runtime: Runtime) -> dict[str, Any]:
             "threads": torch.get_num_threads()}
 
 
-def _quality(original: DecodedImage, saved: DecodedImage) -> tuple[float, float | None]:
-    """L∞ in 1/255 levels and PSNR in dB (None when identical) between a source and its decoded output.
+def _quality(original: DecodedImage, saved: DecodedImage) -> dict[str, Any]:
+    """The change from a source to its decoded output (see :func:`change_stats`).
 
     Compared as floats in [0, 1], broadcasting channels, because a lossy output may change bit depth
     (16-bit → 8-bit JPEG) or channel count (gray → RGB WebP/GIF)."""
-    diff = np.abs(original.to_float().astype(np.float64) - saved.to_float().astype(np.float64))
-    linf = float(diff.max()) * 255
+    return change_stats(np.abs(original.to_float().astype(np.float64) - saved.to_float().astype(np.float64)))
+
+
+def change_stats(diff: np.ndarray) -> dict[str, Any]:
+    """``|output − original|`` as ``H×W×C`` floats in [0, 1] → the sizes of the change in every norm:
+    ``linf`` (1/255 levels), ``psnr`` (dB, None when identical), ``l2`` (Euclidean, [0, 1] units),
+    ``rms`` (1/255 levels: L2 / √(H·W·C), comparable across sizes) and ``l0`` (pixel positions with
+    any channel changed)."""
     mse = float(np.mean(diff**2))
-    return _rounded_quality(linf, mse)
+    return {"linf": round(float(diff.max()) * 255, 4),
+            "psnr": None if mse == 0 else round(10 * math.log10(1.0 / mse), 3),
+            "l2": round(float(np.sqrt(np.sum(diff**2))), 6),
+            "rms": round(math.sqrt(mse) * 255, 4),
+            "l0": int(np.count_nonzero(diff.max(axis=2) > 0))}
 
 
-def _rounded_quality(linf_levels: float, mse: float) -> tuple[float, float | None]:
-    psnr = None if mse == 0 else 10 * math.log10(1.0 / mse)
-    return round(linf_levels, 4), None if psnr is None else round(psnr, 3)
+#: Relative slack on the RMS check of L2 methods: bilinear resizing to the native size keeps the RMS
+#: of δ up to border effects of about this size (it is a convex interpolation; see ``resize_float``).
+RMS_SLACK = 0.02
 
 
-@dataclass(frozen=True)
-class NativeResult:
-    """A perturbed native-size image and, for 8-bit images, what the fused save op measured on the
-    pixels it wrote: L∞ in levels and the sum of squared errors in [0, 1] units (None otherwise)."""
+def within_budget(stats: dict[str, Any], perturbation: Perturbation, working_size: tuple[int, int],
+                  native_size: tuple[int, int]) -> bool:
+    """Whether a saved file's change is within the method's own budget, allowing 8-bit rounding.
 
-    pixels: np.ndarray
-    linf: float | None = None
-    sq_err: float | None = None
+    ``linf``: L∞ ≤ ε + 0.5/255. ``l2``: the budget is an L2 norm at the working resolution, so the
+    check is on the size-independent RMS: RMS ≤ ε/√(3·h·w)·(1 + RMS_SLACK) + 0.5/255 (rounding adds at
+    most 0.5/255 to every value). ``l0``: changed positions ≤ ε × the native pixels one working pixel
+    covers (nearest-neighbour resize). A lossy format can exceed any of these — then this says so.
+    """
+    h, w = working_size
+    height, width = native_size
+    if perturbation.norm == "linf":
+        return stats["linf"] <= perturbation.eps * 255 + 0.5 + 1e-6
+    if perturbation.norm == "l2":
+        budget_rms = perturbation.eps / math.sqrt(3 * h * w) * 255
+        return stats["rms"] <= budget_rms * (1 + RMS_SLACK) + 0.5 + 1e-6
+    footprint = math.ceil(height / h) * math.ceil(width / w)
+    return stats["l0"] <= perturbation.eps * footprint
 
-    def quality_if_saved_as_written(self, original: DecodedImage, saved: DecodedImage) -> tuple[float, float | None] | None:
-        """The op's L∞/PSNR when the decoded saved file holds exactly the written pixels (a lossless
-        save of the same shape and bit depth), so they describe the file; None otherwise."""
-        if self.linf is None or saved.max_value != original.max_value or saved.pixels.shape != self.pixels.shape:
-            return None
-        if not np.array_equal(saved.pixels, self.pixels):
-            return None
-        return _rounded_quality(self.linf, self.sq_err / self.pixels.size)
 
-
-def perturb_native(planes: np.ndarray, max_value: int, delta: torch.Tensor) -> NativeResult:
+def perturb_native(planes: np.ndarray, max_value: int, delta: torch.Tensor, resample: str = "bilinear") -> np.ndarray:
     """Apply a working-resolution δ (``3×h×w``, already gray-projected) to an integer ``H×W×C`` image at
-    its native size: resize δ (a convex interpolation, so it stays within ±ε), add, clip to the valid
-    range, round to the image's levels. 8-bit images go through the fused ``apply_quantize`` op, which
-    also measures the change it made in the same pass."""
+    its native size: resize δ (bilinear: a convex interpolation, so it stays within ±ε; or nearest, so
+    a one-pixel δ becomes the block of native pixels it covers), add, clip to the valid range, round to
+    the image's levels. 8-bit images go through the fused ``apply_quantize`` op."""
     from ueguard.kernels import apply_quantize
 
     height, width, channels = planes.shape
-    native = resize_float(delta[:channels].float().cpu(), (height, width))
+    if resample == "nearest":
+        native = torch.nn.functional.interpolate(delta[None, :channels].float().cpu(), size=(height, width),
+                                                 mode="nearest")[0]
+    else:
+        native = resize_float(delta[:channels].float().cpu(), (height, width))
     if max_value == 255:
         image = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1)))
-        out, linf, sq_err = apply_quantize(image[None], native[None].contiguous())
-        return NativeResult(out[0].permute(1, 2, 0).numpy(), float(linf[0]), float(sq_err[0]))
+        out, _, _ = apply_quantize(image[None], native[None].contiguous())
+        return out[0].permute(1, 2, 0).numpy()
     x = torch.from_numpy(planes.astype(np.float32) / max_value).permute(2, 0, 1)
-    return NativeResult(quantize((x + native).clamp_(0, 1).permute(1, 2, 0).numpy(), max_value))
+    return quantize((x + native).clamp_(0, 1).permute(1, 2, 0).numpy(), max_value)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,14 +372,18 @@ def _load_state(path: Path, ids: list[str]) -> Perturbation | None:
         return None
     if state.get("ids") != ids:
         return None
-    return Perturbation(state["delta"], bool(state["classwise"]), float(state["eps"]), dict(state["info"]))
+    return Perturbation(state["delta"], bool(state["classwise"]), float(state["eps"]), dict(state["info"]),
+                        norm=state.get("norm", "linf"), assignment=state.get("assignment"),
+                        resample=state.get("resample", "bilinear"))
 
 
 def _save_state(path: Path, perturbation: Perturbation, ids: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    assignment = None if perturbation.assignment is None else perturbation.assignment.cpu()
     torch.save({"delta": perturbation.delta.cpu(), "classwise": perturbation.classwise, "eps": perturbation.eps,
-                "info": perturbation.info, "ids": ids}, tmp)
+                "info": perturbation.info, "ids": ids, "norm": perturbation.norm, "assignment": assignment,
+                "resample": perturbation.resample}, tmp)
     os.replace(tmp, path)
 
 
@@ -329,19 +393,26 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise UsageError(str(error)) from None
     cls = METHODS.get(opts.method)
-    if cls.needs_labels and not listing.classes:
+    pseudo = opts.label_source == "auto" and not listing.classes and cls.needs_labels
+    if cls.needs_labels and not listing.classes and not pseudo:
         raise UsageError(f"{src}: no class subfolders, so the images have no labels; method {opts.method!r} "
-                         "needs them — put each class's images in SRC/<class>/")
+                         "needs them — put each class's images in SRC/<class>/, or pass --labels auto for "
+                         "pseudo-labels from a pretrained surrogate's features")
+    if pseudo:
+        _check_pseudo_labels(opts)
     dst = dst if dst is not None else src.parent / f"{src.name}_protected"
     runtime = make_runtime(opts.device, opts.precision)
     images = listing.images
     size = opts.size or suggest_size(image_sides(listing, images), cap=SIZE_CAP[opts.budget])
-    # Everything that can refuse the request runs before the destination is created.
-    method, surrogate_record = _build_method(opts, size, len(listing.classes), runtime, progress)
+    # Everything that can refuse the request runs before the destination is created (with pseudo-labels
+    # the method is built again once the number of clusters is known).
+    num_classes = max(1, len(listing.classes)) if not pseudo else max(2, opts.clusters or 2)  # a head is needed even label-free
+    method, surrogate_record = _build_method(opts, size, num_classes, runtime, progress)
     _check_destination(src, dst, opts.resume)
     done = _previous_run(dst, opts) if opts.resume else {}
     items: list[dict[str, Any]] = []
     common = {"method": opts.method, "eps": opts.eps, "eps_255": round(opts.eps * 255, 4), "seed": opts.seed}
+    pseudo_names: dict[str, str] = {}
 
     with ManifestWriter(dst / MANIFEST_NAME) as manifest:  # locked: one run per output folder
         if opts.resume:
@@ -349,10 +420,11 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
             if removed:
                 progress.log(f"removed {removed} temporary file(s) left by the interrupted run")
         def record(entry: FolderEntry, status: str, error: str | None, **extra: Any) -> None:
-            label = listing.classes[entry.label] if entry.label is not None else None
+            label = listing.classes[entry.label] if entry.label is not None else pseudo_names.get(str(entry.relpath))
             line = {"kind": "file", "source": str(entry.relpath), "output": extra.pop("output", None),
                     "source_sha256": extra.pop("source_sha256", None), "output_sha256": extra.pop("output_sha256", None),
-                    "label": label, **common, "linf": extra.pop("linf", None), "psnr": extra.pop("psnr", None),
+                    "label": label, "pseudo_label": str(entry.relpath) in pseudo_names, **common,
+                    "linf": extra.pop("linf", None), "psnr": extra.pop("psnr", None),
                     "status": status, "error": error, **extra}
             manifest.write(line)
             items.append(line)
@@ -381,6 +453,12 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
                                                     on_error=failed_read, on_progress=bar.update)
         if not kept:
             return ProtectResult(items, None, opts, dst, dst / MANIFEST_NAME)
+        if pseudo:
+            clustering, working, clustered_on = _pseudo_labels(opts, size, working, runtime, progress)
+            pseudo_names.update(zip(working.ids, (working.classes[k] for k in working.labels.tolist())))
+            manifest.write({"kind": "pseudo_labels", "surrogate": clustered_on, "features": "penultimate, L2-normalised",
+                            "classes": list(working.classes), **clustering.record()})
+            method, _ = _build_method(opts, size, working.num_classes, runtime, progress)
 
         state_path = dst / STATE_DIR / "perturbation.pt"
         perturbation = _load_state(state_path, working.ids)
@@ -389,13 +467,14 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
             kill_point("generating")
             perturbation = method(working)
             _save_state(state_path, perturbation, working.ids)
-        manifest.write({"kind": "generation", "method": opts.method, **perturbation.info})
+        manifest.write({"kind": "generation", "method": opts.method, **perturbation.budget(), **perturbation.info})
 
         pending = [(i, e) for i, e in enumerate(kept) if str(e.relpath) not in done]
         with progress.bar(len(pending), "saving", unit="img") as bar:
             for i, entry in pending:
                 status, error, extra = _save_one(listing, dst, entry, planned[entry.relpath], working, perturbation, i, opts)
                 kill_point("renamed")
+                extra.update(perturbation.budget())
                 record(entry, status, error, **extra)
                 bar.update(1)
         items.extend(done.values())
@@ -413,9 +492,9 @@ def _save_one(listing: FolderListing, dst: Path, entry: FolderEntry, target: Pur
         image = load_image(source, max_pixels=opts.max_pixels, keep_metadata=opts.keep_metadata)
         index = torch.tensor([row])
         delta = perturbation.for_samples(index, working.labels.cpu(), working.grayscale.cpu())[0]
-        native = perturb_native(image.pixels, image.max_value, delta)
+        pixels = perturb_native(image.pixels, image.max_value, delta, perturbation.resample)
         fmt = resolve_format(opts.format, entry.relpath.suffix)
-        save_image(out_file, image, native.pixels, fmt=fmt, quality=opts.quality, keep_metadata=opts.keep_metadata)
+        save_image(out_file, image, pixels, fmt=fmt, quality=opts.quality, keep_metadata=opts.keep_metadata)
         saved = load_image(out_file, max_pixels=opts.max_pixels)
     except ImageWriteError as error:
         if error.errno in FATAL_WRITE_ERRNOS:
@@ -425,12 +504,10 @@ def _save_one(listing: FolderListing, dst: Path, entry: FolderEntry, target: Pur
         return "failed", str(error), {}
     except (ImageFileError, OSError, ValueError) as error:
         return "failed", str(error), {}
-    # The manifest describes the saved file: the save op's own statistics when the file decodes to
-    # exactly the pixels written, a full comparison otherwise (lossy formats, changed channels).
-    linf, psnr = native.quality_if_saved_as_written(image, saved) or _quality(image, saved)
+    stats = _quality(image, saved)
+    stats["within_budget"] = within_budget(stats, perturbation, tuple(working.images.shape[-2:]), (image.height, image.width))
     return "ok", None, {"output": str(target), "source_sha256": sha256_file(source),
-                        "output_sha256": sha256_file(out_file), "linf": linf, "psnr": psnr,
-                        "size": [image.width, image.height]}
+                        "output_sha256": sha256_file(out_file), **stats, "size": [image.width, image.height]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,8 +532,12 @@ def _to_nchw(array, layout: str) -> tuple[torch.Tensor, str]:
 
 
 def _protect_array(array, labels, layout: str, opts: ProtectOptions, progress: Progress) -> ProtectResult:
-    if labels is None:
-        raise UsageError("in-memory input needs labels= (one int per image)")
+    cls = METHODS.get(opts.method)
+    pseudo = opts.label_source == "auto" and labels is None
+    if labels is None and cls.needs_labels and not pseudo:
+        raise UsageError("in-memory input needs labels= (one int per image), or labels='auto' for pseudo-labels")
+    if pseudo and cls.needs_labels:
+        _check_pseudo_labels(opts)
     images, layout = _to_nchw(array, layout)
     is_uint8 = images.dtype == torch.uint8
     if not is_uint8 and not images.is_floating_point():
@@ -464,38 +545,49 @@ def _protect_array(array, labels, layout: str, opts: ProtectOptions, progress: P
     x = images.float().div(255) if is_uint8 else images.float()
     if not is_uint8 and (x.min() < 0 or x.max() > 1):
         raise UsageError("float images must hold values in [0, 1]")
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long).flatten()
-    if y.numel() != x.shape[0] or bool((y < 0).any()):
-        raise UsageError(f"labels must be {x.shape[0]} non-negative ints, got {y.numel()}")
+    if labels is not None:
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.long).flatten()
+        if y.numel() != x.shape[0] or bool((y < 0).any()):
+            raise UsageError(f"labels must be {x.shape[0]} non-negative ints, got {y.numel()}")
+    else:
+        y = torch.full((x.shape[0],), -1, dtype=torch.long)
     gray = torch.full((x.shape[0],), x.shape[1] == 1)
     x3 = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-    num_classes = int(y.max()) + 1
+    num_classes = int(y.max()) + 1 if labels is not None else 0
     size = opts.size
     working_x = resize_float(x3, (size, size)) if size else x3
     working = WorkingSet(torch.round(working_x.clamp(0, 1) * 255).to(torch.uint8), y, gray,
                          tuple(str(k) for k in range(num_classes)), [str(i) for i in range(x.shape[0])])
     runtime = make_runtime(opts.device, opts.precision)
-    method, _ = _build_method(opts, size or max(x.shape[-2:]), num_classes, runtime, progress)
+    work_size = size or max(x.shape[-2:])
+    info: dict[str, Any] = {}
+    if pseudo and cls.needs_labels:
+        clustering, working, _ = _pseudo_labels(opts, work_size, working, runtime, progress)
+        y, num_classes = working.labels, working.num_classes
+        info["pseudo_labels"] = clustering.record()
+    method, _ = _build_method(opts, work_size, max(num_classes, 1), runtime, progress)
     perturbation = method(working)
     delta = perturbation.for_samples(torch.arange(len(working)), y, gray).cpu()
-    delta = resize_float(delta, tuple(x.shape[-2:]))[:, : x.shape[1]]
-    if is_uint8:
-        # The fused save op: rounded, clipped uint8 plus per-image L∞ (levels) and squared error.
-        from ueguard.kernels import apply_quantize
-
-        protected, linf, sq_err = apply_quantize(images.cpu().contiguous(), delta.contiguous())
-        mse = sq_err / images[0].numel()
+    if perturbation.resample == "nearest":
+        delta = torch.nn.functional.interpolate(delta, size=tuple(x.shape[-2:]), mode="nearest")[:, : x.shape[1]]
     else:
-        protected = (x + delta).clamp_(0, 1).to(images.dtype)
+        delta = resize_float(delta, tuple(x.shape[-2:]))[:, : x.shape[1]]
+    protected = (x + delta).clamp_(0, 1)
+    if is_uint8:
+        protected = torch.round(protected * 255).to(torch.uint8)
+        change = (protected.float() - images.float()).abs().div(255)
+    else:
+        protected = protected.to(images.dtype)
         change = (protected.float() - x).abs()
-        linf = change.flatten(1).amax(1) * 255
-        mse = change.pow(2).flatten(1).mean(1)
-    items = [{"index": i, "label": int(y[i]), "linf": round(float(linf[i]), 4),
-              "psnr": None if mse[i] == 0 else round(10 * math.log10(1 / float(mse[i])), 3)}
-             for i in range(x.shape[0])]
+    items = []
+    for i in range(x.shape[0]):
+        stats = change_stats(change[i].permute(1, 2, 0).double().numpy())
+        stats["within_budget"] = within_budget(stats, perturbation, tuple(working.images.shape[-2:]), tuple(x.shape[-2:]))
+        items.append({"index": i, "label": int(y[i]) if y[i] >= 0 else None, **stats})
     out = protected if layout == "NCHW" else protected.permute(0, 2, 3, 1)
     if isinstance(array, np.ndarray):
         out = out.contiguous().numpy()
     else:
         out = out.contiguous().to(array.device)
-    return ProtectResult(items, perturbation, opts, data=out, info=dict(perturbation.info))
+    return ProtectResult(items, perturbation, opts, data=out, info={**info, **perturbation.info},
+                         labels=y if labels is None else None)
