@@ -49,6 +49,7 @@ mean; ``outer_batches`` can cap the outer pass for large sets (default: a full p
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -241,17 +242,17 @@ class BAIT(ProtectionMethod):
         running = torch.zeros(k, *data.images.shape[1:], device=rt.device)  # δ̄, the current class noise
         inner = BatchSampler(len(data), cfg.batch_size, self.generator)
         outer = BatchSampler(len(data), cfg.batch_size, self.generator)
-        history, outer_seconds, outer_steps = [], 0.0, 0
+        history, step_seconds = [], []
         with self.progress.bar(cfg.iterations, "bait iterations", unit="it") as bar:
             for it in range(cfg.iterations):
                 stage = target_stage(it, cfg.iterations)
                 xb, yb, gb = self._batch(data, inner.next())
                 lookahead = None if cfg.second_order else self._lookahead(model, trainer, xb + gray_project(running[yb], gb), yb, create_graph=False)
                 losses, hits, seen = [], 0, 0
-                tick = time.perf_counter()
                 for j, idx in enumerate(outer.epoch()):
                     if cfg.outer_batches is not None and j >= cfg.outer_batches:
                         break
+                    tick = time.perf_counter()
                     x, y, gray = self._batch(data, idx)
                     rows = noise.rows(x, y)
                     if cfg.second_order:
@@ -272,8 +273,7 @@ class BAIT(ProtectionMethod):
                     losses.append(loss.detach())
                     hits += (logits.argmax(1) == targets).sum().item()
                     seen += y.numel()
-                    outer_steps += 1
-                outer_seconds += time.perf_counter() - tick
+                    step_seconds.append(time.perf_counter() - tick)  # .item() above has synchronised
                 trainer.step(xb + gray_project(running[yb], gb), yb)
                 record = {"stage": stage, "outer_loss": round(torch.stack(losses).mean().item(), 4),
                           "target_accuracy": round(hits / max(seen, 1), 4)}
@@ -281,7 +281,8 @@ class BAIT(ProtectionMethod):
                 bar.update(1, stage=stage, loss=f"{record['outer_loss']:.3f}")
         delta = noise.release(data, rt.to_float, cfg.release_batch)
         info = {"parameterisation": cfg.parameterisation, "iterations": cfg.iterations, "history": history,
-                "outer_steps": outer_steps, "seconds_per_outer_step": round(outer_seconds / max(outer_steps, 1), 5),
+                "outer_steps": len(step_seconds),
+                "seconds_per_outer_step": round(statistics.median(step_seconds), 5) if step_seconds else None,
                 "noise_parameters": sum(p.numel() for p in noise.parameters()),
                 "seconds": round(time.perf_counter() - started, 2)}
         return Perturbation(delta, True, cfg.eps, info)
