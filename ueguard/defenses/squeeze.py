@@ -11,31 +11,39 @@ usual crop + flip follow per batch.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torchvision.io import decode_jpeg, encode_jpeg
-from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from ueguard.defenses.base import DEFENSES, Defense, DefenseConfig
 
 
-def jpeg_squeeze(images: torch.Tensor, quality: int, chunk: int = 1024) -> torch.Tensor:
-    """Encode each uint8 ``3×H×W`` image as a baseline JPEG at ``quality`` and decode it again
-    (libjpeg through torchvision, batched over lists)."""
+def jpeg_squeeze(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """Encode each uint8 ``3×H×W`` image as a JPEG at ``quality`` (Pillow's libjpeg, its default 4:2:0
+    chroma subsampling, as ISS does through PIL) and decode it again."""
+    from PIL import Image
+
     if not 1 <= quality <= 100:
         raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
-    cpu = images.cpu()
-    out = []
-    for start in range(0, len(cpu), chunk):
-        encoded = encode_jpeg(list(cpu[start:start + chunk]), quality=quality)
-        out.extend(decode_jpeg(encoded))
-    return torch.stack(out).to(images.device) if out else images.clone()
+    hwc = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    out = np.empty_like(hwc)
+    for i, image in enumerate(hwc):
+        buffer = io.BytesIO()
+        Image.fromarray(image, "RGB").save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        with Image.open(buffer) as decoded:
+            out[i] = np.asarray(decoded.convert("RGB"))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(images.device)
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
-    """ITU-R 601-2 luma, Y = 0.299 R + 0.587 G + 0.114 B, replicated to three equal channels."""
-    return rgb_to_grayscale(images, num_output_channels=3)
+    """ITU-R 601-2 luma, Y = 0.299 R + 0.587 G + 0.114 B rounded to 8 bits, replicated to three equal
+    channels (what PIL's ``convert("L")`` computes, which ISS uses)."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
+    luma = torch.round((images.float() * weights).sum(1, keepdim=True)).clamp_(0, 255).to(torch.uint8)
+    return luma.expand(-1, 3, -1, -1).contiguous()
 
 
 def bit_depth_reduce(images: torch.Tensor, bits: int) -> torch.Tensor:

@@ -330,8 +330,9 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
     epochs = opts.resolved_epochs
     data_info = {"protected": str(protected), "test": str(test), "clean": None if clean is None else str(clean),
                  "train_images": len(train_p), "test_images": len(test_set)}
-    config = dataclasses.asdict(opts) | {"epochs": epochs, "size": size, "arch": arch}
-    fingerprint = {k: v for k, v in json.loads(json.dumps(config)).items() if k not in ("resume", "device", "precision")}
+    config = dataclasses.asdict(opts) | {"epochs": epochs, "size": size, "arch": arch,
+                                         "defense_options": dict(opts.defense_options)}
+    fingerprint = {k: v for k, v in config.items() if k not in ("resume", "device", "precision")}
     state_root = (Path(str(json_path) + ".state") if json_path is not None
                   else Path(report_dir) / "state" if report_dir is not None else None)
     store = RunStore(state_root, fingerprint | {"data": data_info}, opts.resume)
