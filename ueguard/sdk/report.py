@@ -110,18 +110,18 @@ def plot_acm(report: dict, path: Path) -> bool:
     cols = min(2, len(staged))
     rows = math.ceil(len(staged) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 3.6 * rows), squeeze=False)
-    cmap = plt.get_cmap("viridis")
+    cmap = plt.get_cmap("tab10")
     for ax, run in zip(axes.flat, staged):
         curve = run["acm_curve"]
         names = list(curve["stages"])
         for i, name in enumerate(names):
             style = "-" if name in curve["monitored"] else ":"
             ax.plot(curve["epoch"], curve["stages"][name], style, marker="o", markersize=3,
-                    color=cmap(i / max(1, len(names) - 1)), label=name + ("" if name in curve["monitored"] else " (not watched)"))
+                    color=cmap(i % 10), label=name + ("" if name in curve["monitored"] else " (not watched)"))
         for cut in run.get("stage_cuts", []):
-            ax.axvline(cut["epoch"], color="tab:red", linestyle="--", linewidth=1)
-            ax.annotate(f"cut ≤{cut['stage']}", (cut["epoch"], ax.get_ylim()[1]), fontsize=7, color="tab:red",
-                        rotation=90, va="top", ha="right")
+            ax.axvline(cut["epoch"], color="black", linestyle="--", linewidth=1)
+            ax.text(cut["epoch"], 0.03, f" lr × gamma up to {cut['stage']}", transform=ax.get_xaxis_transform(),
+                    fontsize=7, color="black", va="bottom", ha="left")
         tau = run["defense_config"]["tau"]
         ax.set_title(f"staged / {run['paradigm']}: ACM per stage (trigger < {tau} × start)", fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
