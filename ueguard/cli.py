@@ -148,14 +148,19 @@ def protect(src, out, method, eps, seed, device, precision, budget, size, surrog
               help="Clean test images, same class folders.")
 @click.option("--clean", type=click.Path(exists=True, file_okay=False, path_type=str),
               help="The original (unprotected) training images, for the baseline and the verdict.")
-@click.option("--paradigm", default="scratch", show_default=True, help="scratch | finetune (see `ueguard defenses`).")
-@click.option("--defense", default="none", show_default=True, help="Training-time defense (see `ueguard defenses`).")
+@click.option("--paradigm", default="scratch", show_default=True,
+              help="scratch | finetune | frozen | linear, a comma list, or all (see `ueguard defenses`).")
+@click.option("--defense", default="none", show_default=True,
+              help="Training-time defense, a comma list, or all: the battery (see `ueguard defenses`).")
+@click.option("-d", "--defense-option", "defense_options", multiple=True, metavar="[DEFENSE.]KEY=VALUE",
+              help="A defense constant, e.g. -d staged.tau=0.5 or -d quality=20 (repeatable).")
 @click.option("--arch", help="Victim architecture (default: CIFAR ResNet-18 up to 64 px, timm resnet18 above).")
 @click.option("--epochs", type=click.IntRange(1), help="Training epochs (default per budget: 10 / 30 / 60).")
 @click.option("--budget", default="standard", show_default=True, type=click.Choice(["quick", "standard", "thorough"]))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Pretrained checkpoint for finetune.")
-@click.option("--pretrained", is_flag=True, help="Pretrained weights from the timm hub for finetune.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
+              help="Pretrained checkpoint for finetune/frozen/linear.")
+@click.option("--pretrained", is_flag=True, help="Pretrained weights from the timm hub for finetune/frozen/linear.")
 @click.option("--size", type=click.IntRange(8, 1024), help="Training resolution in px.")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--lr", type=float, help="Peak learning rate (default: 0.1 scratch, 1e-3 finetune).")
@@ -163,17 +168,27 @@ def protect(src, out, method, eps, seed, device, precision, budget, size, surrog
               help="Verdict: protected iff acc - chance <= threshold * (clean acc - chance).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]))
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Write the report as JSON (per-run checkpoints go to FILE.state/).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Write summary.md and PNG plots into this folder.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted battery at the run it stopped in.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
-def verify(protected, test, clean, json_path, quiet, **options) -> None:
-    """Train on PROTECTED (and CLEAN), test on TEST, and say whether the protection held."""
+def verify(protected, test, clean, json_path, report_dir, quiet, defense_options, **options) -> None:
+    """Train on PROTECTED (and CLEAN) under each defense and paradigm, test on TEST, and say whether the
+    protection held in the worst case."""
     from ueguard.sdk import verify as sdk_verify
+    from ueguard.sdk.options import parse_method_options
 
-    report = sdk_verify(protected, test, clean, json_path=json_path, progress=_show_progress(quiet), **options)
+    report = sdk_verify(protected, test, clean, json_path=json_path, report_dir=report_dir,
+                        progress=_show_progress(quiet), defense_options=parse_method_options(defense_options),
+                        **options)
     click.echo(format_report(report))
     if json_path:
         click.echo(f"report: {json_path}")
+    if report_dir:
+        click.echo(f"summary and plots: {report_dir}/summary.md")
 
 
 def format_report(report: dict) -> str:
@@ -183,11 +198,17 @@ def format_report(report: dict) -> str:
     for run in report["runs"]:
         rows.append(f"{run['defense']:<10} {run['paradigm']:<9} {run['arch']:<20} {pct(run['test_accuracy']):>17} "
                     f"{pct(run['peak_test_accuracy']):>6} {pct(run['clean_accuracy']):>6} {pct(run['chance']):>6}")
+    for skip in report.get("skipped", []):
+        rows.append(f"{skip['defense']:<10} {skip['paradigm']:<9} skipped: {skip['reason']}")
     verdict = report["protected"]
     text = {True: "PROTECTED: training on the protected images gives a model far below the clean baseline",
             False: "NOT PROTECTED: a model trained on the protected images comes close to the clean baseline",
             None: "no verdict: pass --clean ORIGINALS for a baseline (or train longer if the clean model did not learn)"}
-    return "\n".join(rows + ["", f"{text[verdict]}", f"rule: {report['rule']}"])
+    worst = report["worst"]
+    lines = ["", f"{text[verdict]}"]
+    if len(report["runs"]) > 1:
+        lines.append(f"worst case: {worst['defense']}/{worst['paradigm']} at {pct(worst['test_accuracy']).strip()} %")
+    return "\n".join(rows + lines + [f"rule: {report['rule']}"])
 
 
 @main.command()
@@ -211,14 +232,20 @@ def methods() -> None:
 @main.command()
 def defenses() -> None:
     """List the defenses and training paradigms that verify runs."""
-    from ueguard.defenses import PARADIGMS, list_defenses
+    import dataclasses
 
-    click.echo("defenses (--defense):")
+    from ueguard.defenses import DEFENSES, PARADIGMS, list_defenses, paradigm_names
+
+    click.echo("defenses (--defense NAME, a comma list, or all; constants with -d NAME.KEY=VALUE):")
     for name, description in list_defenses():
         click.echo(f"  {name:<10} {description}")
-    click.echo("paradigms (--paradigm):")
-    for name, cls in PARADIGMS.items():
-        click.echo(f"  {name:<10} {cls.description}")
+        fields = dataclasses.fields(DEFENSES.get(name).config_class)
+        if fields:
+            click.echo(f"  {'':<10} options: " + ", ".join(f"{f.name}={f.default:.4g}" if isinstance(f.default, float)
+                                                        else f"{f.name}={f.default}" for f in fields))
+    click.echo("paradigms (--paradigm NAME, a comma list, or all):")
+    for name in paradigm_names():
+        click.echo(f"  {name:<10} {PARADIGMS.get(name).description}")
 
 
 @main.command()

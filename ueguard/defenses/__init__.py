@@ -1,6 +1,9 @@
-"""Defense and paradigm registries used by ``verify``."""
+"""Defense and paradigm registries used by ``verify`` (importing this package registers every defense)."""
 
-from ueguard.defenses.base import (DEFENSES, PARADIGMS, Defense, Paradigm, create_defense, create_paradigm,
-                                   list_defenses)
+from ueguard.defenses.base import (DEFENSES, PARADIGMS, Defense, DefenseConfig, FitState, Paradigm, create_defense,
+                                   create_paradigm, defense_names, list_defenses,
+                                   paradigm_names)
+from ueguard.defenses import adversarial, earlystop, squeeze, staged, ueraser  # noqa: F401  (registration)
 
-__all__ = ["DEFENSES", "PARADIGMS", "Defense", "Paradigm", "create_defense", "create_paradigm", "list_defenses"]
+__all__ = ["DEFENSES", "PARADIGMS", "Defense", "DefenseConfig", "FitState", "Paradigm", "create_defense",
+           "create_paradigm", "defense_names", "list_defenses", "paradigm_names"]

@@ -36,23 +36,39 @@ def accuracy(model: nn.Module, data: WorkingSet, runtime: Runtime, batch_size: i
     return (pred == data.labels).float().mean().item() if len(data) else float("nan")
 
 
-def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *, defense, params, runtime: Runtime,
-        generator: torch.Generator, progress: Progress = SILENT, desc: str = "training") -> list[dict]:
-    """Train ``model`` on ``train`` under ``defense`` and return the per-epoch history
-    (``epoch``, ``train_loss``, ``train_accuracy`` on the augmented training batches, ``test_accuracy``,
-    ``lr``, ``seconds``)."""
+def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *, defense, paradigm=None,
+        params=None, runtime: Runtime, generator: torch.Generator, validation: WorkingSet | None = None,
+        progress: Progress = SILENT, desc: str = "training") -> list[dict]:
+    """Train ``model`` on ``train`` under ``defense`` (and ``paradigm``: which parameters train, per-stage
+    groups, frozen stages kept in eval mode) and return the per-epoch history: ``epoch``,
+    ``train_loss``, ``train_accuracy`` (on the batches actually trained on), ``test_accuracy``,
+    ``val_accuracy`` (with ``validation``), ``lr``, ``seconds``, plus the defense's own fields.
+    A defense whose ``start`` reports something (the staged schedule's ACM before training) adds an
+    epoch-0 record."""
+    from ueguard.defenses.base import FitState
+
     model = runtime.prepare_model(model)
+    if paradigm is not None:
+        params = paradigm.prepare(model)
     images = defense.preprocess(train.images).to(runtime.device)
     labels = train.labels.to(runtime.device)
     test = test.to(runtime.device)  # once, not every epoch
+    validation = validation.to(runtime.device) if validation is not None else None
     sampler = BatchSampler(len(train), cfg.batch_size, generator, drop_last=len(train) > cfg.batch_size)
     trainer = Trainer(model, runtime, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov, grad_clip=None),
                       total_steps=cfg.epochs * sampler.steps_per_epoch(), params=params)
+    train_mode = paradigm.train_mode if paradigm is not None else nn.Module.train
+    state = FitState(model, trainer, runtime, generator, images, labels, sampler.steps_per_epoch(), cfg.epochs,
+                     validation)
     history = []
+    extra = defense.start(state)
+    if extra:
+        history.append({"epoch": 0, "test_accuracy": round(accuracy(model, test, runtime), 5), **extra})
+    step = 0
     with progress.bar(cfg.epochs, desc, unit="epoch") as bar:
         for epoch in range(1, cfg.epochs + 1):
             started = time.perf_counter()
-            model.train()
+            train_mode(model)
             loss_sum = torch.zeros((), device=runtime.device)
             correct = torch.zeros((), dtype=torch.long, device=runtime.device)
             seen = 0
@@ -63,11 +79,15 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
                 loss_sum += loss * idx.numel()
                 correct += hits
                 seen += idx.numel()
+                step += 1
+                defense.after_step(state, step)
             record = {"epoch": epoch, "train_loss": round(loss_sum.item() / seen, 5),
                       "train_accuracy": round(correct.item() / seen, 5),
-                      "test_accuracy": round(accuracy(model, test, runtime), 5),
-                      "lr": trainer.optimizer.param_groups[0]["lr"],
-                      "seconds": round(time.perf_counter() - started, 3)}
+                      "test_accuracy": round(accuracy(model, test, runtime), 5)}
+            if validation is not None:
+                record["val_accuracy"] = round(accuracy(model, validation, runtime), 5)
+            record.update(lr=trainer.optimizer.param_groups[-1]["lr"], **defense.end_epoch(state, epoch),
+                          seconds=round(time.perf_counter() - started, 3))
             history.append(record)
             bar.update(1, test_acc=f"{record['test_accuracy']:.3f}")
     return history

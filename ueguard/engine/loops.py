@@ -37,10 +37,10 @@ class Trainer:
         self.model = model
         self.runtime = runtime
         self.optim = optim
-        trainable = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-        if not trainable:
+        groups = _param_groups(params if params is not None else model.parameters())
+        if not groups:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.SGD(trainable, lr=optim.lr, momentum=optim.momentum,
+        self.optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
                                          weight_decay=optim.weight_decay, nesterov=optim.nesterov)
         self.scheduler = (torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=optim.lr, total_steps=total_steps, pct_start=0.15,
@@ -61,6 +61,16 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def _param_groups(params) -> list[dict]:
+    """Parameters or parameter-group dicts (``{"params": [...], "name": "layer1"}``: per-stage learning
+    rates) → SGD groups holding only parameters that require gradients; empty groups are dropped."""
+    items = list(params)
+    if items and not isinstance(items[0], dict):
+        items = [{"params": items}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
+    return [g for g in groups if g["params"]]
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: Runtime,

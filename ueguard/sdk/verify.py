@@ -1,21 +1,28 @@
-"""``verify``: does the protection hold? Train real classifiers on the protected images (and, for the
-baseline, on the originals), test them on clean images, and compare.
+"""``verify``: does the protection hold? A red team: train real classifiers on the protected images under
+every selected defense and training paradigm (and, for the baseline, on the originals under each
+paradigm), test them on clean images, and take the worst case.
 
-Verdict rule (``threshold`` τ, default 0.5): with chance level c = 1/K, the protection *holds* when the
-model trained on protected data recovers at most τ of the clean model's gain over chance:
+Verdict rule (``threshold`` τ, default 0.5): with chance level c = 1/K, one run's protection *holds* when
+the model trained on protected data recovers at most τ of the clean model's gain over chance:
 
     protected  ⇔  acc_protected − c ≤ τ · (acc_clean − c)
 
-measured on the final epoch. Without a clean baseline there is no verdict (``protected`` is ``None``);
-when the clean model itself does not learn (acc_clean − c < 0.1) there is none either, and the report
-says to train longer. Accuracies are fractions in [0, 1].
+acc_protected is the run's reported test accuracy (the final epoch; the best-validation epoch for
+``earlystop``), acc_clean the final test accuracy of clean data trained under the same paradigm with
+standard training. The battery's verdict is the worst case: not protected as soon as one run breaks it.
+Without a clean baseline there is no verdict (``protected`` is ``None``); when the clean model itself
+does not learn (acc_clean − c < 0.1) there is none either, and the report says to train longer.
+Accuracies are fractions in [0, 1]. ``worst`` names the run with the highest protected-trained test
+accuracy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +33,7 @@ import ueguard
 from ueguard.data.folder import FolderListing, scan_folder
 from ueguard.data.images import DEFAULT_MAX_PIXELS
 from ueguard.data.working_set import WorkingSet, image_sides, load_folder_working_set, suggest_size
-from ueguard.defenses import DEFENSES, PARADIGMS, create_defense, create_paradigm
+from ueguard.defenses import DEFENSES, PARADIGMS, create_paradigm, defense_names, paradigm_names
 from ueguard.engine.fit import FitConfig, fit
 from ueguard.engine.progress import Progress
 from ueguard.engine.runtime import seed_everything
@@ -43,8 +50,20 @@ MIN_CLEAN_GAIN = 0.1
 
 @dataclass(frozen=True)
 class VerifyOptions:
+    """Resolved settings of a ``verify`` run (the CLI's long options).
+
+    ``defense`` and ``paradigm`` are one name, a comma list, or ``all`` (the battery). ``defense_options``
+    are defense constants as ``(key, value)`` pairs: ``staged.tau`` for one defense, or a bare ``tau``
+    for every selected defense that has it.
+
+    Paradigms that start from pretrained weights (finetune, frozen, linear) need ``weights`` or
+    ``pretrained``: named explicitly without them they are a usage error; under ``all`` they are
+    skipped, and the report says why. The same holds for ``earlystop`` without ``--clean``.
+    """
+
     paradigm: str = "scratch"
     defense: str = "none"
+    defense_options: tuple[tuple[str, Any], ...] = ()
     arch: str | None = None
     epochs: int | None = None
     budget: str = "standard"
@@ -58,31 +77,97 @@ class VerifyOptions:
     device: str = "auto"
     precision: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    resume: bool = False
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "VerifyOptions":
-        opts = cls(**given_options(cls, kwargs))
-        try:
-            paradigm = PARADIGMS.get(opts.paradigm)
-            DEFENSES.get(opts.defense)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        values = given_options(cls, kwargs)
+        if isinstance(values.get("defense_options"), dict):
+            values["defense_options"] = tuple(values["defense_options"].items())
+        opts = cls(**values)
         if opts.budget not in BUDGETS:
             raise UsageError(f"invalid budget {opts.budget!r}; choose one of {', '.join(BUDGETS)}")
-        if paradigm.needs_pretrained and not (opts.weights or opts.pretrained):
-            raise UsageError(f"paradigm {opts.paradigm!r} starts from pretrained weights: pass --weights FILE or --pretrained")
-        if not paradigm.needs_pretrained and (opts.weights or opts.pretrained):
+        paradigms, defenses = opts.paradigms, opts.defenses  # validates the names
+        pretrained = opts.weights is not None or opts.pretrained
+        if opts.weights is not None and opts.pretrained:
+            raise UsageError("give either --weights FILE or --pretrained, not both")
+        if opts.paradigm != "all":
+            for name in paradigms:
+                if PARADIGMS.get(name).needs_pretrained and not pretrained:
+                    raise UsageError(f"paradigm {name!r} starts from pretrained weights: pass --weights FILE or "
+                                     "--pretrained (or use --paradigm all, which skips it without weights)")
+        if pretrained and not any(PARADIGMS.get(p).needs_pretrained for p in paradigms):
             raise UsageError(f"paradigm {opts.paradigm!r} trains from random initialisation; --weights/--pretrained "
-                             "are for --paradigm finetune")
+                             "are for --paradigm finetune, frozen, linear or all")
         if opts.epochs is not None and opts.epochs < 1:
             raise UsageError("epochs must be ≥ 1")
         if not 0 <= opts.threshold <= 1:
             raise UsageError("threshold must be in [0, 1]")
+        for name in defenses:  # builds every config once, so a bad option fails before any training
+            opts.defense_config(name)
+        opts._check_option_keys(defenses)
         return opts
+
+    @property
+    def paradigms(self) -> list[str]:
+        return _names(self.paradigm, PARADIGMS, paradigm_names(), "paradigm")
+
+    @property
+    def defenses(self) -> list[str]:
+        return _names(self.defense, DEFENSES, defense_names(), "defense")
 
     @property
     def resolved_epochs(self) -> int:
         return self.epochs or EPOCHS[self.budget]
+
+    def defense_overrides(self, name: str) -> dict[str, Any]:
+        fields = {f.name for f in dataclasses.fields(DEFENSES.get(name).config_class)}
+        out = {}
+        for key, value in self.defense_options:
+            target, dot, field = key.rpartition(".")
+            if (dot and DEFENSES.get(target).name == DEFENSES.get(name).name) or (not dot and field in fields):
+                out[field] = value
+        return out
+
+    def defense_config(self, name: str):
+        try:
+            return DEFENSES.get(name).make_config(self.budget, **self.defense_overrides(name))
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--defense-option for {name!r}: {error}") from None
+
+    def _check_option_keys(self, defenses: list[str]) -> None:
+        for key, _ in self.defense_options:
+            target, dot, field = key.rpartition(".")
+            if dot:
+                try:
+                    cls = DEFENSES.get(target)
+                except ValueError as error:
+                    raise UsageError(f"--defense-option {key}: {error}") from None
+                if cls.name not in {DEFENSES.get(d).name for d in defenses}:
+                    raise UsageError(f"--defense-option {key}: defense {target!r} is not selected by --defense "
+                                     f"{self.defense}")
+                if field not in {f.name for f in dataclasses.fields(cls.config_class)}:
+                    self.defense_config(target)  # raises, listing the valid options
+            elif not any(field in {f.name for f in dataclasses.fields(DEFENSES.get(d).config_class)} for d in defenses):
+                raise UsageError(f"--defense-option {key}: none of the selected defenses ({', '.join(defenses)}) has "
+                                 f"an option {field!r}; see `ueguard defenses`")
+
+
+def _names(text: str, registry, all_names: list[str], kind: str) -> list[str]:
+    """``all`` → every canonical name; ``a,b`` → those, validated (aliases resolved), duplicates dropped."""
+    if text.strip() == "all":
+        return list(all_names)
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            raise UsageError(f"--{kind} {text!r}: empty name in the comma list")
+        try:
+            name = registry.get(part).name
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def _scan(root, role: str, classes: tuple[str, ...] | None = None) -> FolderListing:
@@ -114,18 +199,123 @@ def verdict(test_accuracy: float, clean_accuracy: float | None, chance: float, t
     return test_accuracy - chance <= threshold * (clean_accuracy - chance)
 
 
-def verify(protected, test, clean=None, *, json_path=None, progress: Progress | bool | None = False,
-           **options: Any) -> dict[str, Any]:
-    """Train on ``protected`` (and ``clean``), test on ``test``; return the report (also written to
-    ``json_path``). ``options``: the CLI's long options (``paradigm``, ``defense``, ``arch``, ``epochs``,
-    ``budget``, ``seed``, ``weights``, ``pretrained``, ``size``, ``batch_size``, ``lr``, ``threshold``,
-    ``device``, ``precision``)."""
+def combine_verdicts(verdicts: list[bool | None]) -> bool | None:
+    """The battery's verdict is its worst case: not protected if any run broke the protection; otherwise
+    no verdict if any run had none; protected only if every run held."""
+    if any(v is False for v in verdicts):
+        return False
+    if not verdicts or any(v is None for v in verdicts):
+        return None
+    return True
+
+
+def validation_split(clean: WorkingSet, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of a stratified ``fraction`` of ``clean`` (at least one per class with two or more images)."""
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in clean.labels.unique():
+        members = torch.nonzero(clean.labels == c).flatten()
+        if len(members) < 2:
+            continue
+        k = max(1, round(fraction * len(members)))
+        picked.append(members[torch.randperm(len(members), generator=gen)[:k]])
+    return torch.cat(picked).sort().values if picked else torch.empty(0, dtype=torch.long)
+
+
+def _stem(sample_id: str) -> str:
+    return str(Path(sample_id).with_suffix(""))
+
+
+class RunStore:
+    """Per-run checkpoints of a battery: one JSON record per finished run, so an interrupted battery
+    resumes at the run it stopped in. The folder is ueguard's (marked); a folder without the marker is
+    never written to. A resumed battery must have the same settings (``config.json``)."""
+
+    MARKER = ".ueguard-verify-state"
+
+    def __init__(self, root: Path | None, fingerprint: dict[str, Any], resume: bool) -> None:
+        self.root = root
+        if root is None:
+            if resume:
+                raise UsageError("--resume needs a place for per-run checkpoints: pass --json FILE or --report DIR "
+                                 "(the same as in the interrupted run)")
+            return
+        if root.exists() and any(root.iterdir()) and not (root / self.MARKER).exists():
+            raise UsageError(f"{root} exists and was not made by `ueguard verify`; remove it or choose another "
+                             "--json/--report location")
+        config = root / "config.json"
+        if resume:
+            if not config.exists():
+                raise UsageError(f"--resume: no checkpoints at {root}; run without --resume to start")
+            before = json.loads(config.read_text())
+            changed = sorted(k for k in set(before) | set(fingerprint) if before.get(k) != fingerprint.get(k))
+            if changed:
+                raise UsageError(f"--resume: the settings differ from the interrupted run ({', '.join(changed)}); "
+                                 "rerun with the same options, or without --resume to start over")
+        else:
+            for old in root.glob("run-*.json") if root.exists() else ():
+                old.unlink()  # our own records of an earlier battery (the folder carries our marker)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / self.MARKER).write_text("per-run checkpoints of `ueguard verify`; safe to delete\n")
+        _write_json(config, fingerprint)
+
+    def _path(self, key: str) -> Path:
+        return self.root / f"run-{key}.json"
+
+    def load(self, key: str) -> dict | None:
+        if self.root is None or not self._path(key).exists():
+            return None
+        return json.loads(self._path(key).read_text())
+
+    def save(self, key: str, record: dict) -> None:
+        if self.root is not None:
+            _write_json(self._path(key), record)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def verify(protected, test, clean=None, *, json_path=None, report_dir=None, progress: Progress | bool | None = False,
+           on_run_done: Callable[[dict], None] | None = None, **options: Any) -> dict[str, Any]:
+    """Train on ``protected`` (and ``clean``) under every selected (defense, paradigm), test on ``test``,
+    and return the report (also written to ``json_path``; ``report_dir`` gets a Markdown summary and
+    plots). ``options``: the CLI's long options (``paradigm``, ``defense``, ``defense_options``,
+    ``arch``, ``epochs``, ``budget``, ``seed``, ``weights``, ``pretrained``, ``size``, ``batch_size``,
+    ``lr``, ``threshold``, ``device``, ``precision``, ``resume``). ``on_run_done(record)`` is called
+    after every finished (or resumed) run.
+
+    Per-run checkpoints go to ``<json_path>.state/`` (or ``<report_dir>/state/``); ``resume=True``
+    continues an interrupted battery at the run it stopped in (that run starts over)."""
     from ueguard import models
 
     opts = VerifyOptions.resolve(**options)
     reporter = progress if isinstance(progress, Progress) else Progress(progress)
     runtime = make_runtime(opts.device, opts.precision)
     protected, test = Path(protected), Path(test)
+    pretrained = opts.weights is not None or opts.pretrained
+
+    skipped: list[dict[str, str]] = []
+    paradigms = []
+    for name in opts.paradigms:
+        if PARADIGMS.get(name).needs_pretrained and not pretrained:
+            skipped.append({"paradigm": name, "defense": "*",
+                            "reason": "starts from pretrained weights; pass --weights FILE or --pretrained"})
+        else:
+            paradigms.append(name)
+    defenses = []
+    for name in opts.defenses:
+        if DEFENSES.get(name).needs_validation and clean is None:
+            if opts.defense != "all":
+                raise UsageError(f"defense {name!r} holds out a clean validation split of --clean: pass --clean")
+            skipped.append({"paradigm": "*", "defense": name,
+                            "reason": "needs a clean validation split: pass --clean"})
+        else:
+            defenses.append(name)
 
     listing = _scan(protected, "protected")
     classes = listing.classes
@@ -135,49 +325,112 @@ def verify(protected, test, clean=None, *, json_path=None, progress: Progress | 
     train_p, problems = _load(listing, size, opts.max_pixels, "protected", reporter)
     test_set, test_problems = _load(test_listing, size, opts.max_pixels, "test", reporter)
     clean_set = _load(clean_listing, size, opts.max_pixels, "clean", reporter)[0] if clean_listing else None
-
     arch = opts.arch or default_arch(size, opts.budget)
-    paradigm, defense = create_paradigm(opts.paradigm), create_defense(opts.defense)
-    fit_cfg = FitConfig(epochs=opts.resolved_epochs, batch_size=opts.batch_size, lr=opts.lr or paradigm.default_lr)
     chance = 1.0 / len(classes)
+    epochs = opts.resolved_epochs
+    data_info = {"protected": str(protected), "test": str(test), "clean": None if clean is None else str(clean),
+                 "train_images": len(train_p), "test_images": len(test_set)}
+    config = dataclasses.asdict(opts) | {"epochs": epochs, "size": size, "arch": arch,
+                                         "defense_options": dict(opts.defense_options)}
+    fingerprint = {k: v for k, v in config.items() if k not in ("resume", "device", "precision")}
+    state_root = (Path(str(json_path) + ".state") if json_path is not None
+                  else Path(report_dir) / "state" if report_dir is not None else None)
+    store = RunStore(state_root, fingerprint | {"data": data_info}, opts.resume)
 
-    def train(data: WorkingSet, label: str) -> tuple[list[dict], float]:
+    def train(data: WorkingSet, defense_name: str, paradigm_name: str, label: str,
+              validation: WorkingSet | None = None) -> dict[str, Any]:
+        paradigm = create_paradigm(paradigm_name)
+        defense = DEFENSES.get(defense_name)(opts.defense_config(defense_name))
+        fit_cfg = FitConfig(epochs=epochs, batch_size=opts.batch_size, lr=opts.lr or paradigm.default_lr)
         generator = seed_everything(opts.seed)  # same init and batch order for the clean and protected runs
         try:
-            model = models.create_model(arch, len(classes), weights=opts.weights, pretrained=opts.pretrained)
+            model = models.create_model(arch, len(classes), weights=opts.weights if paradigm.needs_pretrained else None,
+                                        pretrained=opts.pretrained and paradigm.needs_pretrained)
         except (ValueError, FileNotFoundError) as error:
             raise UsageError(str(error)) from None
         started = time.perf_counter()
-        history = fit(model, data, test_set, fit_cfg, defense=defense, params=paradigm.trainable(model),
-                      runtime=runtime, generator=generator, progress=reporter,
-                      desc=f"{label}: {opts.defense}/{opts.paradigm}")
-        return history, time.perf_counter() - started
+        try:
+            history = fit(model, data, test_set, fit_cfg, defense=defense, paradigm=paradigm, runtime=runtime,
+                          generator=generator, validation=validation, progress=reporter,
+                          desc=f"{label}: {defense_name}/{paradigm_name}")
+        except ValueError as error:  # a paradigm or defense that does not fit the architecture
+            raise UsageError(f"{defense_name}/{paradigm_name} with {arch}: {error}") from None
+        trained = [h for h in history if h["epoch"] >= 1]
+        chosen = trained[defense.selected_epoch(trained)]
+        return {"defense": defense_name, "paradigm": paradigm_name, "arch": arch, "size": size, "epochs": epochs,
+                "lr": fit_cfg.lr, "test_accuracy": chosen["test_accuracy"], "selected_epoch": chosen["epoch"],
+                "final_test_accuracy": trained[-1]["test_accuracy"],
+                "peak_test_accuracy": max(h["test_accuracy"] for h in trained),
+                "train_images": len(data), "defense_config": dataclasses.asdict(defense.config),
+                "history": history, **defense.summary(), "seconds": round(time.perf_counter() - started, 2)}
 
-    history, seconds = train(train_p, "protected")
-    clean_history, clean_seconds = train(clean_set, "clean") if clean_set is not None else (None, 0.0)
-    test_accuracy = history[-1]["test_accuracy"]
-    clean_accuracy = clean_history[-1]["test_accuracy"] if clean_history else None
-    run = {"defense": opts.defense, "paradigm": opts.paradigm, "arch": arch, "size": size,
-           "epochs": fit_cfg.epochs, "lr": fit_cfg.lr,
-           "test_accuracy": test_accuracy, "peak_test_accuracy": max(h["test_accuracy"] for h in history),
-           "clean_accuracy": clean_accuracy,
-           "clean_peak_accuracy": max(h["test_accuracy"] for h in clean_history) if clean_history else None,
-           "chance": chance, "protected": verdict(test_accuracy, clean_accuracy, chance, opts.threshold),
-           "history": history, "clean_history": clean_history,
-           "seconds": round(seconds, 2), "clean_seconds": round(clean_seconds, 2)}
-    report = {**{k: run[k] for k in ("defense", "paradigm", "arch", "test_accuracy", "clean_accuracy", "chance",
-                                     "protected", "history")},
-              "rule": f"protected iff test_accuracy - chance <= {opts.threshold} * (clean_accuracy - chance); "
-                      "null without a clean baseline or when the clean model does not learn",
-              "runs": [run], "worst": {k: run[k] for k in ("defense", "paradigm", "test_accuracy")},
+    plan = [step for p in paradigms
+            for step in ([("clean", "none", p)] if clean_set is not None else []) + [("protected", d, p) for d in defenses]]
+    baselines: dict[str, dict] = {}
+    runs: list[dict] = []
+    for number, (kind, defense_name, paradigm_name) in enumerate(plan, 1):
+        key = f"{kind}-{defense_name}-{paradigm_name}"
+        record = store.load(key)
+        if record is not None:
+            reporter.log(f"[{number}/{len(plan)}] {kind} {defense_name}/{paradigm_name}: resumed from checkpoint")
+            record["resumed"] = True
+        else:
+            reporter.log(f"[{number}/{len(plan)}] training on {kind} images: {defense_name}/{paradigm_name}")
+            data, validation = (clean_set if kind == "clean" else train_p), None
+            if kind == "protected" and DEFENSES.get(defense_name).needs_validation:
+                data, validation = _hold_out(train_p, clean_set, opts.defense_config(defense_name).val_fraction,
+                                             opts.seed)
+            record = train(data, defense_name, paradigm_name, kind, validation)
+            record["kind"] = kind
+            store.save(key, record)
+            record["resumed"] = False
+        if kind == "clean":
+            baselines[paradigm_name] = record
+        else:
+            base = baselines.get(paradigm_name)
+            record.update(clean_accuracy=base["test_accuracy"] if base else None,
+                          clean_peak_accuracy=base["peak_test_accuracy"] if base else None,
+                          clean_history=base["history"] if base else None,
+                          clean_seconds=base["seconds"] if base else 0.0, chance=chance)
+            record["protected"] = verdict(record["test_accuracy"], record["clean_accuracy"], chance, opts.threshold)
+            runs.append(record)
+        if on_run_done is not None:
+            on_run_done(record)
+
+    if not runs:
+        raise UsageError("nothing to run: every selected (defense, paradigm) pair was skipped: "
+                         + "; ".join(f"{s['defense']}/{s['paradigm']}: {s['reason']}" for s in skipped))
+    worst = max(runs, key=lambda r: r["test_accuracy"])
+    report = {**{k: worst[k] for k in ("defense", "paradigm", "arch", "test_accuracy", "clean_accuracy", "chance",
+                                       "history")},
+              "protected": combine_verdicts([r["protected"] for r in runs]),
+              "rule": f"a run is protected iff test_accuracy - chance <= {opts.threshold} * (clean_accuracy - chance), "
+                      "clean_accuracy from clean data trained under the same paradigm without defense; the verdict is "
+                      "the worst case over all runs (null without a clean baseline or when the clean model does not "
+                      "learn)",
+              "runs": runs,
+              "worst": {k: worst[k] for k in ("defense", "paradigm", "test_accuracy", "clean_accuracy", "protected")},
+              "skipped": skipped,
+              "baselines": {p: {k: b[k] for k in ("test_accuracy", "peak_test_accuracy", "lr", "history", "seconds")}
+                            for p, b in baselines.items()},
               "classes": list(classes),
-              "data": {"protected": str(protected), "test": str(test), "clean": None if clean is None else str(clean),
-                       "train_images": len(train_p), "test_images": len(test_set),
-                       "unreadable": problems + test_problems},
-              "config": dataclasses.asdict(opts) | {"epochs": fit_cfg.epochs, "size": size},
+              "data": data_info | {"unreadable": problems + test_problems},
+              "config": config,
               "ueguard_version": ueguard.__version__, "torch_version": torch.__version__,
               "device": str(runtime.device), "precision": runtime.precision}
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        _write_json(Path(json_path), report)
+    if report_dir is not None:
+        from ueguard.sdk.report import write_report_dir
+
+        write_report_dir(report, Path(report_dir))
     return report
+
+
+def _hold_out(protected: WorkingSet, clean: WorkingSet, fraction: float, seed: int) -> tuple[WorkingSet, WorkingSet]:
+    """The clean validation split for early stopping, and the protected training set without the protected
+    versions of those images (matched by relative path, extension aside)."""
+    val_idx = validation_split(clean, fraction, seed)
+    held = {_stem(clean.ids[i]) for i in val_idx.tolist()}
+    keep = [i for i, sample in enumerate(protected.ids) if _stem(sample) not in held]
+    return protected.subset(keep), clean.subset(val_idx)

@@ -1,0 +1,183 @@
+"""``verify --report DIR``: the battery at a glance — a Markdown summary and PNG plots.
+
+* ``accuracy.png``: test accuracy of every (defense, paradigm) run, grouped by paradigm, against that
+  paradigm's clean baseline (dashed) and chance (dotted).
+* ``curves.png``: learning curves per run, test accuracy per epoch trained on protected vs clean data.
+* ``acm.png``: for ``staged`` runs, ACM per stage over training, with the learning-rate cuts marked.
+* ``summary.md``: the verdict, the table, skipped runs, and links to the plots.
+
+Matplotlib with the non-interactive Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(report: dict, path: Path) -> None:
+    plt = _plt()
+    runs = report["runs"]
+    paradigms = list(dict.fromkeys(r["paradigm"] for r in runs))
+    defenses = list(dict.fromkeys(r["defense"] for r in runs))
+    width = 0.8 / max(1, len(defenses))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 1.5 + 0.3 * len(runs))), 4.6))
+    cmap = plt.get_cmap("tab10")
+    for j, defense in enumerate(defenses):
+        xs, ys = [], []
+        for i, paradigm in enumerate(paradigms):
+            run = next((r for r in runs if r["paradigm"] == paradigm and r["defense"] == defense), None)
+            if run is not None:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(100 * run["test_accuracy"])
+        bars = ax.bar(xs, ys, width * 0.92, label=defense, color=cmap(j % 10))
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=1)
+    for i, paradigm in enumerate(paradigms):
+        base = report.get("baselines", {}).get(paradigm)
+        if base is not None:
+            ax.hlines(100 * base["test_accuracy"], i - 0.45, i + 0.45, colors="black", linestyles="--", linewidth=1.2,
+                      label="clean baseline" if i == 0 else None)
+    ax.axhline(100 * report["chance"], color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set_xticks(range(len(paradigms)), paradigms)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    verdict = {True: "protected", False: "NOT protected", None: "no verdict"}[report["protected"]]
+    ax.set_title(f"Accuracy of models trained on the protected data — verdict: {verdict}", fontsize=10)
+    ax.legend(fontsize=7, ncol=min(5, len(defenses) + 2), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(report: dict, path: Path) -> None:
+    plt = _plt()
+    runs = report["runs"]
+    cols = min(4, len(runs))
+    rows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.7 * rows), squeeze=False)
+    for ax, run in zip(axes.flat, runs):
+        hist = [h for h in run["history"] if h["epoch"] >= 1]
+        ax.plot([h["epoch"] for h in hist], [100 * h["test_accuracy"] for h in hist], "o-", color="tab:red",
+                markersize=3, label="protected → test")
+        ax.plot([h["epoch"] for h in hist], [100 * h["train_accuracy"] for h in hist], "-", color="tab:red",
+                alpha=0.35, label="protected → train batches")
+        if "val_accuracy" in hist[0]:
+            ax.plot([h["epoch"] for h in hist], [100 * h["val_accuracy"] for h in hist], "s--", color="tab:purple",
+                    markersize=3, label="clean validation")
+        if run.get("clean_history"):
+            clean = [h for h in run["clean_history"] if h["epoch"] >= 1]
+            ax.plot([h["epoch"] for h in clean], [100 * h["test_accuracy"] for h in clean], "o-", color="tab:blue",
+                    markersize=3, label="clean → test")
+        if run.get("selected_epoch") != run["epochs"]:
+            ax.axvline(run["selected_epoch"], color="tab:purple", linestyle=":", linewidth=1)
+        ax.axhline(100 * run["chance"], color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{run['defense']} / {run['paradigm']}", fontsize=9)
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("accuracy (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    legend = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if rows == 1 else 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_acm(report: dict, path: Path) -> bool:
+    """ACM curves of the staged runs; ``False`` (and no file) when there are none."""
+    staged = [r for r in report["runs"] if r.get("acm_curve")]
+    if not staged:
+        return False
+    plt = _plt()
+    cols = min(2, len(staged))
+    rows = math.ceil(len(staged) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 3.6 * rows), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, run in zip(axes.flat, staged):
+        curve = run["acm_curve"]
+        names = list(curve["stages"])
+        for i, name in enumerate(names):
+            style = "-" if name in curve["monitored"] else ":"
+            ax.plot(curve["epoch"], curve["stages"][name], style, marker="o", markersize=3,
+                    color=cmap(i % 10), label=name + ("" if name in curve["monitored"] else " (not watched)"))
+        for cut in run.get("stage_cuts", []):
+            ax.axvline(cut["epoch"], color="black", linestyle="--", linewidth=1)
+            ax.text(cut["epoch"], 0.03, f" lr × gamma up to {cut['stage']}", transform=ax.get_xaxis_transform(),
+                    fontsize=7, color="black", va="bottom", ha="left")
+        tau = run["defense_config"]["tau"]
+        ax.set_title(f"staged / {run['paradigm']}: ACM per stage (trigger < {tau} × start)", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("ACM (within / between)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(staged):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def summary_markdown(report: dict, plots: list[str]) -> str:
+    verdict = {True: "**PROTECTED** — every run stayed far below its clean baseline",
+               False: "**NOT PROTECTED** — at least one run came close to its clean baseline",
+               None: "**no verdict** — no clean baseline (pass --clean), or the clean model did not learn"}
+    worst = report["worst"]
+    lines = [
+        "# ueguard verify report", "",
+        f"Verdict: {verdict[report['protected']]}.", "",
+        f"Worst case: `{worst['defense']}` / `{worst['paradigm']}` reaches {_pct(worst['test_accuracy'])} % test "
+        f"accuracy (clean baseline {_pct(worst['clean_accuracy'])} %, chance {_pct(report['chance'])} %).", "",
+        f"Rule: {report['rule']}.", "",
+        "| defense | paradigm | test acc % | peak % | clean % | protected | epoch reported | time s |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for run in report["runs"]:
+        mark = {True: "yes", False: "**no**", None: "—"}[run["protected"]]
+        lines.append(f"| {run['defense']} | {run['paradigm']} | {_pct(run['test_accuracy'])} | "
+                     f"{_pct(run['peak_test_accuracy'])} | {_pct(run['clean_accuracy'])} | {mark} | "
+                     f"{run['selected_epoch']}/{run['epochs']} | {run['seconds']:.0f} |")
+    if report.get("skipped"):
+        lines += ["", "Skipped:", ""] + [f"- `{s['defense']}` / `{s['paradigm']}`: {s['reason']}" for s in report["skipped"]]
+    cuts = [(r, c) for r in report["runs"] for c in r.get("stage_cuts", [])]
+    if any(r.get("acm_curve") for r in report["runs"]):
+        lines += ["", "Staged training (ueguard's reconstruction of ST/ACM): "
+                  + ("; ".join(f"{r['paradigm']}: cut ≤{c['stage']} at epoch {c['epoch']} (ACM {c['acm']:.3f} vs "
+                               f"{c['reference']:.3f} at start)" for r, c in cuts) if cuts else "no stage was cut.")]
+    cfg = report["config"]
+    lines += ["", f"Setup: {report['data']['train_images']} protected training images, {report['data']['test_images']} "
+              f"test images, {len(report['classes'])} classes; {cfg['arch']} at {cfg['size']} px, {cfg['epochs']} epochs, "
+              f"seed {cfg['seed']}; device {report['device']}, ueguard {report['ueguard_version']}, "
+              f"torch {report['torch_version']}.", ""]
+    lines += [f"![{name}]({name})" for name in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report_dir(report: dict, root: Path) -> list[Path]:
+    """Write ``summary.md`` and the plots into ``root``; returns the files written."""
+    root.mkdir(parents=True, exist_ok=True)
+    plot_accuracy(report, root / "accuracy.png")
+    plot_curves(report, root / "curves.png")
+    plots = ["accuracy.png", "curves.png"]
+    if plot_acm(report, root / "acm.png"):
+        plots.append("acm.png")
+    (root / "summary.md").write_text(summary_markdown(report, plots))
+    return [root / "summary.md", *(root / p for p in plots)]
