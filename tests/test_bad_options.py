@@ -44,20 +44,23 @@ def test_bad_eps_is_a_usage_error_that_says_what_is_accepted(src, tmp_path, eps,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, listing", [
-    (["--defense", "nope"], "valid defenses: none"),
-    (["--paradigm", "nope"], "valid paradigms: finetune, scratch"),
-])
-def test_unknown_defense_or_paradigm_lists_the_valid_ones(tmp_path, src, args, listing):
-    result = invoke("verify", str(src), "--test", str(src), *args, "--device", "cpu")
+@pytest.mark.parametrize("option, kind", [("--defense", "defenses"), ("--paradigm", "paradigms")])
+def test_unknown_defense_or_paradigm_lists_the_valid_ones(tmp_path, src, option, kind):
+    from ueguard.defenses import DEFENSES, PARADIGMS
+
+    registry = DEFENSES if kind == "defenses" else PARADIGMS
+    result = invoke("verify", str(src), "--test", str(src), option, "nope", "--device", "cpu")
     assert result.exit_code == 2, result.output
-    assert listing in result.output and "'nope'" in result.output
+    assert f"valid {kind}: {', '.join(registry.names())}" in result.output and "'nope'" in result.output
 
 
 def test_unknown_method_lists_the_valid_ones(src, tmp_path):
     result = invoke("protect", str(src), "--out", str(tmp_path / "out"), "--method", "emm")
     assert result.exit_code == 2
-    assert "unknown method 'emm' (did you mean emn?); valid methods: emn" in result.output
+    from ueguard.methods import METHODS
+
+    assert "unknown method 'emm' (did you mean" in result.output and "emn" in result.output.split("valid")[0]
+    assert f"valid methods: {', '.join(METHODS.names())}" in result.output
 
 
 def test_destination_that_is_a_file_or_under_a_file_is_refused(src, tmp_path):
