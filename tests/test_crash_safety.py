@@ -88,7 +88,7 @@ def check_resume(src: Path, out: Path, expected: dict[str, bytes]) -> None:
 
 
 @pytest.mark.parametrize("kill, finished_before, on_disk_before", [
-    ("generating:0.3s", 0, 0),  # in the middle of generation: nothing saved yet
+    ("generating:0.01s", 0, 0),  # in the middle of generation (it takes ≥ 0.1 s here): nothing saved yet
     ("tmp-written:3", 2, 2),    # third file complete in its temporary file, not yet renamed
     ("renamed:3", 2, 3),        # third file renamed into place, its manifest line not yet written
 ])
