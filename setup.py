@@ -29,8 +29,8 @@ def read_version() -> str:
 def compiler_flags() -> tuple[list[str], list[str]]:
     """Compile and link flags for the extension: optimised, OpenMP, no FMA contraction.
 
-    No ``-march``: the wheel must run on any CPU of its architecture; ``#pragma omp simd``
-    loops vectorise for the baseline ISA. Floating-point contraction is off so that ``a * b + c``
+    No ``-march``: the wheel must run on any CPU of its architecture. The hot loops are compiled
+    again for AVX2 and AVX-512 under ``#pragma GCC target`` (csrc/isa_*.cpp) and chosen at run time. Floating-point contraction is off so that ``a * b + c``
     rounds twice, exactly like the eager PyTorch reference the kernels are tested against.
     Apple clang has no built-in OpenMP: on macOS the kernels build serial (still vectorised).
     """

@@ -4,6 +4,7 @@ record format, and the environment every number is reported with."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -49,7 +50,7 @@ def cpu_model() -> str:
 
 def environment() -> dict:
     env = {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "python": platform.python_version()}
+           "python": platform.python_version(), "load_average_1min": round(os.getloadavg()[0], 2)}
     try:
         import triton
 

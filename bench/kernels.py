@@ -5,12 +5,13 @@ CPU tensors, and — when CUDA is present — the Triton kernel vs the reference
 median time, spread and the speedup (reference ÷ fused); ``--json FILE`` writes one record per
 (op, shape, device). Needs no data set.
 
-    python bench/kernels.py [--quick] [--json bench/results/kernels-cpu.json]
+    python bench/kernels.py [--quick] [--isa auto|all|avx512,avx2,default] [--json bench/results/kernels-cpu.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 from pathlib import Path
@@ -63,30 +64,35 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (3 warm-up, 5 timed)")
     parser.add_argument("--json", metavar="FILE", help="write the records to FILE")
+    parser.add_argument("--isa", default="auto",
+                        help="instruction set(s) of the C++ kernels: auto (the one chosen at load, the widest the "
+                             "CPU runs), all, or a comma list of avx512, avx2, default")
     args = parser.parse_args(argv)
     warmup, repeat = (2, 5) if args.quick else (3, 15)
-    targets = [("cpu", "cpp")]
-    if _ext.cpp_available() is False:
-        targets = []
+    targets = []
+    if _ext.cpp_available():
+        isas = {"auto": [_ext.cpu_isa()], "all": _ext.cpu_isas()}.get(args.isa, args.isa.split(","))
+        targets = [("cpu", "cpp", isa) for isa in isas]
+    else:
         print(f"C++ extension unavailable: {_ext.cpp_unavailable_reason()}")
     if torch.cuda.is_available():
-        targets.append(("cuda", "triton"))
+        targets.append(("cuda", "triton", None))
     env = environment()
     print(f"# {env}")
     records = []
-    header = f"{'op':32} {'shape':>18} {'device':>6} {'fused ms':>10} {'ref ms':>10} {'speedup':>8}"
+    header = f"{'op':32} {'shape':>18} {'device':>6} {'isa':>7} {'fused ms':>10} {'ref ms':>10} {'speedup':>8}"
     print(header)
-    for device, backend in targets:
+    for device, backend, isa in targets:
         for shape in SHAPES:
             for name, fn in cases(shape, device):
-                with use_backend(backend):
+                with use_backend(backend), (_ext.use_cpu_isa(isa) if isa else contextlib.nullcontext()):
                     fused = measure(fn, device=device, warmup=warmup, repeat=repeat)
                 with use_backend("reference"):
                     ref = measure(fn, device=device, warmup=warmup, repeat=repeat)
                 speedup = ref["median_s"] / fused["median_s"]
-                records.append({"op": name, "shape": list(shape), "device": device, "backend": backend,
+                records.append({"op": name, "shape": list(shape), "device": device, "backend": backend, "isa": isa,
                                 "fused": fused, "reference": ref, "speedup": speedup})
-                print(f"{name:32} {'x'.join(map(str, shape)):>18} {device:>6} {fused['median_s'] * 1e3:10.3f} "
+                print(f"{name:32} {'x'.join(map(str, shape)):>18} {device:>6} {isa or '-':>7} {fused['median_s'] * 1e3:10.3f} "
                       f"{ref['median_s'] * 1e3:10.3f} {speedup:8.2f}", flush=True)
     if args.json:
         command = "python bench/kernels.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

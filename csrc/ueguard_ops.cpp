@@ -7,10 +7,9 @@
 // FMA, which would round once instead of twice). The L2 step's per-sample norms are reductions,
 // accumulated here in float64 and in float32 by the reference, so it agrees to rounding only.
 //
-// Parallelism: at::parallel_for, which with PyTorch's OpenMP backend is an `omp parallel`
-// region sized by torch.get_num_threads() (and runs inline when already inside a parallel
-// region or below the grain size). Inner loops are `omp simd` so the compiler vectorises them
-// for whatever ISA the build targets, without -march flags.
+// This file checks arguments, allocates outputs and registers the operators; the loops themselves
+// are in kernels_impl.h, compiled once per instruction set (baseline, AVX2, AVX-512) and chosen at
+// run time (kernels.h explains why).
 //
 // Loading the module `ueguard._C` registers the operators:
 //   torch.ops.ueguard.project_step_linf(delta, grad, x, step_size, eps, direction) -> Tensor
@@ -19,6 +18,7 @@
 //   torch.ops.ueguard.project_step_l2_next(..., input_dtype, input_channels_last) -> (Tensor, Tensor)
 //   torch.ops.ueguard.apply_quantize_u8(image_u8, delta) -> (out_u8, linf, sq_err)
 //   torch.ops.ueguard.augment_forward / augment_backward (csrc/augment.cpp)
+//   torch.ops.ueguard.cpu_isa() / cpu_isas() / set_cpu_isa(name): the kernels' instruction set
 
 #include <Python.h>
 
@@ -28,14 +28,20 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <c10/util/StringUtil.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "common.h"
+#include "kernels.h"
 
 // The round-to-nearest-even trick below needs every float expression rounded to float.
 static_assert(FLT_EVAL_METHOD == 0, "ueguard kernels require FLT_EVAL_METHOD == 0 (no excess precision)");
@@ -45,85 +51,73 @@ namespace {
 
 using detail::check_cpu_tensor;
 using detail::check_same_shape;
-using detail::clamp;
 
-// Elements per reduction task (per-sample norms, quantisation statistics). Each sample is split
-// into tasks of this size so that a batch of one large image still spreads over all threads;
-// partial results are combined in a fixed order, so they do not depend on the thread count.
-constexpr int64_t kChunk = 1 << 14;
+// ---- Instruction-set dispatch -------------------------------------------------------------------
+// The widest compiled ISA the CPU supports, unless UEGUARD_CPU_ISA (default|avx2|avx512) or
+// ueguard::set_cpu_isa asks for another; see kernels.h.
 
-// The optional second output of a projection step: x + delta' (the next forward's input) in dtype
-// T, either in the tensors' own (contiguous NCHW) order or channels-last (NHWC) for 4-D tensors.
-template <typename T>
-struct NextInput {
-  T* data = nullptr;  // null: not requested
-  bool channels_last = false;
-  int64_t channels = 1;
-  int64_t plane = 1;  // H * W
-};
-
-// Runs `elem(i, sample)` for every flat (contiguous NCHW) index i, where elem writes the step's
-// delta output at i and returns x[i] + delta'[i]; that value is stored, converted to T, in the
-// next-input tensor when one is requested. The range is cut into segments that stay within one
-// sample (and within one channel plane for a channels-last destination), so the inner loops are
-// plain strided loops the compiler vectorises.
-template <typename T, typename Elem>
-void run_elementwise(int64_t numel, int64_t per_sample, const NextInput<T>& next, const Elem& elem) {
-  if (numel == 0) return;
-  const bool planes = next.data != nullptr && next.channels_last;
-  const int64_t seg = planes ? next.plane : per_sample;
-  at::parallel_for(0, numel, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
-    for (int64_t lo = begin; lo < end;) {
-      const int64_t hi = std::min(end, (lo / seg + 1) * seg);
-      const int64_t sample = lo / per_sample;
-      if (next.data == nullptr) {
-#pragma omp simd
-        for (int64_t i = lo; i < hi; ++i) elem(i, sample);
-      } else if (!planes) {
-        T* dst = next.data;
-#pragma omp simd
-        for (int64_t i = lo; i < hi; ++i) dst[i] = static_cast<T>(elem(i, sample));
-      } else {
-        // Plane p = n*C + c holds NCHW indices [p*HW, (p+1)*HW); NHWC puts (n, c, hw) at
-        // n*C*HW + hw*C + c.
-        const int64_t plane = lo / seg, n = plane / next.channels, c = plane % next.channels;
-        T* dst = next.data + n * next.channels * next.plane + c;
-        const int64_t first = plane * next.plane, stride = next.channels;
-#pragma omp simd
-        for (int64_t i = lo; i < hi; ++i) dst[(i - first) * stride] = static_cast<T>(elem(i, sample));
-      }
-      lo = hi;
-    }
-  });
+bool cpu_supports(const std::string& name) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  if (name == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (name == "avx2") return __builtin_cpu_supports("avx2");
+#endif
+  return name == "default";
 }
 
-// Per sample, the float64 sum of value(i, sample)^2 over its elements, accumulated per task of
-// kChunk elements and combined in task order (deterministic for any thread count).
-template <typename Value>
-std::vector<double> per_sample_sum_sq(int64_t n_samples, int64_t per_sample, const Value& value) {
-  std::vector<double> sums(n_samples, 0.0);
-  if (n_samples == 0 || per_sample == 0) return sums;
-  const int64_t chunks = (per_sample + kChunk - 1) / kChunk;
-  std::vector<double> partial(n_samples * chunks);
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::min(per_sample, kChunk));
-  at::parallel_for(0, n_samples * chunks, grain, [&](int64_t task_begin, int64_t task_end) {
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t sample = task / chunks;
-      const int64_t lo = sample * per_sample + (task % chunks) * kChunk;
-      const int64_t hi = std::min(lo + kChunk, (sample + 1) * per_sample);
-      double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = lo; i < hi; ++i) {
-        const double v = value(i, sample);
-        sum += v * v;
-      }
-      partial[task] = sum;
-    }
-  });
-  for (int64_t sample = 0; sample < n_samples; ++sample)
-    for (int64_t c = 0; c < chunks; ++c) sums[sample] += partial[sample * chunks + c];
-  return sums;
+const isa::Kernels* compiled(const std::string& name) {
+  if (name == "avx512") return isa::kernels_avx512();
+  if (name == "avx2") return isa::kernels_avx2();
+  if (name == "default") return isa::kernels_default();
+  return nullptr;
 }
+
+// Widest first.
+const std::vector<std::string>& isa_names() {
+  static const std::vector<std::string> names{"avx512", "avx2", "default"};
+  return names;
+}
+
+std::vector<std::string> usable_isas() {
+  std::vector<std::string> out;
+  for (const auto& name : isa_names())
+    if (compiled(name) != nullptr && cpu_supports(name)) out.push_back(name);
+  return out;
+}
+
+const isa::Kernels* usable(const std::string& name, const char* source) {
+  TORCH_CHECK(compiled(name) != nullptr || name == "default", source, ": unknown or uncompiled CPU ISA '", name,
+              "'; this build and CPU can run: ", c10::Join(", ", usable_isas()));
+  TORCH_CHECK(cpu_supports(name), source, ": this CPU does not support '", name,
+              "'; it can run: ", c10::Join(", ", usable_isas()));
+  return compiled(name);
+}
+
+const isa::Kernels* initial_kernels() {
+  const char* env = std::getenv("UEGUARD_CPU_ISA");
+  if (env != nullptr && *env != '\0' && std::string(env) != "auto") return usable(env, "UEGUARD_CPU_ISA");
+  return compiled(usable_isas().front());
+}
+
+std::atomic<const isa::Kernels*>& active_slot() {
+  static std::atomic<const isa::Kernels*> slot{initial_kernels()};
+  return slot;
+}
+
+const isa::Kernels& kernels() { return *active_slot().load(std::memory_order_relaxed); }
+
+std::string cpu_isa() { return kernels().name; }
+
+// Switches the kernels' ISA for the process (tests and benchmarks); returns the previous one.
+std::string set_cpu_isa(const std::string& name) {
+  const isa::Kernels* next = name == "auto" ? compiled(usable_isas().front()) : usable(name, "ueguard::set_cpu_isa");
+  return active_slot().exchange(next)->name;
+}
+
+std::vector<std::string> cpu_isas() { return usable_isas(); }
+
+// ---- Argument checks and output allocation ------------------------------------------------------
 
 struct StepArgs {
   at::Tensor delta, grad, x;  // contiguous float32
@@ -156,22 +150,21 @@ at::Tensor empty_next(const at::Tensor& like, at::ScalarType dtype, bool channel
                                       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
 }
 
-// Calls fn(NextInput<T>) with T matching next's dtype, or fn(NextInput<float>{}) when next is undefined.
-template <typename Fn>
-void with_next(const at::Tensor& next, bool channels_last, const Fn& fn) {
-  if (!next.defined()) return fn(NextInput<float>{});
-  const int64_t channels = next.dim() == 4 ? next.size(1) : 1;
-  const int64_t plane = next.dim() == 4 ? next.size(2) * next.size(3) : 1;
+// Describes `next` (undefined: not requested) for the kernels.
+isa::NextInput describe_next(const at::Tensor& next, bool channels_last) {
+  isa::NextInput out;
+  if (!next.defined()) return out;
+  out.data = next.data_ptr();
+  out.channels_last = channels_last;
+  out.channels = next.dim() == 4 ? next.size(1) : 1;
+  out.plane = next.dim() == 4 ? next.size(2) * next.size(3) : 1;
   switch (next.scalar_type()) {
-    case at::kFloat:
-      return fn(NextInput<float>{next.mutable_data_ptr<float>(), channels_last, channels, plane});
-    case at::kBFloat16:
-      return fn(NextInput<c10::BFloat16>{next.mutable_data_ptr<c10::BFloat16>(), channels_last, channels, plane});
-    case at::kHalf:
-      return fn(NextInput<c10::Half>{next.mutable_data_ptr<c10::Half>(), channels_last, channels, plane});
-    default:
-      TORCH_CHECK(false, "ueguard: unsupported next-input dtype ", next.scalar_type());
+    case at::kFloat: out.type = isa::NextType::Float; break;
+    case at::kBFloat16: out.type = isa::NextType::BFloat16; break;
+    case at::kHalf: out.type = isa::NextType::Half; break;
+    default: TORCH_CHECK(false, "ueguard: unsupported next-input dtype ", next.scalar_type());
   }
+  return out;
 }
 
 // One signed-gradient step on the perturbation followed by projection onto
@@ -182,23 +175,8 @@ void with_next(const at::Tensor& next, bool channels_last, const Fn& fn) {
 // as in torch.sign; NaN in delta or x propagates to the output. `next`, when defined, receives
 // x + out (converted to its dtype, in its memory format).
 void project_step_linf_into(const StepArgs& a, at::Tensor& out, const at::Tensor& next, bool channels_last) {
-  const float step = a.step, bound = a.bound;
-  const float* dp = a.delta.const_data_ptr<float>();
-  const float* gp = a.grad.const_data_ptr<float>();
-  const float* xp = a.x.const_data_ptr<float>();
-  float* o = out.mutable_data_ptr<float>();
-  const int64_t numel = out.numel();
-  with_next(next, channels_last, [&](const auto& dst) {
-    run_elementwise(numel, numel, dst, [=](int64_t i, int64_t) {
-      const float g = gp[i];
-      const float s = static_cast<float>((g > 0.0f) - (g < 0.0f));
-      const float d = clamp(dp[i] - step * s, -bound, bound);
-      const float xi = xp[i];
-      const float r = clamp(xi + d, 0.0f, 1.0f) - xi;
-      o[i] = r;
-      return xi + r;
-    });
-  });
+  kernels().linf_step(a.delta.const_data_ptr<float>(), a.grad.const_data_ptr<float>(), a.x.const_data_ptr<float>(),
+                      out.mutable_data_ptr<float>(), out.numel(), a.step, a.bound, describe_next(next, channels_last));
 }
 
 at::Tensor project_step_linf_cpu(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& x,
@@ -228,39 +206,11 @@ std::tuple<at::Tensor, at::Tensor> project_step_linf_next_cpu(const at::Tensor& 
 //   out     = clamp(x + d, 0, 1) - x                        (valid image range)
 // The norms are accumulated in float64 and rounded to float32 once.
 void project_step_l2_into(const StepArgs& a, at::Tensor& out, const at::Tensor& next, bool channels_last) {
-  const float* dp = a.delta.const_data_ptr<float>();
-  const float* gp = a.grad.const_data_ptr<float>();
-  const float* xp = a.x.const_data_ptr<float>();
-  float* o = out.mutable_data_ptr<float>();
-  const int64_t numel = out.numel();
   const int64_t n_samples = out.size(0);
-  if (numel == 0) return;
-  const int64_t per_sample = numel / n_samples;
-
-  const std::vector<double> grad_sq = per_sample_sum_sq(n_samples, per_sample, [=](int64_t i, int64_t) { return gp[i]; });
-  std::vector<float> scale(n_samples);
-  for (int64_t n = 0; n < n_samples; ++n) {
-    const float norm = static_cast<float>(std::sqrt(grad_sq[n]));
-    scale[n] = norm > 0.0f ? a.step / norm : 0.0f;
-  }
-  const float* sp = scale.data();
-  const std::vector<double> step_sq =
-      per_sample_sum_sq(n_samples, per_sample, [=](int64_t i, int64_t n) { return dp[i] - sp[n] * gp[i]; });
-  std::vector<float> factor(n_samples);
-  for (int64_t n = 0; n < n_samples; ++n) {
-    const float norm = static_cast<float>(std::sqrt(step_sq[n]));
-    factor[n] = norm > a.bound ? a.bound / norm : 1.0f;
-  }
-  const float* fp = factor.data();
-  with_next(next, channels_last, [&](const auto& dst) {
-    run_elementwise(numel, per_sample, dst, [=](int64_t i, int64_t n) {
-      const float d = (dp[i] - sp[n] * gp[i]) * fp[n];
-      const float xi = xp[i];
-      const float r = clamp(xi + d, 0.0f, 1.0f) - xi;
-      o[i] = r;
-      return xi + r;
-    });
-  });
+  const int64_t per_sample = n_samples == 0 ? 0 : out.numel() / n_samples;
+  kernels().l2_step(a.delta.const_data_ptr<float>(), a.grad.const_data_ptr<float>(), a.x.const_data_ptr<float>(),
+                    out.mutable_data_ptr<float>(), n_samples, per_sample, a.step, a.bound,
+                    describe_next(next, channels_last));
 }
 
 StepArgs check_l2_args(const char* op, const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& x,
@@ -290,11 +240,6 @@ std::tuple<at::Tensor, at::Tensor> project_step_l2_next_cpu(const at::Tensor& de
   return {out, next};
 }
 
-// Adding then subtracting 1.5 * 2^23 rounds a float in [-2^22, 2^22] to the nearest integer,
-// ties to even (the IEEE default rounding of the addition, where one ulp is 1). It matches
-// torch.round / std::nearbyint and, unlike them, vectorises on baseline x86-64 (SSE2).
-constexpr float kRoundMagic = 12582912.0f;
-
 // Writes the perturbed image in the uint8 codomain of the saved files and measures what the
 // quantisation left of the perturbation:
 //   out[n]    = clamp(round_half_even(image[n] + 255 * delta[n]), 0, 255)        (uint8)
@@ -321,53 +266,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> apply_quantize_u8_cpu(const at::T
   at::Tensor linf = at::empty({n_samples}, delta.options());
   at::Tensor sq_err = at::empty({n_samples}, delta.options().dtype(at::kDouble));
 
-  const int64_t chunks = std::max<int64_t>(1, (per_sample + kChunk - 1) / kChunk);
-  const int64_t n_tasks = n_samples * chunks;
-  std::vector<int32_t> task_max(n_tasks);
-  std::vector<int64_t> task_sq(n_tasks);
-
-  const uint8_t* ip = image_c.const_data_ptr<uint8_t>();
-  const float* dp = delta_c.const_data_ptr<float>();
-  uint8_t* op_out = out.mutable_data_ptr<uint8_t>();
-  const int64_t task_elems = std::max<int64_t>(1, std::min(per_sample, kChunk));
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / task_elems);
-
-  at::parallel_for(0, n_tasks, grain, [&](int64_t task_begin, int64_t task_end) {
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t sample = task / chunks;
-      const int64_t lo = sample * per_sample + (task % chunks) * kChunk;
-      const int64_t hi = std::min(lo + kChunk, (sample + 1) * per_sample);
-      int32_t max_diff = 0;
-      int64_t sum_sq = 0;
-#pragma omp simd reduction(max : max_diff) reduction(+ : sum_sq)
-      for (int64_t i = lo; i < hi; ++i) {
-        const int32_t level = ip[i];
-        // round(clamp(v, 0, 255)) == clamp(round(v), 0, 255) because the bounds are integers.
-        const float v = clamp(static_cast<float>(level) + 255.0f * dp[i], 0.0f, 255.0f);
-        const int32_t q = static_cast<int32_t>((v + kRoundMagic) - kRoundMagic);
-        op_out[i] = static_cast<uint8_t>(q);
-        const int32_t diff = q - level;
-        const int32_t abs_diff = diff < 0 ? -diff : diff;
-        max_diff = abs_diff > max_diff ? abs_diff : max_diff;
-        sum_sq += static_cast<int64_t>(diff * diff);
-      }
-      task_max[task] = max_diff;
-      task_sq[task] = sum_sq;
-    }
-  });
-
-  float* linf_p = linf.mutable_data_ptr<float>();
-  double* sq_p = sq_err.mutable_data_ptr<double>();
-  for (int64_t sample = 0; sample < n_samples; ++sample) {
-    int32_t max_diff = 0;
-    int64_t sum_sq = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      max_diff = std::max(max_diff, task_max[sample * chunks + c]);
-      sum_sq += task_sq[sample * chunks + c];
-    }
-    linf_p[sample] = static_cast<float>(max_diff);
-    sq_p[sample] = static_cast<double>(sum_sq) / (255.0 * 255.0);
-  }
+  kernels().quantize(image_c.const_data_ptr<uint8_t>(), delta_c.const_data_ptr<float>(),
+                     out.mutable_data_ptr<uint8_t>(), n_samples, per_sample, linf.mutable_data_ptr<float>(),
+                     sq_err.mutable_data_ptr<double>());
   return {out, linf, sq_err};
 }
 
@@ -383,6 +284,11 @@ TORCH_LIBRARY(ueguard, m) {
       "project_step_l2_next(Tensor delta, Tensor grad, Tensor x, float step_size, float eps, float direction, "
       "ScalarType input_dtype, bool input_channels_last) -> (Tensor delta_out, Tensor next_input)");
   m.def("apply_quantize_u8(Tensor image_u8, Tensor delta) -> (Tensor out_u8, Tensor linf, Tensor sq_err)");
+  // The instruction set the kernels above run with (see kernels.h): the active one, every one this
+  // build and CPU can run (widest first), and a switch that returns the previous one.
+  m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_isas() -> str[]", &cpu_isas);
+  m.def("set_cpu_isa(str name) -> str", &set_cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(ueguard, CPU, m) {

@@ -12,6 +12,10 @@ bf16 next-input outputs of the Triton kernel are compared on a GPU only: the int
 float32 → bfloat16 by truncation, the compiled kernel (and PyTorch) round to nearest even.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -685,3 +689,85 @@ def test_emn_with_kernels_matches_reference():
         reference = run()
     assert fused.abs().max() > 0
     torch.testing.assert_close(fused, reference, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------ C++ kernels on every instruction set
+# The C++ loops are compiled for the baseline ISA, AVX2 and AVX-512 and chosen at run time
+# (csrc/kernels.h). Each ISA the machine can run is checked against the reference as above, and the
+# ISAs against each other: element-wise outputs and the L2 step's lane-wise norms are bitwise equal
+# across ISAs by construction.
+
+CPP_ISAS = _ext.cpu_isas() if _ext.cpp_available() else []
+ISA_SHAPES = [(1, 3, 33, 31), (7, 3, 8, 9), (2, 4, 17, 19), (2, 1, 5, 7), LARGE_SHAPE]
+
+
+@pytest.mark.skipif(not CPP_ISAS, reason=CPP_SKIP_REASON)
+@pytest.mark.parametrize("isa", CPP_ISAS)
+def test_every_cpu_isa_matches_reference(isa):
+    with _ext.use_cpu_isa(isa):
+        assert _ext.cpu_isa() == isa
+        for shape in ISA_SHAPES:
+            for direction in (1.0, -1.0):
+                _check_project("cpp", *_project_inputs(shape, seed=shape[1] + shape[2]), direction=direction)
+            _check_quantize("cpp", *_quantize_inputs(shape, seed=shape[2]))
+            delta, grad, x = _project_inputs(shape, seed=shape[3])
+            for norm, eps, step in (("linf", EPS, STEP), ("l2", L2_EPS, L2_STEP)):
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    for channels_last in (False, True):
+                        kwargs = dict(norm=norm, input_dtype=dtype, input_channels_last=channels_last)
+                        expected = project_step_reference(delta, grad, x, step, eps, -1.0, **kwargs)
+                        _poison_allocator(delta.to(dtype))
+                        with use_backend("cpp"):
+                            out = project_step(delta, grad, x, step, eps, -1.0, **kwargs)
+                        tol = dict(rtol=0, atol=0) if norm == "linf" else L2_TOL
+                        next_tol = tol if norm == "linf" else dict(rtol=0, atol=float(torch.finfo(dtype).eps))
+                        torch.testing.assert_close(out.delta, expected.delta, **tol)
+                        torch.testing.assert_close(out.next_input, expected.next_input, **next_tol)
+
+
+@pytest.mark.skipif(len(CPP_ISAS) < 2, reason="only one instruction set available on this machine")
+def test_cpu_isas_agree_bitwise():
+    delta, grad, x = _project_inputs((5, 3, 41, 37), seed=99)
+    delta = delta * 40  # the L2 projection acts
+    image, qdelta = _quantize_inputs((5, 3, 41, 37), seed=98)
+    outputs = {}
+    for isa in CPP_ISAS:
+        with _ext.use_cpu_isa(isa), use_backend("cpp"):
+            outputs[isa] = (
+                project_step(delta, grad, x, STEP, EPS),
+                *project_step(delta, grad, x, L2_STEP, L2_EPS, norm="l2", input_dtype=torch.bfloat16,
+                              input_channels_last=True),
+                *apply_quantize(image, qdelta),
+            )
+    first, *rest = CPP_ISAS
+    for isa in rest:
+        for a, b in zip(outputs[first], outputs[isa], strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=f"{isa} differs from {first}")
+
+
+@pytest.mark.skipif(not CPP_ISAS, reason=CPP_SKIP_REASON)
+def test_cpu_isa_switch_rejects_unknown_and_restores():
+    before = _ext.cpu_isa()
+    with pytest.raises(ValueError, match=r"unknown or uncompiled CPU ISA 'sse9'; this build and CPU can run: "):
+        with _ext.use_cpu_isa("sse9"):
+            pass
+    assert _ext.cpu_isa() == before
+    with _ext.use_cpu_isa("default"):
+        assert _ext.cpu_isa() == "default"
+    assert _ext.cpu_isa() == before
+
+
+@pytest.mark.skipif(not CPP_ISAS, reason=CPP_SKIP_REASON)
+def test_cpu_isa_environment_variable():
+    """UEGUARD_CPU_ISA picks the ISA when the extension loads; a bad value fails the kernel call
+    with a message that names the variable and the valid choices."""
+    code = ("import torch; from ueguard.kernels import _ext, project_step; x = torch.rand(8); "
+            "project_step(x, x, x, 0.1, 0.1); print(_ext.cpu_isa())")
+    env = {**os.environ, _ext.CPU_ISA_ENV: "default"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "default"
+    env[_ext.CPU_ISA_ENV] = "bogus"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "UEGUARD_CPU_ISA: unknown or uncompiled CPU ISA 'bogus'" in done.stderr

@@ -68,6 +68,38 @@ def cpp_ops():
     return torch.ops.ueguard
 
 
+CPU_ISA_ENV = "UEGUARD_CPU_ISA"
+"""Instruction set of the C++ kernels (``auto``, ``avx512``, ``avx2`` or ``default``), read when
+the extension loads; unset or ``auto``: the widest one the CPU supports."""
+
+
+def cpu_isas() -> list[str]:
+    """The instruction sets the C++ kernels can run with on this CPU and build, widest first."""
+    return list(cpp_ops().cpu_isas())
+
+
+def cpu_isa() -> str:
+    """The instruction set the C++ kernels run with now."""
+    return str(cpp_ops().cpu_isa())
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str) -> Iterator[None]:
+    """Run the C++ kernels with instruction set ``name`` inside the block (tests, benchmarks).
+
+    Process-wide, unlike :func:`use_backend`: the kernels read one switch. An ISA this CPU or build
+    cannot run raises, listing the ones it can."""
+    ops = cpp_ops()
+    try:
+        previous = ops.set_cpu_isa(name)
+    except RuntimeError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+    try:
+        yield
+    finally:
+        ops.set_cpu_isa(previous)
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run every kernel call inside the block on backend ``name`` (``"triton"``, ``"cpp"`` or
