@@ -86,16 +86,16 @@ def test_two_processes_give_the_single_process_delta(perturbation, tmp_path):
     (d0, info0), (d1, info1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(d0, d1)  # every rank ends with the whole, same δ
     assert info0["surrogate_train_accuracy"] == info1["surrogate_train_accuracy"]
-    # Same math, other summation order (gradient all-reduce, per-rank batches): δ moves in steps of
-    # α = 0.25·ε, so an element that differs does so by whole steps; allow a few flipped signs.
+    # Same math, other summation order (weighted gradient all-reduce, per-rank batches). Measured on this
+    # machine: every element equal; allow 0.1 % for a platform whose reductions round differently.
     same = (d0 - single.delta).abs() < 1e-6
-    assert same.float().mean() > 0.99, f"only {same.float().mean():.4f} of δ equals the 1-process δ"
+    assert same.float().mean() >= 0.999, f"only {same.float().mean():.4f} of δ equals the 1-process δ"
     assert info0["rounds"] == single.info["rounds"]
     for a, b in zip(info0["surrogate_train_accuracy"], single.info["surrogate_train_accuracy"]):
         assert abs(a - b) <= 1 / 36 + 1e-6
     # the check would catch a real bug: another seed's δ (a wrong run of the same kind) agrees far less
     other = _run_emn(perturbation, seed=1).delta
-    assert ((other - single.delta).abs() < 1e-6).float().mean() < 0.9
+    assert ((other - single.delta).abs() < 1e-6).float().mean() < 0.9  # measured 0.37 / 0.58
 
 
 def test_shards_cover_every_id_once():
