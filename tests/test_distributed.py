@@ -66,6 +66,14 @@ def _run_emn(perturbation: str, seed: int = 0):
     return method(_working_set())
 
 
+def _single_main(_: int, perturbation: str, out: str) -> None:
+    """The 1-process reference, in a fresh process like the ranks (global state other tests left in
+    this pytest process — thread count, kernel switches — must not decide the comparison)."""
+    torch.set_num_threads(1)
+    result = _run_emn(perturbation)
+    torch.save((result.delta, result.info), Path(out) / "single.pt")
+
+
 def _rank_main(rank: int, world: int, port: int, perturbation: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), UEGUARD_DIST_TIMEOUT="120")
@@ -81,22 +89,22 @@ def _rank_main(rank: int, world: int, port: int, perturbation: str, out: str) ->
 
 @pytest.mark.parametrize("perturbation", ["samplewise", "classwise"])
 def test_two_processes_give_the_single_process_delta(perturbation, tmp_path):
-    torch.set_num_threads(1)
-    single = _run_emn(perturbation)
+    mp.spawn(_single_main, args=(perturbation, str(tmp_path)), nprocs=1)
+    single_delta, single_info = torch.load(tmp_path / "single.pt")
     mp.spawn(_rank_main, args=(2, _free_port(), perturbation, str(tmp_path)), nprocs=2)
     (d0, info0), (d1, info1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(d0, d1)  # every rank ends with the whole, same δ
     assert info0["surrogate_train_accuracy"] == info1["surrogate_train_accuracy"]
     # Same math, other summation order (weighted gradient all-reduce, per-rank batches). Measured on this
     # machine: every element equal; allow 0.1 % for a platform whose reductions round differently.
-    same = (d0 - single.delta).abs() < 1e-6
+    same = (d0 - single_delta).abs() < 1e-6
     assert same.float().mean() >= 0.999, f"only {same.float().mean():.4f} of δ equals the 1-process δ"
-    assert info0["rounds"] == single.info["rounds"]
-    for a, b in zip(info0["surrogate_train_accuracy"], single.info["surrogate_train_accuracy"]):
+    assert info0["rounds"] == single_info["rounds"]
+    for a, b in zip(info0["surrogate_train_accuracy"], single_info["surrogate_train_accuracy"]):
         assert abs(a - b) <= 1 / 36 + 1e-6
     # the check would catch a real bug: another seed's δ (a wrong run of the same kind) agrees far less
     other = _run_emn(perturbation, seed=1).delta
-    assert ((other - single.delta).abs() < 1e-6).float().mean() < 0.9  # measured 0.37 / 0.58 at batch 16
+    assert ((other - single_delta).abs() < 1e-6).float().mean() < 0.9  # measured 0.37 / 0.58 at batch 16
 
 
 def test_shards_cover_every_id_once():
