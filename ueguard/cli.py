@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from ueguard.errors import EXIT_FATAL, EXIT_SOME_FAILED, EXIT_USAGE, FatalError, UsageError
+from ueguard.errors import EXIT_FATAL, EXIT_SOME_FAILED, EXIT_USAGE, FatalError, PeerStopped, UsageError
 
 EXIT_INTERRUPTED = 130
 
@@ -33,6 +33,8 @@ def _handle_errors(func):
         except FatalError as error:
             click.echo(f"ueguard: fatal: {error}", err=True)
             sys.exit(EXIT_FATAL)
+        except PeerStopped as error:  # torchrun: rank 0 has said why; the other ranks exit alike, quietly
+            sys.exit({"usage": EXIT_USAGE, "interrupted": EXIT_INTERRUPTED}.get(error.kind, EXIT_FATAL))
         except KeyboardInterrupt:
             click.echo("\nueguard: interrupted. Finished files are kept; run the same command again with "
                        "--resume to continue where it stopped.", err=True)
@@ -102,10 +104,13 @@ def protect(src, out, method, eps, seed, device, precision, budget, size, surrog
             resume, quiet) -> None:
     """Protect every image under SRC (class subfolders = labels, or --labels auto) into a mirrored folder."""
     from ueguard.data.images import LOSSY_FORMATS
+    from ueguard.engine.distributed import environment
     from ueguard.sdk import protect as sdk_protect
     from ueguard.sdk.options import parse_method_options
 
-    if format_ in LOSSY_FORMATS or format_ == "keep":
+    main_rank = environment().is_main  # under torchrun only rank 0 speaks; the others take part quietly
+    quiet = quiet or not main_rank
+    if main_rank and (format_ in LOSSY_FORMATS or format_ == "keep"):
         click.echo(f"ueguard: warning: --format {format_} may re-encode lossily (JPEG/WebP/GIF), which removes part "
                    "of the perturbation; the manifest's linf/psnr show what survived.", err=True)
     result = sdk_protect(src, out, method, eps=eps, seed=seed, device=device, precision=precision, budget=budget,
@@ -114,6 +119,8 @@ def protect(src, out, method, eps, seed, device, precision, budget, size, surrog
                          method_options=parse_method_options(method_options), max_pixels=max_pixels,
                          keep_metadata=keep_metadata, follow_symlinks=follow_symlinks, label_source=label_source,
                          clusters=clusters, resume=resume, progress=_show_progress(quiet))
+    if not main_rank:
+        return
     ok = [item for item in result.items if item["status"] == "ok"]
     line = f"protected {len(ok)} image(s) into {result.out}"
     if ok:

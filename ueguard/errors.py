@@ -17,6 +17,16 @@ class UsageError(ValueError):
     """A bad option or a refused request; the message says how to proceed."""
 
 
+class PeerStopped(RuntimeError):
+    """Under torchrun, on a rank other than 0: rank 0 stopped before generation. ``kind`` (``usage``,
+    ``fatal``, ``interrupted``) says how, so the CLI exits with rank 0's status without repeating the
+    message rank 0 already printed."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class FatalError(RuntimeError):
     """A problem that stops the whole run (e.g. the output disk is full); the message says how to proceed.
     Finished outputs stay in place and ``--resume`` continues after the problem is fixed."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ueguard.data.working_set import WorkingSet
+from ueguard.engine import distributed
 from ueguard.engine.augment import crop_flip
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, predict
 from ueguard.kernels import project_step
@@ -75,15 +76,26 @@ class EMN(ProtectionMethod):
         "standard": dict(pgd_steps=10, step_fraction=0.2, max_rounds=15),
         "thorough": dict(pgd_steps=20, step_fraction=0.1, max_rounds=40),
     }
+    supports_distributed = True  # splits its steps over torchrun's processes (ueguard.engine.distributed)
+    _dist = distributed.SINGLE   # this run's rank layout, set by generate()
 
     def generate(self, data: WorkingSet) -> Perturbation:
+        """Under torchrun every rank calls this with the same data; see :mod:`ueguard.engine.distributed`
+        for how the steps split (outer steps: DDP over parts of each global batch; sample-wise PGD: each
+        rank its block of ids; class-wise PGD: all-reduced class gradients)."""
         cfg, rt = self.config, self.runtime
         started = time.perf_counter()
         data = data.to(rt.device)
         n = len(data)
         classwise = cfg.perturbation == "classwise"
+        self._dist = layout = distributed.current()
+        if n < layout.world_size:
+            raise ValueError(f"{n} image(s) cannot be split over {layout.world_size} processes")
+        self._aug_generator = layout.generator_for_rank(self.generator, cfg.seed)
         model = rt.prepare_model(self.surrogate)
-        trainer = Trainer(model, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
+        parallel = layout.data_parallel(model, rt.device)
+        model = parallel.model
+        trainer = Trainer(parallel.module, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         rows = data.num_classes if classwise else n
         delta = torch.zeros(rows, *data.images.shape[1:], device=rt.device)
         perturbation = Perturbation(delta, classwise, cfg.eps)
@@ -91,21 +103,25 @@ class EMN(ProtectionMethod):
         check = (torch.randperm(n, generator=self.generator)[:cfg.eval_limit].sort().values
                  if n > cfg.eval_limit else torch.arange(n))
         augment = self._augmentation()
+        shard = layout.shard(n)
         history = []
         with self.progress.bar(cfg.max_rounds, "emn rounds", unit="round") as bar:
             for round_ in range(cfg.max_rounds):
                 model.train()
                 for _ in range(cfg.train_steps):
-                    idx = sampler.next()
+                    idx = parallel.part(sampler.next())
                     x = self._perturbed(data, perturbation, idx)
                     trainer.step(x if augment is None else augment(x), data.labels[idx.to(rt.device)])
+                parallel.sync_buffers()
                 model.eval()
-                for span in batch_ranges(n, cfg.batch_size):
-                    idx = torch.arange(span.start, span.stop)
-                    if classwise:
-                        self._classwise_step(model, data, delta, idx)
-                    else:
-                        delta[span] = self._samplewise_pgd(model, data, delta[span], idx)
+                if classwise:
+                    for span in batch_ranges(n, cfg.batch_size):
+                        self._classwise_step(model, data, delta, layout.part(torch.arange(span.start, span.stop)))
+                else:
+                    for span in batch_ranges(shard.stop - shard.start, cfg.batch_size):
+                        span = slice(shard.start + span.start, shard.start + span.stop)
+                        delta[span] = self._samplewise_pgd(model, data, delta[span], torch.arange(span.start, span.stop))
+                    layout.all_gather_shards(delta)
                 accuracy = self._accuracy(model, data, perturbation, check)
                 history.append(accuracy)
                 bar.update(1, train_acc=f"{accuracy:.3f}")
@@ -121,7 +137,8 @@ class EMN(ProtectionMethod):
         if self.config.augment == "none":
             return None
         flip = self.config.augment == "cropflip"
-        return lambda x: crop_flip(x, self.generator, flip=flip)
+        generator = getattr(self, "_aug_generator", self.generator)  # per rank under torchrun
+        return lambda x: crop_flip(x, generator, flip=flip)
 
     def _perturbed(self, data: WorkingSet, perturbation: Perturbation, idx: torch.Tensor) -> torch.Tensor:
         dev_idx = idx.to(self.runtime.device)
@@ -155,10 +172,15 @@ class EMN(ProtectionMethod):
             grad, _ = input_gradient(model, raw.clamp(0, 1), y, rt, transform=self._augmentation())
             grad = grad * ((raw > 0) & (raw < 1))
             class_grad = torch.zeros_like(delta).index_add_(0, y, grad.contiguous())
+            self._dist.all_reduce_sum(class_grad)  # this rank's part of the batch → the whole batch's sum
             delta.sub_(alpha * class_grad.sign()).clamp_(-cfg.eps, cfg.eps)
 
     def _accuracy(self, model, data: WorkingSet, perturbation: Perturbation, index: torch.Tensor) -> float:
+        """Accuracy on ``index``; under torchrun each rank predicts its part and the counts are summed."""
+        total = index.numel()
+        index = self._dist.part(index)
         spans = (index[s] for s in batch_ranges(index.numel(), 4 * self.config.batch_size))
         batches = (self._perturbed(data, perturbation, idx) for idx in spans)
         pred = predict(model, batches, self.runtime)
-        return (pred == data.labels[index.to(self.runtime.device)]).float().mean().item()
+        correct = (pred == data.labels[index.to(self.runtime.device)]).float().sum()  # exact: counts < 2²⁴
+        return (self._dist.all_reduce_sum(correct) / total).item()

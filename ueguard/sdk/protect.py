@@ -40,6 +40,7 @@ from ueguard.data.images import (DecodedImage, ImageFileError, ImageReadError, I
                                  quantize, resolve_format, save_image)
 from ueguard.data.manifest import MANIFEST_NAME, ManifestWriter, read_manifest, sha256_file
 from ueguard.data.working_set import WorkingSet, image_sides, load_folder_working_set, resize_float, suggest_size
+from ueguard.engine import distributed
 from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.runtime import Runtime, seed_everything
 from ueguard.errors import FatalError, UsageError
@@ -126,10 +127,22 @@ def protect(src, out=None, method: str = "emn", *, labels=None, layout: str = "a
         if labels is not None:
             raise UsageError("labels= is for in-memory data; a folder's labels come from its class subfolders "
                              "(or labels='auto' for pseudo-labels)")
-        return _protect_folder(Path(src), None if out is None else Path(out), opts, reporter)
-    if out is not None:
+    elif out is not None:
         raise UsageError("out= is for folder input; in-memory input returns the protected array in .data")
-    return _protect_array(src, labels, layout, opts, reporter)
+    try:  # under torchrun: join the process group (see ueguard.engine.distributed)
+        ranks, created = distributed.setup(opts.device)
+    except (ValueError, RuntimeError) as error:
+        raise UsageError(f"torchrun: {error}") from None
+    try:
+        if not ranks.is_main:
+            reporter = SILENT
+        if not isinstance(src, (str, os.PathLike)):
+            return _protect_array(src, labels, layout, opts, reporter)  # every rank computes, none writes
+        if ranks.enabled:
+            return _protect_folder_distributed(Path(src), None if out is None else Path(out), opts, reporter, ranks)
+        return _protect_folder(Path(src), None if out is None else Path(out), opts, reporter)
+    finally:
+        distributed.teardown(created)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,9 +212,10 @@ def make_runtime(device: str, precision: str) -> Runtime:
 
 
 def _environment(runtime: Runtime) -> dict[str, Any]:
+    ranks = distributed.current()
     return {"ueguard_version": ueguard.__version__, "torch_version": torch.__version__,
             "device": str(runtime.device), "precision": runtime.precision,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), **({"distributed": ranks.record()} if ranks.enabled else {})}
 
 
 def _quality(original: DecodedImage, saved: DecodedImage) -> dict[str, Any]:
@@ -387,7 +401,61 @@ def _save_state(path: Path, perturbation: Perturbation, ids: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress: Progress) -> ProtectResult:
+def _protect_folder_distributed(src: Path, dst: Path | None, opts: ProtectOptions, progress: Progress,
+                                ranks: distributed.Distributed) -> ProtectResult:
+    """Under torchrun: rank 0 runs the folder flow — it alone decodes, writes the files and the one
+    manifest — and hands the working set to the other ranks, which only take part in generating δ.
+    However rank 0 leaves before that point (finished, cached δ, or an error), it tells them, so no rank
+    waits for a peer that is gone."""
+    if not ranks.is_main:
+        return _generate_for_rank0(opts, ranks)
+    handoff = distributed.Handoff(ranks)
+    try:
+        return _protect_folder(src, dst, opts, progress, handoff)
+    except UsageError as error:
+        handoff.stop("usage", str(error))
+        raise
+    except KeyboardInterrupt:
+        handoff.stop("interrupted", "interrupted")
+        raise
+    except BaseException as error:
+        handoff.stop("fatal", f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        handoff.stop()
+
+
+def _hand_over(handoff: distributed.Handoff | None, method: str, working: WorkingSet, size: int, num_classes: int,
+               progress: Progress) -> None:
+    """Send the working set to the other ranks when the method splits its work over them; otherwise
+    release them (rank 0 generates alone)."""
+    if handoff is None or handoff.sent:
+        return
+    if not getattr(METHODS.get(method), "supports_distributed", False):
+        progress.log(f"method {method!r} does not split over processes; rank 0 generates alone")
+        handoff.stop()
+        return
+    handoff.work({"size": size, "num_classes": num_classes, "classes": list(working.classes), "ids": working.ids},
+                 {"images": working.images, "labels": working.labels, "grayscale": working.grayscale})
+
+
+def _generate_for_rank0(opts: ProtectOptions, ranks: distributed.Distributed) -> ProtectResult:
+    """A non-zero rank's part of a folder run: receive rank 0's working set, build the same method (same
+    seed, so the same surrogate) and take part in generating δ. It writes nothing; its result has no items."""
+    received = distributed.Handoff.receive(ranks)
+    if received is None:
+        return ProtectResult([], None, opts)
+    header, tensors = received
+    working = WorkingSet(tensors["images"], tensors["labels"], tensors["grayscale"], tuple(header["classes"]),
+                         list(header["ids"]))
+    runtime = make_runtime(opts.device, opts.precision)
+    method, _ = _build_method(opts, header["size"], header["num_classes"], runtime, SILENT)
+    perturbation = method(working)
+    return ProtectResult([], perturbation, opts, info=dict(perturbation.info))
+
+
+def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress: Progress,
+                    handoff: distributed.Handoff | None = None) -> ProtectResult:
     try:
         listing = scan_folder(src, follow_symlinks=opts.follow_symlinks)
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
@@ -458,13 +526,15 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
             pseudo_names.update(zip(working.ids, (working.classes[k] for k in working.labels.tolist())))
             manifest.write({"kind": "pseudo_labels", "surrogate": clustered_on, "features": "penultimate, L2-normalised",
                             "classes": list(working.classes), **clustering.record()})
-            method, _ = _build_method(opts, size, working.num_classes, runtime, progress)
+            num_classes = working.num_classes
+            method, _ = _build_method(opts, size, num_classes, runtime, progress)
 
         state_path = dst / STATE_DIR / "perturbation.pt"
         perturbation = _load_state(state_path, working.ids)
         if perturbation is None:
             progress.log(f"generating {opts.method} perturbations for {len(working)} images at {size}px on {runtime.device}")
             kill_point("generating")
+            _hand_over(handoff, opts.method, working, size, num_classes, progress)
             perturbation = method(working)
             _save_state(state_path, perturbation, working.ids)
         manifest.write({"kind": "generation", "method": opts.method, **perturbation.budget(), **perturbation.info})

@@ -1,0 +1,172 @@
+"""``torchrun --nproc-per-node N -m ueguard protect``: the same protection from N processes as from one.
+
+CPU, gloo, 2 processes. Tier 1 (method level, ``torch.multiprocessing``): EMN sample- and class-wise
+with a surrogate without BatchNorm, where the distributed steps are the single-process steps exactly,
+so δ must agree to float-summation order. Tier 2 (the CLI under ``torchrun``): the default BatchNorm
+surrogate, where train-mode BatchNorm sees each rank's half of the batch (documented in
+``ueguard.engine.distributed``): one manifest, every output written once, rank 1 silent, and a usage
+error on rank 0 ends both ranks promptly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from torch import nn
+
+from trees import write_class_tree
+from ueguard.data.working_set import WorkingSet
+from ueguard.engine import distributed
+from ueguard.engine.runtime import Runtime, seed_everything
+from ueguard.methods import create_method
+
+REPO = Path(__file__).resolve().parents[1]
+EMN_OPTIONS = dict(max_rounds=3, train_steps=4, pgd_steps=3, batch_size=15, stop_accuracy=1.01)  # 15: uneven parts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _working_set() -> WorkingSet:
+    """36 images of 3 classes at 16 px: a class-coloured square on noise. With batches of 15 the parts
+    are uneven (8/7 per global batch; sample-wise blocks of 18 in batches of 15 + 3), which exercises the
+    part-weighted gradient average."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(36) % 3
+    x = torch.rand(36, 3, 16, 16, generator=g) * 120 + 60
+    for k in range(3):
+        x[y == k, k, 4:12, 4:12] = 240
+    return WorkingSet(x.to(torch.uint8), y, torch.zeros(36, dtype=torch.bool), ("a", "b", "c"), [str(i) for i in range(36)])
+
+
+def _surrogate() -> nn.Module:
+    """A small CNN without BatchNorm: its outputs do not depend on batch mates in any mode."""
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, 3))
+
+
+def _run_emn(perturbation: str, seed: int = 0):
+    seed_everything(seed)
+    method = create_method("emn", budget="quick", runtime=Runtime.create("cpu", "fp32"), surrogate=_surrogate(),
+                           seed=seed, perturbation=perturbation, **EMN_OPTIONS)
+    return method(_working_set())
+
+
+def _single_main(_: int, perturbation: str, out: str) -> None:
+    """The 1-process reference, in a fresh process like the ranks (global state other tests left in
+    this pytest process — thread count, kernel switches — must not decide the comparison)."""
+    torch.set_num_threads(1)
+    result = _run_emn(perturbation)
+    torch.save((result.delta, result.info), Path(out) / "single.pt")
+
+
+def _rank_main(rank: int, world: int, port: int, perturbation: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), UEGUARD_DIST_TIMEOUT="120")
+    torch.set_num_threads(1)
+    layout, created = distributed.setup("cpu")
+    assert created and distributed.current() == layout
+    try:
+        result = _run_emn(perturbation)
+        torch.save((result.delta, result.info), Path(out) / f"rank{rank}.pt")
+    finally:
+        distributed.teardown(created)
+
+
+@pytest.mark.parametrize("perturbation", ["samplewise", "classwise"])
+def test_two_processes_give_the_single_process_delta(perturbation, tmp_path):
+    mp.spawn(_single_main, args=(perturbation, str(tmp_path)), nprocs=1)
+    single_delta, single_info = torch.load(tmp_path / "single.pt")
+    mp.spawn(_rank_main, args=(2, _free_port(), perturbation, str(tmp_path)), nprocs=2)
+    (d0, info0), (d1, info1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(d0, d1)  # every rank ends with the whole, same δ
+    assert info0["surrogate_train_accuracy"] == info1["surrogate_train_accuracy"]
+    # Same math, other summation order (weighted gradient all-reduce, per-rank batches). Measured on this
+    # machine: every element equal; allow 0.1 % for a platform whose reductions round differently.
+    same = (d0 - single_delta).abs() < 1e-6
+    assert same.float().mean() >= 0.999, f"only {same.float().mean():.4f} of δ equals the 1-process δ"
+    assert info0["rounds"] == single_info["rounds"]
+    for a, b in zip(info0["surrogate_train_accuracy"], single_info["surrogate_train_accuracy"]):
+        assert abs(a - b) <= 1 / 36 + 1e-6
+    # the check would catch a real bug: another seed's δ (a wrong run of the same kind) agrees far less
+    other = _run_emn(perturbation, seed=1).delta
+    assert ((other - single_delta).abs() < 1e-6).float().mean() < 0.9  # measured 0.37 / 0.58 at batch 16
+
+
+def test_shards_cover_every_id_once():
+    for world in (1, 2, 3, 5):
+        for n in (1, 7, 36, 37):
+            blocks = [distributed.Distributed(r, world).shard(n) for r in range(world)]
+            ids = [i for b in blocks for i in range(b.start, b.stop)]
+            assert ids == list(range(n))
+            assert max(b.stop - b.start for b in blocks) - min(b.stop - b.start for b in blocks) <= 1
+
+
+def test_environment_is_read_and_checked(monkeypatch):
+    for key in distributed.ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.environment() == distributed.SINGLE
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.environment() == distributed.Distributed(1, 2, 1)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK=2"):
+        distributed.environment()
+
+
+def _torchrun(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "UEGUARD_DIST_TIMEOUT": "120"}
+    env.pop("UEGUARD_DEBUG", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           "--tee", "3", "--log-dir", str(cwd / "logs"), "-m", "ueguard", "protect", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+CLI_ARGS = ["--method", "emn", "--budget", "quick", "--size", "16", "--surrogate", "resnet18_cifar_slim",
+            "--device", "cpu", "--seed", "0", "-o", "max_rounds=2", "-o", "train_steps=3", "-o", "pgd_steps=2",
+            "-o", "batch_size=16"]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not hasattr(tdist, "run"), reason="no torchrun")
+def test_torchrun_cli_writes_one_manifest_and_every_file_once(tmp_path):
+    src = tmp_path / "src"
+    write_class_tree(src, n_per_class=8, classes=3, size=16)
+    proc = _torchrun([str(src), "--out", str(tmp_path / "out"), *CLI_ARGS], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("protected 24 image(s)") == 1   # rank 0 reports, rank 1 is silent
+    rank1 = next((tmp_path / "logs").rglob("1/stdout.log")).read_text()
+    assert rank1.strip() == ""
+    out = tmp_path / "out"
+    manifests = list(out.rglob("*manifest*"))
+    assert [m.name for m in manifests] == ["ueguard-manifest.jsonl"]
+    records = [json.loads(line) for line in manifests[0].read_text().splitlines()]
+    run = [r for r in records if r["kind"] == "run"]
+    files = [r for r in records if r["kind"] == "file"]
+    assert len(run) == 1 and run[0]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert len([r for r in records if r["kind"] == "generation"]) == 1
+    assert len(files) == 24 and all(r["status"] == "ok" and r["within_budget"] for r in files)
+    assert len({r["output"] for r in files}) == 24                         # one record per output
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert written == sorted(r["output"] for r in files)                  # no stray or temporary files
+    assert not (out / ".ueguard").exists()
+
+    # rank 0 refuses the non-empty destination: both ranks stop at once with the usage status, one message
+    again = _torchrun([str(src), "--out", str(out), *CLI_ARGS], tmp_path, timeout=300)
+    assert again.returncode != 0
+    assert again.stderr.count("is not empty") == 1, again.stderr[-3000:]
+    assert "exitcode  : 2" in again.stderr or "exit code 2" in again.stderr or "exitcode: 2" in again.stderr
