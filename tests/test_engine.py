@@ -20,7 +20,6 @@ from ueguard.engine.loops import OptimConfig, Trainer, input_gradient, pgd_step
 from ueguard.engine.runtime import Runtime
 from ueguard.errors import UsageError
 from ueguard.methods import create_method
-from ueguard.models import create_model
 from ueguard.sdk.options import ProtectOptions
 
 EPS = 8 / 255
@@ -131,7 +130,7 @@ def test_emn_runs_in_bf16_on_cpu_within_budget():
                       [str(i) for i in range(24)])
     torch.manual_seed(0)
     method = create_method("emn", budget="quick", runtime=Runtime.create("cpu", "bf16", "off"),
-                           surrogate=create_model("resnet18_cifar_slim", 3), max_rounds=1, train_steps=2, batch_size=8)
+                           surrogate=tiny_net(), max_rounds=1, train_steps=2, batch_size=8)
     delta = method(data).delta
     assert delta.dtype == torch.float32 and delta.abs().max() <= EPS + 1e-6 and delta.abs().max() > 0
     x = images.float() / 255
@@ -139,8 +138,8 @@ def test_emn_runs_in_bf16_on_cpu_within_budget():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(compile="yes"), ["compile", "'yes'", "auto, on, off"]),
-    (dict(precision="fp16"), ["precision", "'fp16'", "auto, fp32, bf16"]),
+    ({"compile": "yes"}, ["compile", "'yes'", "auto, on, off"]),
+    ({"precision": "fp16"}, ["precision", "'fp16'", "auto, fp32, bf16"]),
 ])
 def test_runtime_rejects_unknown_settings_by_name(kwargs, words):
     with pytest.raises(ValueError) as error:
