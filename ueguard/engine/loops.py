@@ -4,7 +4,9 @@
 * :func:`input_gradient` + :func:`ueguard.kernels.project_step` — one PGD step on perturbations.
 
 Both take float images in [0, 1] and leave data movement to the caller, who keeps the whole working
-set on the device as uint8 and converts one batch at a time.
+set on the device as uint8 and converts one batch at a time. Both call the model through
+:func:`ueguard.engine.compiled.model_call`, so with ``Runtime.compile == "on"`` every step of a run reuses
+one compiled graph per model, mode and batch shape. Neither reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ueguard.engine.compiled import frozen_parameters, model_call
 from ueguard.engine.runtime import Runtime
+from ueguard.kernels import project_step
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class Trainer:
         waits on the host unless the caller reads them."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.runtime.autocast():
-            logits = self.model(x)
+            logits = model_call(self.model, self.runtime)(x)
             loss = F.cross_entropy(logits.float(), y)
         loss.backward()
         if self.optim.grad_clip is not None:
@@ -79,13 +83,26 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: 
 
     ``transform`` T (default identity) is a differentiable augmentation drawn fresh by the caller, so the
     gradient is the expectation-over-transformations sample that reaches x through T's adjoint. Only
-    the input gradient is requested, so autograd skips the weight gradients."""
+    the input gradient is computed: the parameters are frozen for the step (see
+    :func:`ueguard.engine.compiled.frozen_parameters`)."""
     x = x.detach().requires_grad_(True)
-    with runtime.autocast():
-        logits = model(x if transform is None else transform(x))
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, x)
+    forward = model_call(model, runtime)
+    with frozen_parameters(model):
+        with runtime.autocast():
+            logits = forward(x if transform is None else transform(x))
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
     return grad, logits.argmax(1) == y
+
+
+def pgd_step(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor, runtime: Runtime, *,
+             step_size: float, eps: float, direction: float = 1.0, norm: str = "linf", transform=None) -> torch.Tensor:
+    """One PGD step on a batch of perturbations: ∇ through the model at x + δ, then the fused signed (L∞)
+    or normalised (L2) step and projection onto the ε-ball and the image range
+    (:func:`ueguard.kernels.project_step`). ``direction`` +1 descends the loss (error-minimising), −1
+    ascends it. Returns the new δ (float32, contiguous); the caller applies any further constraint."""
+    grad, _ = input_gradient(model, x + delta, y, runtime, transform=transform)
+    return project_step(delta, grad, x, step_size, eps, direction, norm=norm)
 
 
 @torch.no_grad()
@@ -93,10 +110,11 @@ def predict(model: nn.Module, batches, runtime: Runtime) -> torch.Tensor:
     """Argmax predictions over an iterable of float batches, in eval mode, concatenated."""
     was_training = model.training
     model.eval()
+    forward = model_call(model, runtime)
     out = []
     for x in batches:
         with runtime.autocast():
-            out.append(model(x).argmax(1))
+            out.append(forward(x).argmax(1))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=runtime.device)
 

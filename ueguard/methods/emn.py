@@ -25,8 +25,7 @@ import torch
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine import distributed
 from ueguard.engine.augment import crop_flip
-from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, predict
-from ueguard.kernels import project_step
+from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, pgd_step, predict
 from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project
 
 PERTURBATION_KINDS = ("samplewise", "classwise")
@@ -157,8 +156,8 @@ class EMN(ProtectionMethod):
         x, y, gray = self._batch(data, idx)
         alpha = cfg.step_fraction * cfg.eps
         for _ in range(cfg.pgd_steps):
-            grad, _ = input_gradient(model, x + delta, y, rt, transform=self._augmentation())
-            delta = gray_project(project_step(delta, grad, x, alpha, cfg.eps, 1.0), gray)
+            delta = gray_project(pgd_step(model, x, delta, y, rt, step_size=alpha, eps=cfg.eps,
+                                          transform=self._augmentation()), gray)
         return delta
 
     def _classwise_step(self, model, data: WorkingSet, delta: torch.Tensor, idx: torch.Tensor) -> None:

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ueguard.data.working_set import WorkingSet
+from ueguard.engine.compiled import frozen_parameters, model_call
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, predict
 from ueguard.kernels import project_step
 from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project
@@ -247,15 +248,18 @@ class SSC(ProtectionMethod):
             clean = prior.forward_stages(x, stages)
         alpha = cfg.step_fraction * cfg.eps
         ratio = torch.zeros(len(idx), device=rt.device)
-        for _ in range(cfg.pgd_steps):
-            xa = (x + delta).detach().requires_grad_(True)
-            with rt.autocast():
-                loss = cfg.frozen_weight * F.cross_entropy(frozen(xa).float(), y, reduction="none")
-                loss = loss + (1 - cfg.frozen_weight) * F.cross_entropy(scratch(xa).float(), y, reduction="none")
-                feats = prior.forward_stages(xa, stages)
-            ratio = torch.stack([out_of_subspace_ratio((feats[s] - clean[s]).float(), bases[s]) for s in stages]).mean(0)
-            (grad,) = torch.autograd.grad((loss + cfg.camouflage_weight * ratio).sum(), xa)
-            delta = gray_project(project_step(delta, grad, x, alpha, cfg.eps, 1.0), gray)
+        frozen_fn, scratch_fn = model_call(frozen, rt), model_call(scratch, rt)
+        prior_fn = model_call(prior, rt, "forward_stages")
+        with frozen_parameters(frozen, scratch):  # ∇ in δ only
+            for _ in range(cfg.pgd_steps):
+                xa = (x + delta).detach().requires_grad_(True)
+                with rt.autocast():
+                    loss = cfg.frozen_weight * F.cross_entropy(frozen_fn(xa).float(), y, reduction="none")
+                    loss = loss + (1 - cfg.frozen_weight) * F.cross_entropy(scratch_fn(xa).float(), y, reduction="none")
+                    feats = prior_fn(xa, stages)
+                ratio = torch.stack([out_of_subspace_ratio((feats[s] - clean[s]).float(), bases[s]) for s in stages]).mean(0)
+                (grad,) = torch.autograd.grad((loss + cfg.camouflage_weight * ratio).sum(), xa)
+                delta = gray_project(project_step(delta, grad, x, alpha, cfg.eps, 1.0), gray)
         return delta, ratio.detach()
 
     def _perturbed(self, data: WorkingSet, perturbation: Perturbation, idx: torch.Tensor) -> torch.Tensor:

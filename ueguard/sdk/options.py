@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ueguard.data.images import DEFAULT_MAX_PIXELS, LOSSY_FORMATS, OUTPUT_FORMATS
-from ueguard.engine.runtime import DEVICES, PRECISIONS
+from ueguard.engine.runtime import COMPILES, DEVICES, PRECISIONS
 from ueguard.errors import UsageError
 from ueguard.methods import BUDGETS, METHODS
 from ueguard.units import parse_eps
@@ -53,6 +53,7 @@ class ProtectOptions:
     budget: str = "standard"
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "auto"
     size: int | None = None
     surrogate: str | None = None
     weights: str | None = None
@@ -98,7 +99,8 @@ class ProtectOptions:
             raise UsageError("--clusters is for --labels auto (pseudo-labels of an unlabeled folder)")
         for name, value, choices in (("budget", self.budget, BUDGETS), ("device", self.device, DEVICES),
                                      ("labels", self.label_source, LABEL_SOURCES),
-                                     ("precision", self.precision, PRECISIONS), ("format", self.format, FORMATS)):
+                                     ("precision", self.precision, PRECISIONS), ("compile", self.compile, COMPILES),
+                                     ("format", self.format, FORMATS)):
             if value not in choices:
                 raise UsageError(f"invalid {name} {value!r}; choose one of {', '.join(choices)}")
         if self.size is not None and not 8 <= self.size <= 1024:

@@ -48,7 +48,7 @@ from ueguard.methods import METHODS, Perturbation, create_method
 from ueguard.sdk.options import SIZE_CAP, ProtectOptions, default_arch
 
 STATE_DIR = ".ueguard"
-#: Options that must match for ``--resume`` to continue a run (the rest — device, precision — may change).
+#: Options that must match for ``--resume`` to continue a run (the rest — device, precision, compile — may change).
 RESUME_KEYS = ("method", "eps", "seed", "budget", "size", "surrogate", "weights", "pretrained", "format",
                "quality", "perturbation", "method_options", "keep_metadata", "follow_symlinks",
                "label_source", "clusters")
@@ -104,7 +104,7 @@ def protect(src, out=None, method: str = "emn", *, labels=None, layout: str = "a
     """Protect a folder of images (``src`` a path) or an in-memory batch (``src`` an array or tensor).
 
     ``options`` are the CLI's long options as keywords: ``eps`` (``"8/255"``, ``0.031`` or ``8``),
-    ``seed``, ``budget``, ``device``, ``precision``, ``size``, ``surrogate``, ``weights``,
+    ``seed``, ``budget``, ``device``, ``precision``, ``compile``, ``size``, ``surrogate``, ``weights``,
     ``pretrained``, ``format``, ``quality``, ``perturbation``, ``method_options`` (a dict of the
     method's constants), ``max_pixels``, ``resume``, ``keep_metadata``, ``follow_symlinks``.
 
@@ -203,10 +203,10 @@ def _pseudo_labels(opts: ProtectOptions, size: int, working: WorkingSet, runtime
     return clustering, WorkingSet(working.images, clustering.labels, working.grayscale, classes, working.ids), name
 
 
-def make_runtime(device: str, precision: str) -> Runtime:
+def make_runtime(device: str, precision: str, compile: str = "auto") -> Runtime:
     """The run's :class:`Runtime`; asking for a device this machine lacks is a usage error."""
     try:
-        return Runtime.create(device, precision)
+        return Runtime.create(device, precision, compile)
     except (ValueError, RuntimeError) as error:
         raise UsageError(str(error)) from None
 
@@ -214,7 +214,7 @@ def make_runtime(device: str, precision: str) -> Runtime:
 def _environment(runtime: Runtime) -> dict[str, Any]:
     ranks = distributed.current()
     return {"ueguard_version": ueguard.__version__, "torch_version": torch.__version__,
-            "device": str(runtime.device), "precision": runtime.precision,
+            "device": str(runtime.device), "precision": runtime.precision, "compile": runtime.compile,
             "threads": torch.get_num_threads(), **({"distributed": ranks.record()} if ranks.enabled else {})}
 
 
@@ -469,7 +469,7 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
     if pseudo:
         _check_pseudo_labels(opts)
     dst = dst if dst is not None else src.parent / f"{src.name}_protected"
-    runtime = make_runtime(opts.device, opts.precision)
+    runtime = make_runtime(opts.device, opts.precision, opts.compile)
     images = listing.images
     size = opts.size or suggest_size(image_sides(listing, images), cap=SIZE_CAP[opts.budget])
     # Everything that can refuse the request runs before the destination is created (with pseudo-labels
@@ -628,7 +628,7 @@ def _protect_array(array, labels, layout: str, opts: ProtectOptions, progress: P
     working_x = resize_float(x3, (size, size)) if size else x3
     working = WorkingSet(torch.round(working_x.clamp(0, 1) * 255).to(torch.uint8), y, gray,
                          tuple(str(k) for k in range(num_classes)), [str(i) for i in range(x.shape[0])])
-    runtime = make_runtime(opts.device, opts.precision)
+    runtime = make_runtime(opts.device, opts.precision, opts.compile)
     work_size = size or max(x.shape[-2:])
     info: dict[str, Any] = {}
     if pseudo and cls.needs_labels:

@@ -76,6 +76,7 @@ class VerifyOptions:
     threshold: float = 0.5
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     resume: bool = False
 
@@ -286,7 +287,7 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
     and return the report (also written to ``json_path``; ``report_dir`` gets a Markdown summary and
     plots). ``options``: the CLI's long options (``paradigm``, ``defense``, ``defense_options``,
     ``arch``, ``epochs``, ``budget``, ``seed``, ``weights``, ``pretrained``, ``size``, ``batch_size``,
-    ``lr``, ``threshold``, ``device``, ``precision``, ``resume``). ``on_run_done(record)`` is called
+    ``lr``, ``threshold``, ``device``, ``precision``, ``compile``, ``resume``). ``on_run_done(record)`` is called
     after every finished (or resumed) run.
 
     Per-run checkpoints go to ``<json_path>.state/`` (or ``<report_dir>/state/``); ``resume=True``
@@ -295,7 +296,7 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
 
     opts = VerifyOptions.resolve(**options)
     reporter = progress if isinstance(progress, Progress) else Progress(progress)
-    runtime = make_runtime(opts.device, opts.precision)
+    runtime = make_runtime(opts.device, opts.precision, opts.compile)
     protected, test = Path(protected), Path(test)
     pretrained = opts.weights is not None or opts.pretrained
 
@@ -332,7 +333,7 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
                  "train_images": len(train_p), "test_images": len(test_set)}
     config = dataclasses.asdict(opts) | {"epochs": epochs, "size": size, "arch": arch,
                                          "defense_options": dict(opts.defense_options)}
-    fingerprint = {k: v for k, v in config.items() if k not in ("resume", "device", "precision")}
+    fingerprint = {k: v for k, v in config.items() if k not in ("resume", "device", "precision", "compile")}
     state_root = (Path(str(json_path) + ".state") if json_path is not None
                   else Path(report_dir) / "state" if report_dir is not None else None)
     store = RunStore(state_root, fingerprint | {"data": data_info}, opts.resume)
@@ -417,7 +418,8 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
               "data": data_info | {"unreadable": problems + test_problems},
               "config": config,
               "ueguard_version": ueguard.__version__, "torch_version": torch.__version__,
-              "device": str(runtime.device), "precision": runtime.precision}
+              "device": str(runtime.device), "precision": runtime.precision,
+              "compile": runtime.compile}
     if json_path is not None:
         _write_json(Path(json_path), report)
     if report_dir is not None:
