@@ -62,7 +62,9 @@ setup(
         "tqdm",
         'triton; platform_system=="Linux"',
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    # ffcv: the --loader ffcv path. Built from source: needs libopencv-dev libturbojpeg0-dev pkg-config
+    # (.ci/install installs them). Checked: ffcv 1.0.2 with numba 0.68.1 and numpy 2.4 on Python 3.11.
+    extras_require={"test": ["pytest", "hypothesis"], "ffcv": ["ffcv>=1.0.2", "numba"]},
     entry_points={"console_scripts": ["ueguard=ueguard.cli:main"]},
     ext_modules=[
         CppExtension(

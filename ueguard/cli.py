@@ -98,12 +98,17 @@ def main() -> None:
                    "of a pretrained surrogate's features (needs --weights or --pretrained).")
 @click.option("--clusters", type=click.IntRange(1), help="Number of pseudo-classes for --labels auto "
               "(default: the best silhouette score over 2-10).")
+@click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "memory", "ffcv", "torch"]),
+              help="How SRC is decoded into the working set: a thread pool (memory), DataLoader workers (torch), "
+                   "or a cached FFCV file reused by later runs (ffcv, optional extra).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where the FFCV cache lives "
+              "(default: $UEGUARD_CACHE or ~/.cache/ueguard).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in a non-empty --out.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def protect(src, out, method, eps, seed, device, precision, compile_, budget, size, surrogate, weights, pretrained, format_,
             quality, perturbation, method_options, max_pixels, keep_metadata, follow_symlinks, label_source, clusters,
-            resume, quiet) -> None:
+            loader, cache_dir, resume, quiet) -> None:
     """Protect every image under SRC (class subfolders = labels, or --labels auto) into a mirrored folder."""
     from ueguard.data.images import LOSSY_FORMATS
     from ueguard.engine.distributed import environment
@@ -120,7 +125,8 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
                          quality=quality, perturbation=perturbation,
                          method_options=parse_method_options(method_options), max_pixels=max_pixels,
                          keep_metadata=keep_metadata, follow_symlinks=follow_symlinks, label_source=label_source,
-                         clusters=clusters, resume=resume, progress=_show_progress(quiet))
+                         clusters=clusters, loader=loader, cache_dir=cache_dir, resume=resume,
+                         progress=_show_progress(quiet))
     if not main_rank:
         return
     ok = [item for item in result.items if item["status"] == "ok"]
@@ -179,6 +185,11 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]))
 @click.option("--compile", "compile", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
               help="torch.compile the surrogate's steps (auto: on for CUDA, off on CPU, where it measured no faster).")
+@click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "memory", "ffcv", "torch"]),
+              help="How training images are read: memory (one tensor on the device), ffcv (streamed from a "
+                   "cached FFCV file; optional extra), torch (streamed by a DataLoader); auto: memory when it fits.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where the FFCV cache lives "
+              "(default: $UEGUARD_CACHE or ~/.cache/ueguard).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Write the report as JSON (per-run checkpoints go to FILE.state/).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),

@@ -36,10 +36,19 @@ def accuracy(model: nn.Module, data: WorkingSet, runtime: Runtime, batch_size: i
     return (pred == data.labels).float().mean().item() if len(data) else float("nan")
 
 
+def can_stream(defense) -> bool:
+    """Whether ``defense`` trains on batches alone: it neither transforms the whole set up front
+    (``preprocess``) nor looks at it before training (``start``), so the set need not be held."""
+    from ueguard.defenses.base import Defense
+
+    return type(defense).preprocess is Defense.preprocess and type(defense).start is Defense.start
+
+
 def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *, defense, paradigm=None,
         params=None, runtime: Runtime, generator: torch.Generator, validation: WorkingSet | None = None,
         progress: Progress = SILENT, desc: str = "training") -> list[dict]:
-    """Train ``model`` on ``train`` under ``defense`` (and ``paradigm``: which parameters train, per-stage
+    """Train ``model`` on ``train`` (a working set, or a ``StreamedSet`` read batch by batch when the
+    defense :func:`can_stream`) under ``defense`` (and ``paradigm``: which parameters train, per-stage
     groups, frozen stages kept in eval mode) and return the per-epoch history: ``epoch``,
     ``train_loss``, ``train_accuracy`` (on the batches actually trained on), ``test_accuracy``,
     ``val_accuracy`` (with ``validation``), ``lr``, ``seconds``, plus the defense's own fields.
@@ -50,8 +59,12 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
     model = runtime.prepare_model(model)
     if paradigm is not None:
         params = paradigm.prepare(model)
-    images = defense.preprocess(train.images).to(runtime.device)
-    labels = train.labels.to(runtime.device)
+    streamed = not isinstance(train, WorkingSet)  # a StreamedSet (ueguard.data.loaders): read batch by batch
+    if streamed and not can_stream(defense):
+        raise ValueError(f"defense {defense.name!r} transforms the whole training set before training; "
+                         "load it into memory instead of streaming it")
+    images = None if streamed else defense.preprocess(train.images).to(runtime.device)
+    labels = None if streamed else train.labels.to(runtime.device)
     test = test.to(runtime.device)  # once, not every epoch
     validation = validation.to(runtime.device) if validation is not None else None
     sampler = BatchSampler(len(train), cfg.batch_size, generator, drop_last=len(train) > cfg.batch_size)
@@ -65,6 +78,7 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
     if extra:
         history.append({"epoch": 0, "test_accuracy": round(accuracy(model, test, runtime), 5), **extra})
     step = 0
+    passes = train.epochs(sampler, generator, runtime.device) if streamed else None
     with progress.bar(cfg.epochs, desc, unit="epoch") as bar:
         for epoch in range(1, cfg.epochs + 1):
             started = time.perf_counter()
@@ -72,13 +86,14 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
             loss_sum = torch.zeros((), device=runtime.device)
             correct = torch.zeros((), dtype=torch.long, device=runtime.device)
             seen = 0
-            for idx in sampler.epoch():
-                idx = idx.to(runtime.device)
-                x = defense.augment(runtime.to_float(images[idx]), generator)
-                loss, hits = defense.step(trainer, x, labels[idx])
-                loss_sum += loss * idx.numel()
+            batches = (next(passes) if streamed else
+                       ((images[idx], labels[idx]) for idx in (i.to(runtime.device) for i in sampler.epoch())))
+            for batch_images, batch_labels in batches:
+                x = defense.augment(runtime.to_float(batch_images), generator)
+                loss, hits = defense.step(trainer, x, batch_labels)
+                loss_sum += loss * batch_labels.numel()
                 correct += hits
-                seen += idx.numel()
+                seen += batch_labels.numel()
                 step += 1
                 defense.after_step(state, step)
             record = {"epoch": epoch, "train_loss": round(loss_sum.item() / seen, 5),

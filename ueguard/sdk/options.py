@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ueguard.data.images import DEFAULT_MAX_PIXELS, LOSSY_FORMATS, OUTPUT_FORMATS
+from ueguard.data.loaders import LOADERS, require_ffcv
 from ueguard.engine.runtime import COMPILES, DEVICES, PRECISIONS
 from ueguard.errors import UsageError
 from ueguard.methods import BUDGETS, METHODS
@@ -42,6 +43,10 @@ class ProtectOptions:
     (``--clusters``) say where labels come from (see :data:`LABEL_SOURCES`); with ``auto`` and no
     ``clusters`` the number of pseudo-classes is chosen by silhouette score over 2–10.
 
+    ``loader`` (``--loader``) says how the folder is decoded into the working set: ``memory`` (a thread
+    pool), ``torch`` (DataLoader workers) or ``ffcv`` (through a cached FFCV file, reused by later runs on
+    the same folder; ``cache_dir`` says where); see :mod:`ueguard.data.loaders`.
+
     ``eps`` is an L∞ budget and applies to L∞ methods only; an L2 method (lsp, ar) takes
     ``-o l2_eps=...`` and an L0 one (ops) has its fixed pixel count, so giving them another ``eps`` than
     the default is refused rather than silently ignored.
@@ -68,6 +73,8 @@ class ProtectOptions:
     follow_symlinks: bool = False
     label_source: str = "folders"
     clusters: int | None = None
+    loader: str = "auto"
+    cache_dir: str | None = None
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "ProtectOptions":
@@ -100,9 +107,11 @@ class ProtectOptions:
         for name, value, choices in (("budget", self.budget, BUDGETS), ("device", self.device, DEVICES),
                                      ("labels", self.label_source, LABEL_SOURCES),
                                      ("precision", self.precision, PRECISIONS), ("compile", self.compile, COMPILES),
-                                     ("format", self.format, FORMATS)):
+                                     ("format", self.format, FORMATS), ("loader", self.loader, LOADERS)):
             if value not in choices:
                 raise UsageError(f"invalid {name} {value!r}; choose one of {', '.join(choices)}")
+        if self.loader == "ffcv":
+            require_ffcv()
         if self.size is not None and not 8 <= self.size <= 1024:
             raise UsageError(f"invalid size {self.size}: the working resolution must be between 8 and 1024 px")
         if not 1 <= self.quality <= 100:

@@ -39,7 +39,8 @@ from ueguard._crash import kill_point
 from ueguard.data.images import (DecodedImage, ImageFileError, ImageReadError, ImageWriteError, load_image, output_path,
                                  quantize, resolve_format, save_image)
 from ueguard.data.manifest import MANIFEST_NAME, ManifestWriter, read_manifest, sha256_file
-from ueguard.data.working_set import WorkingSet, image_sides, load_folder_working_set, resize_float, suggest_size
+from ueguard.data.loaders import load_working_set, resolve_loader
+from ueguard.data.working_set import WorkingSet, image_sides, resize_float, suggest_size
 from ueguard.engine import distributed
 from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.runtime import Runtime, seed_everything
@@ -517,8 +518,9 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
             def failed_read(entry: FolderEntry, error: ImageReadError) -> None:
                 record(entry, "failed", str(error))
 
-            working, kept = load_folder_working_set(listing, todo, size, max_pixels=opts.max_pixels,
-                                                    on_error=failed_read, on_progress=bar.update)
+            loader = resolve_loader(opts.loader, len(todo), size, runtime.device)  # the methods hold the set
+            working, kept = load_working_set(listing, todo, size, loader, max_pixels=opts.max_pixels,
+                                             cache_dir=opts.cache_dir, on_error=failed_read, on_progress=bar.update)
         if not kept:
             return ProtectResult(items, None, opts, dst, dst / MANIFEST_NAME)
         if pseudo:

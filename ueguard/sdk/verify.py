@@ -32,9 +32,10 @@ import torch
 import ueguard
 from ueguard.data.folder import FolderListing, scan_folder
 from ueguard.data.images import DEFAULT_MAX_PIXELS
-from ueguard.data.working_set import WorkingSet, image_sides, load_folder_working_set, suggest_size
+from ueguard.data.loaders import LOADERS, StreamedSet, load_working_set, require_ffcv, resolve_loader
+from ueguard.data.working_set import WorkingSet, image_sides, suggest_size
 from ueguard.defenses import DEFENSES, PARADIGMS, create_paradigm, defense_names, paradigm_names
-from ueguard.engine.fit import FitConfig, fit
+from ueguard.engine.fit import FitConfig, can_stream, fit
 from ueguard.engine.progress import Progress
 from ueguard.engine.runtime import seed_everything
 from ueguard.errors import UsageError
@@ -79,6 +80,8 @@ class VerifyOptions:
     compile: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
     resume: bool = False
+    loader: str = "auto"
+    cache_dir: str | None = None
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "VerifyOptions":
@@ -88,6 +91,10 @@ class VerifyOptions:
         opts = cls(**values)
         if opts.budget not in BUDGETS:
             raise UsageError(f"invalid budget {opts.budget!r}; choose one of {', '.join(BUDGETS)}")
+        if opts.loader not in LOADERS:
+            raise UsageError(f"invalid loader {opts.loader!r}; choose one of {', '.join(LOADERS)}")
+        if opts.loader == "ffcv":
+            require_ffcv()
         paradigms, defenses = opts.paradigms, opts.defenses  # validates the names
         pretrained = opts.weights is not None or opts.pretrained
         if opts.weights is not None and opts.pretrained:
@@ -182,15 +189,35 @@ def _scan(root, role: str, classes: tuple[str, ...] | None = None) -> FolderList
 
 
 def _load(listing: FolderListing, size: int, max_pixels: int, role: str,
-          progress: Progress) -> tuple[WorkingSet, list[str]]:
+          progress: Progress, loader: str = "memory", cache_dir=None) -> tuple[WorkingSet, list[str]]:
     problems: list[str] = []
     with progress.bar(len(listing.images), f"loading {role}", unit="img") as bar:
-        data, _ = load_folder_working_set(listing, listing.images, size, max_pixels=max_pixels,
-                                          on_error=lambda entry, error: problems.append(str(error)),
-                                          on_progress=bar.update)
+        data, _ = load_working_set(listing, listing.images, size, loader, max_pixels=max_pixels, cache_dir=cache_dir,
+                                   on_error=lambda entry, error: problems.append(str(error)), on_progress=bar.update)
     if len(data) == 0:
         raise UsageError(f"{role} folder {listing.root}: no readable images")
     return data, problems
+
+
+def _training_set(listing: FolderListing, size: int, opts: VerifyOptions, loader: str, role: str,
+                  progress: Progress) -> tuple[WorkingSet | StreamedSet, list[str]]:
+    """A training folder as a working set (``memory``) or a :class:`StreamedSet` (``torch``, ``ffcv``)."""
+    if loader == "memory":
+        return _load(listing, size, opts.max_pixels, role, progress)
+    data = StreamedSet(listing, listing.images, size, loader, max_pixels=opts.max_pixels, cache_dir=opts.cache_dir)
+    if len(data) == 0:
+        raise UsageError(f"{role} folder {listing.root}: no readable images")
+    return data, data.problems  # the torch loader finds unreadable files while training: filled in then
+
+
+def _in_memory(data: WorkingSet | StreamedSet | None, opts: VerifyOptions, progress: Progress) -> WorkingSet | None:
+    """A streamed training set loaded whole, through its own loader (FFCV: from the cache it already has)."""
+    if not isinstance(data, StreamedSet):
+        return data
+    if data.held is None:
+        data.held = _load(data.listing, data.size, opts.max_pixels, "training set", progress, data.loader,
+                          opts.cache_dir)[0]
+    return data.held
 
 
 def verdict(test_accuracy: float, clean_accuracy: float | None, chance: float, threshold: float) -> bool | None:
@@ -287,7 +314,8 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
     and return the report (also written to ``json_path``; ``report_dir`` gets a Markdown summary and
     plots). ``options``: the CLI's long options (``paradigm``, ``defense``, ``defense_options``,
     ``arch``, ``epochs``, ``budget``, ``seed``, ``weights``, ``pretrained``, ``size``, ``batch_size``,
-    ``lr``, ``threshold``, ``device``, ``precision``, ``compile``, ``resume``). ``on_run_done(record)`` is called
+    ``lr``, ``threshold``, ``device``, ``precision``, ``compile``, ``resume``, ``loader`` — auto, memory, ffcv or torch, see
+    :mod:`ueguard.data.loaders` — and ``cache_dir`` for the FFCV cache). ``on_run_done(record)`` is called
     after every finished (or resumed) run.
 
     Per-run checkpoints go to ``<json_path>.state/`` (or ``<report_dir>/state/``); ``resume=True``
@@ -323,17 +351,21 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
     test_listing = _scan(test, "test", classes)
     clean_listing = _scan(Path(clean), "clean", classes) if clean is not None else None
     size = opts.size or suggest_size(image_sides(listing, listing.images), cap=SIZE_CAP[opts.budget])
-    train_p, problems = _load(listing, size, opts.max_pixels, "protected", reporter)
-    test_set, test_problems = _load(test_listing, size, opts.max_pixels, "test", reporter)
-    clean_set = _load(clean_listing, size, opts.max_pixels, "clean", reporter)[0] if clean_listing else None
+    loader = resolve_loader(opts.loader, len(listing.images) + (len(clean_listing.images) if clean_listing else 0),
+                            size, runtime.device)
+    # Training sets stream through a streaming loader; the test set, evaluated every epoch, is held.
+    train_p, problems = _training_set(listing, size, opts, loader, "protected", reporter)
+    test_set, test_problems = _load(test_listing, size, opts.max_pixels, "test", reporter, loader, opts.cache_dir)
+    clean_set = _training_set(clean_listing, size, opts, loader, "clean", reporter)[0] if clean_listing else None
     arch = opts.arch or default_arch(size, opts.budget)
     chance = 1.0 / len(classes)
     epochs = opts.resolved_epochs
     data_info = {"protected": str(protected), "test": str(test), "clean": None if clean is None else str(clean),
                  "train_images": len(train_p), "test_images": len(test_set)}
     config = dataclasses.asdict(opts) | {"epochs": epochs, "size": size, "arch": arch,
-                                         "defense_options": dict(opts.defense_options)}
-    fingerprint = {k: v for k, v in config.items() if k not in ("resume", "device", "precision", "compile")}
+                                         "defense_options": dict(opts.defense_options), "resolved_loader": loader}
+    fingerprint = {k: v for k, v in config.items()
+                   if k not in ("resume", "device", "precision", "compile", "loader", "cache_dir", "resolved_loader")}
     state_root = (Path(str(json_path) + ".state") if json_path is not None
                   else Path(report_dir) / "state" if report_dir is not None else None)
     store = RunStore(state_root, fingerprint | {"data": data_info}, opts.resume)
@@ -349,6 +381,8 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
                                         pretrained=opts.pretrained and paradigm.needs_pretrained)
         except (ValueError, FileNotFoundError) as error:
             raise UsageError(str(error)) from None
+        if isinstance(data, StreamedSet) and not can_stream(defense):
+            data = _in_memory(data, opts, reporter)  # this defense needs the whole set at once
         started = time.perf_counter()
         try:
             history = fit(model, data, test_set, fit_cfg, defense=defense, paradigm=paradigm, runtime=runtime,
@@ -379,8 +413,8 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
             reporter.log(f"[{number}/{len(plan)}] training on {kind} images: {defense_name}/{paradigm_name}")
             data, validation = (clean_set if kind == "clean" else train_p), None
             if kind == "protected" and DEFENSES.get(defense_name).needs_validation:
-                data, validation = _hold_out(train_p, clean_set, opts.defense_config(defense_name).val_fraction,
-                                             opts.seed)
+                held = [_in_memory(d, opts, reporter) for d in (train_p, clean_set)]  # split by sample id
+                data, validation = _hold_out(*held, opts.defense_config(defense_name).val_fraction, opts.seed)
             record = train(data, defense_name, paradigm_name, kind, validation)
             record["kind"] = kind
             store.save(key, record)
