@@ -111,7 +111,7 @@ class Scale:
 
 SCALES = {
     # Minutes on an idle 2-core CPU: 60 training images per class, small budgets, 4 victim epochs.
-    "quick": Scale("quick", train_per_class=60, test_per_class=60, prior_per_class=300, prior_epochs=8, epochs=4,
+    "quick": Scale("quick", train_per_class=60, test_per_class=60, prior_per_class=200, prior_epochs=6, epochs=4,
                    budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=32,
                    method_options=(("bait", (("iterations", 6), ("outer_batches", 2))),
                                    ("emn", (("max_rounds", 4),)),
@@ -119,11 +119,13 @@ SCALES = {
                                    ("ssc", (("max_rounds", 3), ("pca_images", 128))),
                                    ("tap", (("steps", 10), ("train_epochs", 4)))),
                    paradigms=("scratch", "finetune"), defenses=("none", "staged"), defended=("clean", "emn")),
-    # About an hour on an idle 2-core CPU.
-    "cpu": Scale("cpu", train_per_class=300, test_per_class=200, prior_per_class=1000, prior_epochs=10, epochs=10,
-                 budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=64,
+    # Meant for about an hour on an idle 2-core CPU (an estimate from the quick run's per-image cost, not
+    # yet timed end to end): 150 training images per class, all four paradigms, defenses on three rows.
+    "cpu": Scale("cpu", train_per_class=150, test_per_class=100, prior_per_class=1000, prior_epochs=10, epochs=8,
+                 budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=32,
                  method_options=(("bait", (("iterations", 15),)),
-                                 ("rem", (("train_steps", 150),)))),
+                                 ("rem", (("train_steps", 150),))),
+                 defenses=("none", "staged", "gray", "jpeg")),
     # The authors' protocol on the task's five classes: all 25,000 training images, 60 epochs; for a GPU.
     "full": Scale("full", train_per_class=5000, test_per_class=1000, prior_per_class=5000, prior_epochs=60,
                   epochs=60, budget="thorough", scratch_arch="resnet18_cifar", defended=ROWS),
