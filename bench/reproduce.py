@@ -1,0 +1,605 @@
+"""Reproduce the papers on real CIFAR-10: protections × paradigms × defenses, beside the published numbers.
+
+Needs CIFAR-10's python batches and the akamaster CIFAR ResNet weights (``/work/shared/data``, or
+``--data DIR`` / ``UEGUARD_SHARED_DATA``); a benchmark, not a test.
+
+The benchmark runs ueguard the way a user does: CIFAR-10 is written once as PNG image folders
+(``<split>/<class>/<index>.png``) into the cache, every protection is ``ueguard.sdk.protect(folder, out)``
+and every victim is ``ueguard.sdk.verify(protected_folder, test_folder, ...)``.
+
+Protocol (the scale presets below fix the sizes):
+
+* task: CIFAR-10 classes dog, frog, horse, ship, truck (5 classes), a class-balanced subset of the
+  training set; test on the same classes of the test set;
+* rows: ``clean`` (the unprotected task folder) and each protection, all at ueguard's defaults for the
+  scale's budget (ε 8/255 for L∞ methods; LSP and AR at their own L2 budgets; OPS one pixel);
+* paradigms: ``scratch`` (CIFAR-style ResNet-18, random init) and, per prior, ``finetune`` / ``frozen`` /
+  ``linear`` from that prior's weights through ``verify(weights=...)``;
+* priors: ``disjoint`` — a ResNet pretrained here on the *other* five classes (airplane, automobile,
+  bird, cat, deer), which stands in for ImageNet → CIFAR (cached, its accuracy reported); ``akamaster`` —
+  the published CIFAR-10 ResNet-20 trained on all ten classes (a strong same-class prior); ``user`` —
+  ``--weights FILE`` (``--weights-arch``) for any other prior. Methods that need a pretrained surrogate
+  (ssc, bait) are protected once per prior with that prior as surrogate (the protector uses the same
+  public model the victim starts from); their scratch column uses the ``disjoint`` one;
+* defenses: ``none`` on every row; the other selected defenses on the ``--defended`` rows.
+
+Everything is cached per cell under ``--cache`` (converted folders, prior checkpoints, protected folders,
+verify reports), keyed by a hash of the scale's settings, so an interrupted run continues where it
+stopped and a re-run only renders. Output: ``--json`` (default ``bench/results/reproduce-<scale>.json``),
+a Markdown table beside it (``.md``) and PNG plots (``-accuracy.png``, ``-curves.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+PRIOR_CLASSES = (0, 1, 2, 3, 4)
+TASK_CLASSES = (5, 6, 7, 8, 9)
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+AKAMASTER = Path("weights") / "cifar10_resnet_akamaster" / "resnet20-12fca82f.th"
+METHODS = ("emn", "rem", "tap", "lsp", "ops", "ar", "bait", "ssc")
+ROWS = ("clean",) + METHODS
+
+#: Published CIFAR-10 test accuracy %, ResNet-18 from scratch, 60 epochs (ISS README; methods spec §4).
+#: Keyed (row, defense) for the scratch paradigm; EM is the sample-wise error-minimising noise.
+PUBLISHED = {
+    ("clean", "none"): 94.68, ("clean", "gray"): 92.41, ("clean", "jpeg"): 85.38,
+    ("emn", "none"): 21.05, ("emn", "gray"): 93.01, ("emn", "jpeg"): 81.50,
+    ("rem", "none"): 25.44, ("rem", "gray"): 92.84, ("rem", "jpeg"): 81.50,
+    ("tap", "none"): 8.17, ("tap", "gray"): 9.11, ("tap", "jpeg"): 83.87,
+    ("lsp", "none"): 19.07, ("lsp", "gray"): 82.47, ("lsp", "jpeg"): 83.01,
+    ("ar", "none"): 13.28, ("ar", "gray"): 34.04, ("ar", "jpeg"): 85.15,
+    ("ops", "none"): 36.55, ("ops", "gray"): 42.44, ("ops", "jpeg"): 82.53,
+}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes and budgets of one run. ``method_options`` are per-method constants on top of the budget
+    preset (``-o key=value``), as sorted ``(method, ((key, value), ...))`` pairs."""
+
+    name: str
+    train_per_class: int          # task training images per class (5 classes)
+    test_per_class: int           # task test images per class
+    prior_per_class: int          # prior training images per class (the other 5 classes)
+    prior_epochs: int
+    epochs: int                   # victim epochs (every paradigm and defense)
+    budget: str                   # ueguard budget for protect and verify (method and defense presets)
+    scratch_arch: str             # victim from scratch, and surrogate of the surrogate-training methods
+    prior_arch: str = "resnet20_cifar"  # the disjoint prior's architecture (= the akamaster one)
+    batch_size: int = 128         # victim minibatch (smaller at small scales: enough optimiser steps)
+    method_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    paradigms: tuple[str, ...] = ("scratch", "finetune", "frozen", "linear")
+    defenses: tuple[str, ...] = ("none", "staged", "gray", "jpeg", "at")
+    defended: tuple[str, ...] = ("clean", "emn", "ssc")
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        return dict(dict(self.method_options).get(method, ()))
+
+    def tag(self) -> str:
+        """Cache key of the verify cells: the scale's name and a hash of every setting that changes a result."""
+        return self._tag(("paradigms", "defenses", "defended"))  # selections, not settings
+
+    def protect_tag(self) -> str:
+        """Cache key of the protected folders: only what changes a protection (not the victims' settings)."""
+        return self._tag(("paradigms", "defenses", "defended", "epochs", "batch_size", "test_per_class"))
+
+    def _tag(self, leave_out: tuple[str, ...]) -> str:
+        record = {k: v for k, v in dataclasses.asdict(self).items() if k not in leave_out}
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return f"{self.name}-{digest}"
+
+
+SCALES = {
+    # Minutes on an idle 2-core CPU: 60 training images per class, small budgets, 4 victim epochs.
+    "quick": Scale("quick", train_per_class=60, test_per_class=60, prior_per_class=200, prior_epochs=6, epochs=4,
+                   budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=32,
+                   method_options=(("bait", (("iterations", 6), ("outer_batches", 2))),
+                                   ("emn", (("max_rounds", 4),)),
+                                   ("rem", (("train_steps", 40),)),
+                                   ("ssc", (("max_rounds", 3), ("pca_images", 128))),
+                                   ("tap", (("steps", 10), ("train_epochs", 4)))),
+                   paradigms=("scratch", "finetune"), defenses=("none", "staged"), defended=("clean", "emn")),
+    # Meant for about an hour on an idle 2-core CPU (an estimate from the quick run's per-image cost, not
+    # yet timed end to end): 150 training images per class, all four paradigms, defenses on three rows.
+    "cpu": Scale("cpu", train_per_class=150, test_per_class=100, prior_per_class=1000, prior_epochs=10, epochs=8,
+                 budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=32,
+                 method_options=(("bait", (("iterations", 15),)),
+                                 ("rem", (("train_steps", 150),))),
+                 defenses=("none", "staged", "gray", "jpeg")),
+    # The authors' protocol on the task's five classes: all 25,000 training images, 60 epochs; for a GPU.
+    "full": Scale("full", train_per_class=5000, test_per_class=1000, prior_per_class=5000, prior_epochs=60,
+                  epochs=60, budget="thorough", scratch_arch="resnet18_cifar", defended=ROWS),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR-10 python batches → PNG image folders
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: (N×32×32×3 uint8 images, N int64 labels)."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data, labels = batch[b"data"], batch[b"labels"]
+    except (OSError, pickle.UnpicklingError, KeyError, TypeError, EOFError) as error:
+        raise SystemExit(f"{path}: not a readable CIFAR-10 python batch ({type(error).__name__}: {error})") from None
+    images = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64)
+
+
+def read_cifar(root: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The training (five batches, in order) or test split of ``root/cifar-10-batches-py``."""
+    folder = root / "cifar-10-batches-py"
+    names = TRAIN_BATCHES if train else (TEST_BATCH,)
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise SystemExit(f"{folder}: missing CIFAR-10 batch file(s) {', '.join(missing)}; pass --data DIR with "
+                         "cifar10/cifar-10-batches-py/ inside")
+    parts = [read_cifar_batch(folder / n) for n in names]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def balanced_indices(labels: np.ndarray, classes: tuple[int, ...], per_class: int, seed: int) -> np.ndarray:
+    """``per_class`` indices of each class in ``classes`` (a seeded random choice), sorted; too few images
+    in a class is an error naming it."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in classes:
+        members = np.flatnonzero(labels == c)
+        if len(members) < per_class:
+            raise SystemExit(f"class {c} has {len(members)} images, fewer than the {per_class} per class asked for")
+        picked.append(rng.permutation(members)[:per_class])
+    return np.sort(np.concatenate(picked)) if picked else np.empty(0, dtype=np.int64)
+
+
+def write_image_folder(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, root: Path,
+                       class_names: tuple[str, ...] = CIFAR10_CLASSES) -> Path:
+    """Write ``images[indices]`` as ``root/<class name>/<index:05d>.png`` (ImageFolder layout, lossless).
+
+    Written into a temporary sibling and renamed into place when complete, so ``root`` either does not
+    exist or holds the whole folder; an existing ``root`` is reused as it is."""
+    from PIL import Image
+
+    if root.exists():
+        return root
+    tmp = root.with_name(root.name + ".partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)  # our own leftover of an interrupted conversion
+    for i in indices.tolist():
+        folder = tmp / class_names[labels[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
+    tmp.rename(root)
+    return root
+
+
+@dataclass(frozen=True)
+class Folders:
+    task_train: Path
+    task_test: Path
+    prior_train: Path
+    prior_test: Path
+
+
+def convert(data: Path, cache: Path, scale: Scale, seed: int = 0) -> Folders:
+    """The scale's four folders (task and prior, train and test), converted once into ``cache/data``."""
+    out = cache / "data"
+    splits = {}
+    for train in (True, False):
+        wanted = [(name, classes, per_class) for name, classes, per_class in
+                  (("task", TASK_CLASSES, scale.train_per_class if train else scale.test_per_class),
+                   ("prior", PRIOR_CLASSES, scale.prior_per_class if train else scale.test_per_class))]
+        roots = {name: out / f"{name}-{'train' if train else 'test'}-{per_class}pc-s{seed}"
+                 for name, _, per_class in wanted}
+        if all(r.exists() for r in roots.values()):
+            splits.update({(n, train): r for n, r in roots.items()})
+            continue
+        images, labels = read_cifar(data / "cifar10", train)
+        for name, classes, per_class in wanted:
+            idx = balanced_indices(labels, classes, per_class, seed)
+            splits[(name, train)] = write_image_folder(images, labels, idx, roots[name])
+    return Folders(splits[("task", True)], splits[("task", False)], splits[("prior", True)], splits[("prior", False)])
+
+
+# --------------------------------------------------------------------------------------------------
+# priors
+
+
+@dataclass(frozen=True)
+class Prior:
+    name: str
+    weights: Path
+    arch: str
+    accuracy: float | None = None  # on its own classes' test images, when measured here
+    note: str = ""
+
+
+def pretrain_disjoint_prior(folders: Folders, cache: Path, scale: Scale, seed: int) -> Prior:
+    """Train ``scale.prior_arch`` on the five prior classes with ueguard's own training loop and save it
+    with :func:`ueguard.models.save_checkpoint` (cached; its test accuracy on those classes is kept)."""
+    from ueguard.data.folder import scan_folder
+    from ueguard.data.working_set import load_folder_working_set
+    from ueguard.defenses import create_defense, create_paradigm
+    from ueguard.engine.fit import FitConfig, fit
+    from ueguard.engine.runtime import Runtime, seed_everything
+    from ueguard.models import create_model, save_checkpoint
+
+    path = cache / "priors" / (f"disjoint-{scale.prior_arch}-{scale.prior_per_class}pc-{scale.prior_epochs}ep-"
+                               f"s{seed}.pth")
+    record = path.with_suffix(".json")
+    if path.is_file() and record.is_file():
+        info = json.loads(record.read_text())
+        return Prior("disjoint", path, scale.prior_arch, info["test_accuracy"], info["note"])
+    listing = scan_folder(folders.prior_train)
+    test_listing = scan_folder(folders.prior_test, classes=listing.classes)
+    train, _ = load_folder_working_set(listing, listing.images, 32)
+    test, _ = load_folder_working_set(test_listing, test_listing.images, 32)
+    runtime = Runtime.create("auto", "auto")
+    generator = seed_everything(seed)
+    model = create_model(scale.prior_arch, len(listing.classes))
+    started = time.perf_counter()
+    history = fit(model, train, test, FitConfig(epochs=scale.prior_epochs), defense=create_defense("none"),
+                  paradigm=create_paradigm("scratch"), runtime=runtime, generator=generator)
+    accuracy = history[-1]["test_accuracy"]
+    note = (f"{scale.prior_arch} trained {scale.prior_epochs} epochs on {len(train)} images of "
+            f"{', '.join(listing.classes)}; {100 * accuracy:.1f} % on {len(test)} test images of those classes")
+    save_checkpoint(model.cpu(), path, classes=list(listing.classes), test_accuracy=accuracy)
+    record.write_text(json.dumps({"test_accuracy": accuracy, "note": note, "history": history,
+                                  "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
+    return Prior("disjoint", path, scale.prior_arch, accuracy, note)
+
+
+def akamaster_prior(data: Path) -> Prior | None:
+    path = data / AKAMASTER
+    if not path.is_file():
+        return None
+    return Prior("akamaster", path, "resnet20_cifar", 0.9178,
+                 "akamaster ResNet-20 on all ten CIFAR-10 classes (published best_prec1 91.78 %): same-class prior")
+
+
+# --------------------------------------------------------------------------------------------------
+# cells: one protected folder per (method, prior), one verify report per (row, column group)
+
+
+def _json_dump(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def protected_folder(method: str, prior: Prior | None, folders: Folders, cache: Path, scale: Scale, seed: int,
+                     log) -> tuple[Path, dict]:
+    """``protect(task_train, out)`` with ``method`` at the scale's budget (resumed when interrupted)."""
+    from ueguard.methods import METHODS as REGISTRY
+    from ueguard.sdk import protect
+
+    needs_prior = REGISTRY.get(method).needs_pretrained
+    key = f"{method}@{prior.name}" if needs_prior else method
+    cells = cache / "protected" / scale.protect_tag()
+    out = cells / f"{key}-s{seed}"
+    done = cells / f"{key}-s{seed}.json"
+    if done.is_file() and out.is_dir():
+        return out, json.loads(done.read_text())
+    options: dict[str, Any] = {"budget": scale.budget, "seed": seed, "size": 32, "format": "png",
+                               "method_options": scale.options_for(method), "resume": out.exists()}
+    if REGISTRY.get(method).needs_surrogate:
+        options.update(surrogate=prior.arch if needs_prior else scale.scratch_arch,
+                       weights=str(prior.weights) if needs_prior else None)
+    log(f"protect {key}: {json.dumps({k: v for k, v in options.items() if v is not None}, default=str)}")
+    started = time.perf_counter()
+    result = protect(folders.task_train, out, method, **options)
+    linf = [item.get("linf") for item in result.items if item.get("linf") is not None]
+    record = {"method": method, "prior": prior.name if needs_prior else None, "ok": result.ok,
+              "failed": result.failed, "seconds": round(time.perf_counter() - started, 1),
+              "max_linf_255": max(linf) if linf else None, "mean_linf_255": float(np.mean(linf)) if linf else None,
+              "within_budget": all(item.get("within_budget", True) for item in result.items),
+              "options": {k: v for k, v in options.items() if k != "resume"}}
+    if result.failed:
+        raise SystemExit(f"protect {key}: {result.failed} image(s) failed; see {result.manifest_path}")
+    _json_dump(done, record)
+    return out, record
+
+
+def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prior: Prior | None,
+                paradigms: list[str], defenses: list[str], cells: Path, scale: Scale, seed: int, log) -> dict:
+    """``verify`` of one row under one column group (scratch, or the paradigms of one prior), cached."""
+    from ueguard.sdk import verify
+
+    path = cells / f"verify-{row}-{group}-s{seed}.json"
+    options: dict[str, Any] = {"paradigm": ",".join(paradigms), "defense": ",".join(defenses),
+                               "budget": scale.budget, "epochs": scale.epochs, "seed": seed, "size": 32,
+                               "batch_size": scale.batch_size,
+                               "arch": prior.arch if prior else scale.scratch_arch,
+                               "weights": str(prior.weights) if prior else None}
+    if path.is_file():
+        report = json.loads(path.read_text())
+        ran = {(r["paradigm"], r["defense"]) for r in report["runs"]}
+        if ran >= {(p, d) for p in paradigms for d in defenses}:
+            return report
+    state = Path(str(path) + ".state")
+    log(f"verify {row} × {group}: paradigms {', '.join(paradigms)}; defenses {', '.join(defenses)}")
+    try:
+        return verify(train_folder, folders.task_test, json_path=path, resume=(state / "config.json").is_file(),
+                      **options)
+    except Exception as error:  # a resumed battery whose settings changed: start it over
+        from ueguard.errors import UsageError
+
+        if not isinstance(error, UsageError) or "--resume" not in str(error):
+            raise
+        return verify(train_folder, folders.task_test, json_path=path, **options)
+
+
+# --------------------------------------------------------------------------------------------------
+# the table
+
+
+def column_key(paradigm: str, prior: str | None, defense: str) -> str:
+    return f"{paradigm}·{prior}/{defense}" if prior else f"{paradigm}/{defense}"
+
+
+def cells_from_reports(row: str, reports: list[tuple[str | None, dict]]) -> dict[str, dict]:
+    """``{column: {"accuracy", "peak", "history", "seconds"}}`` of one row's verify reports (accuracy %)."""
+    out = {}
+    for prior, report in reports:
+        for run in report["runs"]:
+            out[column_key(run["paradigm"], prior, run["defense"])] = {
+                "accuracy": round(100 * run["test_accuracy"], 2), "peak": round(100 * run["peak_test_accuracy"], 2),
+                "history": [round(100 * h["test_accuracy"], 2) for h in run["history"] if h["epoch"] >= 1],
+                "seconds": run["seconds"]}
+    return out
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def render_table(results: dict[str, list[dict[str, dict]]], columns: list[str],
+                 published: dict[tuple[str, str], float] = PUBLISHED) -> str:
+    """Markdown: rows = protections (``results[row]`` one cell dict per seed), columns = paradigm × defense;
+    test accuracy % (mean ± sd over seeds), the published number in brackets where there is one."""
+    lines = ["| protection | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for row, per_seed in results.items():
+        cells = []
+        for column in columns:
+            values = [seed_cells[column]["accuracy"] for seed_cells in per_seed if column in seed_cells]
+            text = _mean_sd(values)
+            paradigm, _, defense = column.partition("/")
+            if paradigm == "scratch" and (row, defense) in published:
+                text += f" [{published[(row, defense)]:.1f}]"
+            cells.append(text)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, list[dict[str, dict]]], columns: list[str], stem: Path) -> list[Path]:
+    """``<stem>-accuracy.png`` (grouped bars: one group per column, one bar per row) and ``<stem>-curves.png``
+    (test accuracy per epoch of every row, one panel per column; first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    rows = list(results)
+    written = []
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(columns)), 4))
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        heights = [np.mean([s[c]["accuracy"] for s in results[row] if c in s]) if any(c in s for s in results[row])
+                   else np.nan for c in columns]
+        ax.bar(np.arange(len(columns)) + i * width, heights, width, label=row)
+    ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2, columns, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy %")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    written.append(stem.with_name(stem.name + "-accuracy.png"))
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    n = len(columns)
+    ncols = min(4, n)
+    fig, axes = plt.subplots((n + ncols - 1) // ncols, ncols, figsize=(3.2 * ncols, 2.6 * ((n + ncols - 1) // ncols)),
+                             squeeze=False)
+    for ax, column in zip(axes.flat, columns):
+        for row in rows:
+            if results[row] and column in results[row][0]:
+                history = results[row][0][column]["history"]
+                ax.plot(range(1, len(history) + 1), history, label=row, marker=".")
+        ax.set_title(column, fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("epoch", fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("test accuracy %")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    written.append(stem.with_name(stem.name + "-curves.png"))
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+
+    import ueguard
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "load_average_start": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
+            "ueguard": ueguard.__version__}
+
+
+def _split(text: str | None, default: tuple[str, ...], valid: tuple[str, ...] | None, what: str) -> list[str]:
+    names = list(default) if text is None else [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if valid is not None and n not in valid]
+    if bad:
+        raise SystemExit(f"--{what}: unknown {', '.join(bad)}; choose from {', '.join(valid)}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    for name in SCALES:
+        size.add_argument(f"--{name}", dest="scale", action="store_const", const=name,
+                          help=f"scale preset {name!r} (default: quick)")
+    parser.add_argument("--methods", help=f"comma list of rows (default: all of {', '.join(ROWS)})")
+    parser.add_argument("--paradigms", help="comma list of scratch, finetune, frozen, linear (default: the scale's)")
+    parser.add_argument("--defenses", help="comma list of ueguard defenses (default: the scale's)")
+    parser.add_argument("--defended", help="rows that get the defenses beyond none (default: the scale's)")
+    parser.add_argument("--priors", help="comma list of disjoint, akamaster, user (default: disjoint, akamaster, "
+                                         "and user with --weights)")
+    parser.add_argument("--weights", type=Path, help="a user prior (any weights file ueguard reads)")
+    parser.add_argument("--weights-arch", default="resnet20_cifar", help="architecture of --weights")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("UEGUARD_SHARED_DATA", "/work/shared/data")),
+                        help="folder with cifar10/cifar-10-batches-py and weights/ (default /work/shared/data)")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                        / "ueguard-reproduce", help="cache of converted folders, priors and cells")
+    parser.add_argument("--json", type=Path, help="results JSON (default bench/results/reproduce-<scale>.json)")
+    args = parser.parse_args(argv)
+    scale = SCALES[args.scale or "quick"]
+    rows = _split(args.methods, ROWS, ROWS, "methods")
+    if "clean" not in rows:
+        rows.insert(0, "clean")
+    paradigms = _split(args.paradigms, scale.paradigms, ("scratch", "finetune", "frozen", "linear"), "paradigms")
+    defenses = _split(args.defenses, scale.defenses, None, "defenses")
+    if "none" not in defenses:
+        defenses.insert(0, "none")
+    defended = _split(args.defended, scale.defended, ROWS, "defended")
+    seeds = [int(s) for s in _split(args.seeds, ("0",), None, "seeds")]
+    prior_names = _split(args.priors, ("disjoint", "akamaster") + (("user",) if args.weights else ()),
+                         ("disjoint", "akamaster", "user"), "priors")
+    if "user" in prior_names and args.weights is None:
+        raise SystemExit("--priors user needs --weights FILE")
+    if args.weights is not None and not args.weights.is_file():
+        raise SystemExit(f"--weights {args.weights}: no such file")
+    json_path = args.json or ROOT / "bench" / "results" / f"reproduce-{scale.name}.json"
+
+    started = time.perf_counter()
+    environment = _environment()
+    cells = args.cache / "cells" / scale.tag()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.0f} s] {message}", flush=True)
+
+    log(f"scale {scale.tag()}; rows {', '.join(rows)}; paradigms {', '.join(paradigms)}; defenses "
+        f"{', '.join(defenses)} (beyond none on {', '.join(defended)}); seeds {seeds}; cache {args.cache}")
+    folders = convert(args.data, args.cache, scale)
+    log(f"folders: {folders.task_train} …")
+    prior_paradigms = [p for p in paradigms if p != "scratch"]
+    results: dict[str, list[dict[str, dict]]] = {row: [] for row in rows}
+    protections: dict[str, dict] = {}
+    priors_used: dict[str, dict] = {}
+    for seed in seeds:
+        priors: list[Prior] = []
+        needs_disjoint = "disjoint" in prior_names or any(m in rows for m in ("ssc", "bait"))
+        if needs_disjoint:
+            priors.append(pretrain_disjoint_prior(folders, args.cache, scale, seed))
+            log(f"prior: {priors[-1].note}")
+        if "akamaster" in prior_names:
+            if (aka := akamaster_prior(args.data)) is None:
+                raise SystemExit(f"{args.data / AKAMASTER}: missing; pass --priors disjoint or --data DIR")
+            priors.append(aka)
+        if "user" in prior_names:
+            priors.append(Prior("user", args.weights, args.weights_arch, None, f"--weights {args.weights}"))
+        column_priors = [p for p in priors if p.name in prior_names] if prior_paradigms else []
+        for prior in priors:
+            priors_used[prior.name] = {"weights": str(prior.weights), "arch": prior.arch,
+                                       "accuracy": prior.accuracy, "note": prior.note}
+        disjoint = next((p for p in priors if p.name == "disjoint"), None)
+        for row in rows:
+            row_defenses = defenses if row in defended else ["none"]
+            reports: list[tuple[str | None, dict]] = []
+            groups = ([(None, ["scratch"])] if "scratch" in paradigms else []) + \
+                     [(p, prior_paradigms) for p in column_priors]
+            for prior, group_paradigms in groups:
+                if row == "clean":
+                    folder = folders.task_train
+                else:
+                    folder, record = protected_folder(row, prior or disjoint, folders, args.cache, scale, seed,
+                                                      log)
+                    protections[f"{record['method']}@{record['prior']}-s{seed}" if record["prior"]
+                                else f"{row}-s{seed}"] = record
+                report = verify_cell(row, prior.name if prior else "scratch", folder, folders, prior,
+                                     group_paradigms, row_defenses, cells, scale, seed, log)
+                reports.append((prior.name if prior else None, report))
+            results[row].append(cells_from_reports(row, reports))
+            summary = ", ".join(f"{c} {v['accuracy']:.1f}" for c, v in results[row][-1].items())
+            log(f"{row}: {summary}")
+
+    columns = [column_key("scratch", None, d) for d in defenses if "scratch" in paradigms]
+    columns += [column_key(p, prior, d) for prior in prior_names for p in prior_paradigms for d in defenses]
+    columns = [c for c in columns if any(c in s for per_seed in results.values() for s in per_seed)]
+    table = render_table(results, columns)
+    wall = time.perf_counter() - started
+    environment["load_average_end"] = os.getloadavg()
+    record = {"bench": "reproduce", "scale": dataclasses.asdict(scale), "scale_tag": scale.tag(),
+              "selection": {"rows": rows, "paradigms": paradigms, "defenses": defenses, "defended": defended,
+                            "priors": prior_names},
+              "seeds": seeds, "task_classes": [CIFAR10_CLASSES[c] for c in TASK_CLASSES],
+              "prior_classes": [CIFAR10_CLASSES[c] for c in PRIOR_CLASSES], "priors": priors_used,
+              "protections": protections, "results": results, "published": {f"{r}/{d}": v for (r, d), v in
+                                                                             PUBLISHED.items()},
+              "table": table, "environment": environment, "wall_seconds": round(wall, 1),
+              "command": " ".join(["python", "bench/reproduce.py"] + (sys.argv[1:] if argv is None else argv)),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _json_dump(json_path, record)
+    plots = plot(results, columns, json_path.with_suffix(""))
+    prior_archs = ", ".join(f"{k} {v['arch']}" for k, v in priors_used.items())
+    header = (f"Scale `{scale.name}` ({scale.tag()}): {scale.train_per_class} training / {scale.test_per_class} "
+              f"test images per class of {', '.join(record['task_classes'])}; victims {scale.epochs} epochs "
+              f"(scratch: {scale.scratch_arch}; priors: {prior_archs}); "
+              f"budget `{scale.budget}`; seeds {seeds}.\n"
+              f"Hardware: {environment['cpu']}, {environment['cores']} cores, GPU {environment['gpu'] or 'none'}; "
+              f"load average {environment['load_average_start'][0]:.1f} → {environment['load_average_end'][0]:.1f}; "
+              f"torch {environment['torch']}. Wall time {wall / 60:.1f} min (cached cells included as loaded).\n"
+              f"Test accuracy %; [brackets]: published, ResNet-18 from scratch on all of CIFAR-10, 60 epochs.\n\n")
+    priors_text = "".join(f"- prior `{k}`: {v['note']}\n" for k, v in priors_used.items())
+    json_path.with_suffix(".md").write_text(header + table + "\n" + priors_text)
+    print(header + table + "\n" + priors_text)
+    log(f"wrote {json_path}, {json_path.with_suffix('.md')}, {', '.join(str(p) for p in plots)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The pure pieces of bench/reproduce.py: CIFAR pickle → image folder, the class split, the table.
+
+Fake CIFAR-10 batch files are written here (the python format: a protocol-2 pickle of a dict with
+``b"data"`` N×3072 uint8 rows, channel-major, and ``b"labels"``); no shared data is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_reproduce", ROOT / "bench" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_batch(path: Path, images_nhwc: np.ndarray, labels: list[int]) -> None:
+    rows = images_nhwc.transpose(0, 3, 1, 2).reshape(len(images_nhwc), -1)
+    with open(path, "wb") as f:
+        pickle.dump({b"batch_label": b"fake", b"labels": labels, b"data": rows,
+                     b"filenames": [b"x.png"] * len(labels)}, f, protocol=2)
+
+
+def fake_cifar(root: Path, per_class_per_batch: int = 2, seed: int = 0) -> Path:
+    """``root/cifar10/cifar-10-batches-py`` with five training batches and a test batch of random images,
+    ``per_class_per_batch`` of each of the ten classes per batch."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar10" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [c for c in range(10) for _ in range(per_class_per_batch)]
+        rng.shuffle(labels)
+        images = rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
+        write_batch(folder / name, images, labels)
+    return root
+
+
+def test_batch_reads_back_pixel_exact_in_hwc_order(bench, tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    images[0, 0, 0] = (255, 0, 0)  # a red top-left pixel: channel order must survive the round trip
+    write_batch(tmp_path / "b", images, [4, 0, 9])
+    read, labels = bench.read_cifar_batch(tmp_path / "b")
+    assert read.shape == (3, 32, 32, 3) and read.dtype == np.uint8
+    np.testing.assert_array_equal(read, images)
+    assert labels.tolist() == [4, 0, 9]
+    assert read[0, 0, 0].tolist() == [255, 0, 0]
+
+
+def test_unreadable_batch_names_the_file(bench, tmp_path):
+    (tmp_path / "data_batch_1").write_bytes(b"not a pickle")
+    with pytest.raises(SystemExit, match="data_batch_1"):
+        bench.read_cifar_batch(tmp_path / "data_batch_1")
+
+
+def test_balanced_indices_take_exactly_per_class_of_the_asked_classes(bench):
+    labels = np.repeat(np.arange(10), 7)
+    idx = bench.balanced_indices(labels, bench.TASK_CLASSES, 3, seed=0)
+    assert sorted(np.bincount(labels[idx], minlength=10).tolist()) == [0] * 5 + [3] * 5
+    assert set(labels[idx].tolist()) == set(bench.TASK_CLASSES)
+    assert np.array_equal(idx, bench.balanced_indices(labels, bench.TASK_CLASSES, 3, seed=0))
+    with pytest.raises(SystemExit, match="fewer than the 8"):
+        bench.balanced_indices(labels, bench.TASK_CLASSES, 8, seed=0)
+
+
+def test_class_split_is_disjoint_and_covers_cifar10(bench):
+    prior = {bench.CIFAR10_CLASSES[c] for c in bench.PRIOR_CLASSES}
+    task = {bench.CIFAR10_CLASSES[c] for c in bench.TASK_CLASSES}
+    assert prior == {"airplane", "automobile", "bird", "cat", "deer"}
+    assert task == {"dog", "frog", "horse", "ship", "truck"}
+    assert not prior & task and len(prior | task) == 10
+
+
+def test_convert_writes_imagefolder_pngs_equal_to_the_batches(bench, tmp_path):
+    data = fake_cifar(tmp_path / "data")
+    scale = bench.Scale("t", train_per_class=4, test_per_class=1, prior_per_class=3, prior_epochs=1, epochs=1,
+                        budget="quick", scratch_arch="resnet18_cifar_slim")
+    folders = bench.convert(data, tmp_path / "cache", scale)
+    images, labels = bench.read_cifar(data / "cifar10", train=True)
+    files = sorted(folders.task_train.rglob("*.png"))
+    assert len(files) == 5 * 4
+    assert {f.parent.name for f in files} == {"dog", "frog", "horse", "ship", "truck"}
+    assert {f.parent.name for f in folders.prior_train.rglob("*.png")} == {"airplane", "automobile", "bird", "cat",
+                                                                          "deer"}
+    assert len(list(folders.prior_train.rglob("*.png"))) == 5 * 3
+    assert len(list(folders.task_test.rglob("*.png"))) == 5
+    for f in files:  # lossless, and the file name is the index into the concatenated training batches
+        index = int(f.stem)
+        assert bench.CIFAR10_CLASSES[labels[index]] == f.parent.name
+        np.testing.assert_array_equal(np.asarray(Image.open(f).convert("RGB")), images[index])
+    stamp = files[0].stat().st_mtime_ns
+    again = bench.convert(data, tmp_path / "cache", scale)  # cached: nothing rewritten
+    assert again == folders and files[0].stat().st_mtime_ns == stamp
+    assert not list((tmp_path / "cache" / "data").glob("*.partial"))
+
+
+def test_convert_without_batches_is_a_clear_error(bench, tmp_path):
+    scale = bench.SCALES["quick"]
+    with pytest.raises(SystemExit, match="missing CIFAR-10 batch"):
+        bench.convert(tmp_path, tmp_path / "cache", scale)
+
+
+def test_table_has_a_column_per_paradigm_defense_and_the_published_number(bench):
+    cell = lambda acc: {"accuracy": acc, "peak": acc, "history": [acc], "seconds": 1.0}  # noqa: E731
+    results = {"clean": [{"scratch/none": cell(80.0), "finetune·disjoint/none": cell(85.0)}],
+               "emn": [{"scratch/none": cell(30.0), "finetune·disjoint/none": cell(60.0)},
+                       {"scratch/none": cell(34.0)}],
+               "ssc": [{"finetune·disjoint/none": cell(40.0)}]}
+    columns = ["scratch/none", "finetune·disjoint/none"]
+    lines = bench.render_table(results, columns).splitlines()
+    assert lines[0] == "| protection | scratch/none | finetune·disjoint/none |"
+    assert lines[1] == "|---|---:|---:|"
+    assert lines[2] == "| clean | 80.0 [94.7] | 85.0 |"
+    assert lines[3] == "| emn | 32.0 ± 2.8 [21.1] | 60.0 |"  # two seeds: mean ± sample sd
+    assert lines[4] == "| ssc | — | 40.0 |"  # no scratch cell, and no published number for SSC
+
+
+def test_scale_tag_changes_with_settings_not_with_selections(bench):
+    quick = bench.SCALES["quick"]
+    import dataclasses
+
+    assert quick.tag() == dataclasses.replace(quick, defenses=("none",), paradigms=("scratch",)).tag()
+    assert quick.tag() != dataclasses.replace(quick, epochs=quick.epochs + 1).tag()
+    assert quick.options_for("emn") == {"max_rounds": 4} and quick.options_for("lsp") == {}
