@@ -155,3 +155,24 @@ def test_streamed_training_skips_a_corrupt_file_and_reports_it(tmp_path):
     seen = sum(len(y) for _, y in next(data.epochs(sampler, torch.Generator().manual_seed(0), "cpu")))
     assert seen == len(listing.images) - 1
     assert len(data.problems) == 1 and str(listing.images[0].relpath) in data.problems[0]
+
+
+@needs_ffcv
+def test_ffcv_leaves_torch_threads_alone(mixed, tmp_path):
+    """Importing ffcv, building a Loader and starting a pass each call torch.set_num_threads (1 at
+    import); ueguard undoes it, or every later step of the run would go single-threaded."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(2); from ueguard.data import loaders; "
+            "assert loaders.ffcv_available(); print(torch.get_num_threads())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2"
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _load(mixed, "ffcv", tmp_path)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -28,6 +28,7 @@ says what to install.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -51,11 +52,25 @@ FFCV_INSTALL_HINT = ("FFCV is not installed. It is an optional extra: install th
                      "`pip install 'ueguard[ffcv]'` (or `pip install ffcv`); or choose --loader torch or memory")
 
 
+@contextlib.contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """Undo FFCV's ``torch.set_num_threads``: importing ffcv, building a ``Loader`` and starting a pass
+    each set torch's intra-op threads to FFCV's worker count (1 at import), which would silently
+    slow — and, through reduction order, change — every later training or PGD step of the run."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def ffcv_available() -> bool:
     """Whether FFCV imports (it needs numba and OpenCV; a broken install counts as missing)."""
     try:
-        import ffcv.loader  # noqa: F401
-        import ffcv.writer  # noqa: F401
+        with _torch_threads_kept():
+            import ffcv.loader  # noqa: F401
+            import ffcv.writer  # noqa: F401
     except Exception:
         return False
     return True
@@ -210,8 +225,9 @@ def ffcv_cache(listing: FolderListing, entries: Sequence[FolderEntry], size: int
     written (to a temporary name, renamed when complete, so a killed conversion leaves no cache that
     looks valid)."""
     require_ffcv()
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    with _torch_threads_kept():
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.writer import DatasetWriter
 
     key = cache_key(listing, entries, size, max_pixels)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -249,7 +265,8 @@ def ffcv_cache(listing: FolderListing, entries: Sequence[FolderEntry], size: int
 
 def _read_field(path: Path, name: str, n: int) -> np.ndarray:
     """One integer field of a ``.beton`` as an array, read through FFCV's metadata (no image decoding)."""
-    from ffcv.reader import Reader
+    with _torch_threads_kept():
+        from ffcv.reader import Reader
 
     reader = Reader(str(path))
     return np.asarray(reader.metadata[f"f{reader.field_names.index(name)}"][:n]).reshape(-1)
@@ -260,15 +277,17 @@ def ffcv_loader(cache: FFCVCache, batch_size: int, *, indices: Sequence[int] | N
     """An FFCV ``Loader`` over the cache yielding ``(uint8 N×3×S×S, label, gray, ok)`` CPU batches, in row
     order, or shuffled by FFCV's permutation of ``shuffle_seed`` + epoch. Its batches are FFCV's reused
     buffers: use or copy them before asking for the next one."""
-    from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+    with _torch_threads_kept():
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
 
     def ints():
         return [IntDecoder(), ToTensor(), Squeeze(1)]
 
-    return Loader(str(cache.path), batch_size=batch_size, num_workers=workers or default_workers(),
+    with _torch_threads_kept():
+        return Loader(str(cache.path), batch_size=batch_size, num_workers=workers or default_workers(),
                   order=OrderOption.SEQUENTIAL if shuffle_seed is None else OrderOption.RANDOM,
                   seed=shuffle_seed, drop_last=drop_last,
                   indices=None if indices is None else np.asarray(indices, dtype=np.int64),
@@ -277,7 +296,9 @@ def ffcv_loader(cache: FFCVCache, batch_size: int, *, indices: Sequence[int] | N
 
 
 def _ffcv_pass(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    for images, labels, gray, ok in loader:
+    with _torch_threads_kept():
+        batches = iter(loader)
+    for images, labels, gray, ok in batches:
         yield images, labels.long().reshape(-1), gray.bool().reshape(-1), ok.bool().reshape(-1)
 
 
