@@ -21,6 +21,8 @@ FORMATS = OUTPUT_FORMATS
 #: Where labels come from: ``folders`` — the class subfolders (the default); ``auto`` — the class
 #: subfolders when there are any, else pseudo-labels by k-means of a pretrained surrogate's features.
 LABEL_SOURCES = ("folders", "auto")
+#: Where sample-wise δ lives (``--store``); see :class:`ProtectOptions`.
+STORES = ("auto", "memory", "disk")
 
 #: Default working-size cap per budget: quick stays CPU-friendly, thorough goes to ImageNet scale.
 SIZE_CAP = {"quick": 64, "standard": 128, "thorough": 224}
@@ -41,6 +43,11 @@ class ProtectOptions:
     ``follow_symlinks`` follows links to folders and links leading outside the source folder. ``label_source`` (``--labels``) and ``clusters``
     (``--clusters``) say where labels come from (see :data:`LABEL_SOURCES`); with ``auto`` and no
     ``clusters`` the number of pseudo-classes is chosen by silhouette score over 2–10.
+
+    ``store`` (``--store``) is where sample-wise δ lives while it is generated and saved: ``memory`` (a
+    tensor), ``disk`` (the memory-mapped :class:`~ueguard.data.store.PerturbationStore` under
+    ``DST/.ueguard/``, resumable row by row) or ``auto`` (disk when float32 δ would take more than an
+    eighth of the machine's memory).
 
     ``eps`` is an L∞ budget and applies to L∞ methods only; an L2 method (lsp, ar) takes
     ``-o l2_eps=...`` and an L0 one (ops) has its fixed pixel count, so giving them another ``eps`` than
@@ -67,6 +74,7 @@ class ProtectOptions:
     follow_symlinks: bool = False
     label_source: str = "folders"
     clusters: int | None = None
+    store: str = "auto"
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "ProtectOptions":
@@ -98,7 +106,8 @@ class ProtectOptions:
             raise UsageError("--clusters is for --labels auto (pseudo-labels of an unlabeled folder)")
         for name, value, choices in (("budget", self.budget, BUDGETS), ("device", self.device, DEVICES),
                                      ("labels", self.label_source, LABEL_SOURCES),
-                                     ("precision", self.precision, PRECISIONS), ("format", self.format, FORMATS)):
+                                     ("precision", self.precision, PRECISIONS), ("format", self.format, FORMATS),
+                                     ("store", self.store, STORES)):
             if value not in choices:
                 raise UsageError(f"invalid {name} {value!r}; choose one of {', '.join(choices)}")
         if self.size is not None and not 8 <= self.size <= 1024:
