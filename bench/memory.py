@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's ueguard, also in-process (the children get PYTHONPATH)
 CLASSES = 10
 SIDE = 32
 
@@ -196,6 +197,12 @@ def main() -> None:
     for row in rows:
         print(f"{row['files']:>7}" + "".join(f" {row[f'{s}_peak_rss_mib']:>16.1f} {row[f'{s}_seconds']:>7.1f}"
                                               for s in args.stores))
+    for row in rows[1:]:  # growth per extra file against the smallest size, per store
+        for s in args.stores:
+            row[f"{s}_bytes_per_extra_file"] = round((row[f"{s}_peak_rss_mib"] - rows[0][f"{s}_peak_rss_mib"]) * 2**20
+                                                     / (row["files"] - rows[0]["files"]))
+            print(f"{row['files']:>7} files --store {s}: {row[f'{s}_bytes_per_extra_file']} B of peak RSS per extra file "
+                  f"(working set alone: {3 * SIDE * SIDE} B, float32 δ: {12 * SIDE * SIDE} B)")
     ratios = {s: round(top[f"{s}_peak_rss_mib"] / base[f"{s}_peak_rss_mib"], 3) for s in args.stores}
     for s, ratio in ratios.items():
         print(f"peak({top['files']}) / peak({base['files']}) with --store {s}: {ratio:.3f} (target ≤ 1.5)")

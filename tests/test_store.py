@@ -168,3 +168,26 @@ def test_generation_resumes_from_stored_rows(tmp_path):
     generation = [r for r in read_manifest(tmp_path / "out" / MANIFEST_NAME) if r["kind"] == "generation"]
     assert generation[-1]["store_resumed_rows"] == done.sum()
     assert _outputs(tmp_path / "out") == _outputs(tmp_path / "whole")
+
+
+def test_manifest_items_stream_this_runs_records(tmp_path):
+    """protect's file records are read back from the manifest: this run's lines, plus the earlier runs'
+    records that --resume kept (by byte offset) — nothing else, and nothing held while the run goes."""
+    from ueguard.data.manifest import ManifestItems, ManifestWriter, read_manifest_offsets
+
+    path = tmp_path / MANIFEST_NAME
+    with ManifestWriter(path) as first:
+        first.write({"kind": "run"})
+        first.write({"kind": "file", "source": "a", "status": "ok"})
+        first.write({"kind": "file", "source": "b", "status": "failed"})
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('{"kind": "file", "sou')  # torn by a crash
+    kept = [offset for offset, r in read_manifest_offsets(path) if r.get("source") == "a"]
+    with ManifestWriter(path) as second:
+        second.write({"kind": "run"})
+        second.write({"kind": "file", "source": "b", "status": "ok"})
+        items = ManifestItems(path, second.start, kept)
+        assert [r["source"] for r in items] == ["a", "b"]
+        second.write({"kind": "file", "source": "c", "status": "skipped"})
+    assert [(r["source"], r["status"]) for r in items] == [("a", "ok"), ("b", "ok"), ("c", "skipped")]
+    assert len(items) == 3 and items[-1]["source"] == "c"

@@ -7,6 +7,13 @@ clip, round, save atomically, decode the saved file and measure the change on it
 changed pixels, and whether it is within the method's own budget), append the manifest line. SRC is
 only ever read.
 
+Memory: sample-wise δ is one float32 tensor, or with ``--store disk`` (``auto``: when that tensor would
+take over an eighth of the machine's memory) the memory-mapped :class:`~ueguard.data.store.PerturbationStore`
+under ``DST/.ueguard/perturbation/``, which also checkpoints generation row by row (methods that finish
+rows one batch at a time resume from the rows stored; bi-level ones start generation again). The
+file records are streamed to the manifest and read back from it (:class:`ManifestItems`), so what grows
+with the file count is the working set (3 bytes per working pixel), the listing and the sample ids.
+
 Labels: class subfolders; or, with ``--labels auto`` on a flat folder, pseudo-labels from k-means of a
 pretrained surrogate's features (:mod:`ueguard.engine.clusters`), recorded per file in the manifest.
 
