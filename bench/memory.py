@@ -84,7 +84,8 @@ def child_protect(argv: list[str]) -> None:
     cli_main(["protect", *argv], standalone_mode=True)
 
 
-def scaling(sizes: list[int], stores: list[str], work: Path, threads: int) -> list[dict]:
+def scaling(sizes: list[int], stores: list[str], work: Path, threads: int, partial: Path | None = None) -> list[dict]:
+    """Peak RSS per size and store; with ``partial``, the rows so far are written there after each size."""
     rows = []
     for n in sizes:
         tree = work / f"tree_{n}"
@@ -103,10 +104,12 @@ def scaling(sizes: list[int], stores: list[str], work: Path, threads: int) -> li
             print(f"[memory] {n:>7} files --store {store:<6}: peak RSS {rss:8.1f} MiB, {seconds:6.1f} s", flush=True)
             shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
+        if partial is not None:
+            partial.write_text(json.dumps({"partial": True, "rows": rows}, indent=2) + "\n")
     return rows
 
 
-def encodings(n: int = 512) -> dict:
+def encodings(n: int = 256) -> dict:
     """Storage error and its effect on saved 8-bit values, per encoding (see the module docstring)."""
     import numpy as np
     import torch
@@ -124,7 +127,7 @@ def encodings(n: int = 512) -> dict:
                          [str(i) for i in range(n)])
     runtime = Runtime.create("cpu", "fp32")
     torch.manual_seed(0)
-    emn = create_method("emn", budget="quick", runtime=runtime, max_rounds=2, train_steps=5,
+    emn = create_method("emn", budget="quick", runtime=runtime, max_rounds=1, train_steps=2,
                         surrogate=create_model("resnet18_cifar_slim", CLASSES))
     sources = {"emn_linf_8": emn(working).delta, "ar_l2": create_method("ar", runtime=runtime)(working).delta}
     big = torch.from_numpy(rng.integers(0, 256, (n, 3, 48, 48), dtype=np.uint8))
@@ -178,20 +181,10 @@ def main() -> None:
 
     sizes = sorted(args.sizes or ([1000, 5000, 20000] if args.quick else [1000, 10000, 100000]))
     record: dict = {"bench": "memory", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-                    "quick": args.quick, "method": "ar (model-free, sample-wise), --size 32", "threads": args.threads,
-                    "environment": environment()}
-    if args.encodings:
-        record["encodings"] = encodings()
-        print(f"{'δ':<12} {'encoding':<8} {'B/value':>7} {'max err (levels)':>17} {'differ@32px':>12} "
-              f"{'max':>4} {'differ@48px':>12} {'max':>4}")
-        for name, per in record["encodings"].items():
-            for encoding, e in per.items():
-                print(f"{name:<12} {encoding:<8} {e['bytes_per_value']:>7} {e['max_error_levels']:>17.5f} "
-                      f"{e['differing_values_32px']:>12.5f} {e['max_level_diff_32px']:>4} "
-                      f"{e['differing_values_48px']:>12.5f} {e['max_level_diff_48px']:>4}")
+                    "quick": args.quick, "method": "ar (model-free, sample-wise), --size 32", "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="ueguard-memory-") as tmp:
         work = args.workdir or Path(tmp)
-        rows = scaling(sizes, args.stores, work, args.threads)
+        rows = scaling(sizes, args.stores, work, args.threads, args.json)
     base, top = (rows[-2], rows[-1]) if len(rows) > 1 else (rows[0], rows[0])
     print(f"{'files':>7}" + "".join(f" {s + ' RSS MiB':>16} {'s':>7}" for s in args.stores))
     for row in rows:
@@ -206,7 +199,19 @@ def main() -> None:
     ratios = {s: round(top[f"{s}_peak_rss_mib"] / base[f"{s}_peak_rss_mib"], 3) for s in args.stores}
     for s, ratio in ratios.items():
         print(f"peak({top['files']}) / peak({base['files']}) with --store {s}: {ratio:.3f} (target ≤ 1.5)")
-    record.update(rows=rows, ratio_files=[base["files"], top["files"]], peak_ratio=ratios)
+    record.update(rows=rows, ratio_files=[base["files"], top["files"]], peak_ratio=ratios, environment=environment())
+    # Part 1 after part 2: a child's ru_maxrss includes its parent's resident size at fork (Linux copies the
+    # pre-exec high-water mark), so the parent must not hold torch and a model while the children run.
+    if args.encodings:
+        record["encodings"] = encodings()
+        sys.stdout.flush()
+        print(f"{'δ':<12} {'encoding':<8} {'B/value':>7} {'max err (levels)':>17} {'differ@32px':>12} "
+              f"{'max':>4} {'differ@48px':>12} {'max':>4}")
+        for name, per in record["encodings"].items():
+            for encoding, e in per.items():
+                print(f"{name:<12} {encoding:<8} {e['bytes_per_value']:>7} {e['max_error_levels']:>17.5f} "
+                      f"{e['differing_values_32px']:>12.5f} {e['max_level_diff_32px']:>4} "
+                      f"{e['differing_values_48px']:>12.5f} {e['max_level_diff_48px']:>4}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n")

@@ -191,3 +191,34 @@ def test_manifest_items_stream_this_runs_records(tmp_path):
         second.write({"kind": "file", "source": "c", "status": "skipped"})
     assert [(r["source"], r["status"]) for r in items] == [("a", "ok"), ("b", "ok"), ("c", "skipped")]
     assert len(items) == 3 and items[-1]["source"] == "c"
+
+
+def test_resume_after_generation_reuses_the_complete_store(tmp_path, monkeypatch):
+    """Interrupted while saving: the finished store is reused by --resume (not generated again), and the
+    files equal an uninterrupted run's."""
+    import importlib
+
+    protect_mod = importlib.import_module("ueguard.sdk.protect")  # the module (ueguard.sdk exports the function)
+
+    src = tmp_path / "src"
+    write_class_tree(src, n_per_class=5, classes=2, size=10)
+    common = dict(method="ar", size=8, seed=2, store="disk")
+    protect(src, tmp_path / "whole", **common)
+    real_save, saved = protect_mod._save_one, []
+
+    def interrupted(*args, **kwargs):
+        if len(saved) == 4:
+            raise KeyboardInterrupt
+        saved.append(1)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(protect_mod, "_save_one", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        protect(src, tmp_path / "out", **common)
+    sidecar = json.loads((tmp_path / "out" / ".ueguard" / "perturbation" / "store.json").read_text())
+    assert sidecar["complete"] and sidecar["perturbation"]["norm"] == "l2"
+    monkeypatch.setattr(protect_mod, "_save_one", real_save)
+    monkeypatch.setattr(protect_mod, "_store_factory", lambda *a: pytest.fail("generated again"))
+    result = protect(src, tmp_path / "out", resume=True, **common)
+    assert result.ok == 10 and len(result.items) == 10
+    assert _outputs(tmp_path / "out") == _outputs(tmp_path / "whole")

@@ -394,13 +394,14 @@ def _use_disk_store(opts: ProtectOptions, n: int, size: int) -> bool:
 
 
 def _load_state(path: Path, ids: list[str], store_dir: Path | None = None, fingerprint: dict[str, Any] | None = None,
-                device: torch.device | str = "cpu") -> Perturbation | None:
+                device: torch.device | str = "cpu", progress: Progress = SILENT) -> Perturbation | None:
     """The finished perturbation of an interrupted run: a complete on-disk store, or the torch file."""
     if store_dir is not None and (store_dir / "store.json").exists():
         try:
             store = PerturbationStore.open(store_dir, ids, fingerprint=fingerprint, device=device)
-        except StoreError:
-            store = None  # another run's or a damaged store: regenerated (deterministic for the same seed)
+        except StoreError as error:  # damaged, or left by other settings: generated again (same seed, same δ)
+            progress.log(f"not reusing the perturbation store: {error}; generating again")
+            store = None
         if store is not None and store.complete:
             record = store.meta["perturbation"]
             return Perturbation(store, False, float(record["eps"]), dict(record["info"]), norm=record["norm"],
@@ -507,7 +508,7 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
 
         state_path, store_dir = dst / STATE_DIR / "perturbation.pt", dst / STATE_DIR / "perturbation"
         fingerprint = _store_fingerprint(opts)
-        perturbation = _load_state(state_path, working.ids, store_dir, fingerprint, runtime.device)
+        perturbation = _load_state(state_path, working.ids, store_dir, fingerprint, runtime.device, progress)
         store_record: dict[str, Any] = {}
         if perturbation is None:
             if _use_disk_store(opts, len(working), size):
