@@ -12,6 +12,7 @@ import functools
 import os
 import statistics
 import sys
+from array import array
 
 import click
 
@@ -104,11 +105,14 @@ def main() -> None:
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Where the FFCV cache lives "
               "(default: $UEGUARD_CACHE or ~/.cache/ueguard).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in a non-empty --out.")
+@click.option("--store", default="auto", show_default=True, type=click.Choice(["auto", "memory", "disk"]),
+              help="Where sample-wise perturbations live: in memory, or memory-mapped under OUT/.ueguard/ (resumable "
+                   "row by row; auto: disk when they would take over 1/8 of the machine's memory).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def protect(src, out, method, eps, seed, device, precision, compile_, budget, size, surrogate, weights, pretrained, format_,
             quality, perturbation, method_options, max_pixels, keep_metadata, follow_symlinks, label_source, clusters,
-            loader, cache_dir, resume, quiet) -> None:
+            loader, cache_dir, resume, store, quiet) -> None:
     """Protect every image under SRC (class subfolders = labels, or --labels auto) into a mirrored folder."""
     from ueguard.data.images import LOSSY_FORMATS
     from ueguard.engine.distributed import environment
@@ -125,22 +129,34 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
                          quality=quality, perturbation=perturbation,
                          method_options=parse_method_options(method_options), max_pixels=max_pixels,
                          keep_metadata=keep_metadata, follow_symlinks=follow_symlinks, label_source=label_source,
-                         clusters=clusters, loader=loader, cache_dir=cache_dir, resume=resume,
+                         clusters=clusters, loader=loader, cache_dir=cache_dir, resume=resume, store=store,
                          progress=_show_progress(quiet))
     if not main_rank:
         return
-    ok = [item for item in result.items if item["status"] == "ok"]
-    line = f"protected {len(ok)} image(s) into {result.out}"
-    if ok:
-        linf = statistics.median(item["linf"] for item in ok)
-        psnrs = [item["psnr"] for item in ok if item["psnr"] is not None]
+    # One streaming pass over the records (a folder's come from the manifest): a few numbers per file.
+    linfs, psnrs, rms, l0 = array("d"), array("d"), array("d"), array("d")
+    over, norm, failed, failures = 0, None, [], 0
+    for item in result.items:
+        if item["status"] == "ok":
+            linfs.append(item["linf"])
+            if item["psnr"] is not None:
+                psnrs.append(item["psnr"])
+            rms.append(item["rms"])
+            l0.append(item["l0"])
+            norm = norm or item.get("norm")
+            over += item.get("within_budget") is False
+        elif item["status"] == "failed":
+            failures += 1
+            if len(failed) < 10:
+                failed.append(item)
+    line = f"protected {len(linfs)} image(s) into {result.out}"
+    if linfs:
+        linf = statistics.median(linfs)
         line += f"; median L∞ {linf:.2f}/255" + (f", mean PSNR {statistics.fmean(psnrs):.1f} dB" if psnrs else "")
-        norm = ok[0].get("norm")
         if norm == "l2":
-            line += f", median RMS {statistics.median(item['rms'] for item in ok):.2f}/255 (L2 budget)"
+            line += f", median RMS {statistics.median(rms):.2f}/255 (L2 budget)"
         elif norm == "l0":
-            line += f", median {statistics.median(item['l0'] for item in ok):g} pixel(s) changed (L0 budget)"
-        over = sum(1 for item in ok if item.get("within_budget") is False)
+            line += f", median {statistics.median(l0):g} pixel(s) changed (L0 budget)"
         if over:
             line += f"; {over} file(s) exceed the method's budget (lossy format?) — see within_budget in the manifest"
     click.echo(line)
@@ -148,12 +164,11 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
         click.echo(f"skipped {result.skipped} file(s): not images in class folders, or links not followed "
                    "(each listed in the manifest with the reason)")
     click.echo(f"manifest: {result.manifest_path}")
-    if result.failed:
-        failed = [item for item in result.items if item["status"] == "failed"]
-        for item in failed[:10]:
+    if failures:
+        for item in failed:
             click.echo(f"  failed: {item['source']}: {item['error']}", err=True)
-        more = f" (first 10 shown; all in the manifest)" if len(failed) > 10 else ""
-        click.echo(f"ueguard: {len(failed)} file(s) failed{more}; the others were protected.", err=True)
+        more = f" (first 10 shown; all in the manifest)" if failures > 10 else ""
+        click.echo(f"ueguard: {failures} file(s) failed{more}; the others were protected.", err=True)
         sys.exit(EXIT_SOME_FAILED)
 
 

@@ -28,7 +28,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from ueguard.errors import UsageError
 
@@ -56,6 +57,9 @@ class ManifestWriter:
                              "(or stop it), then run again with --resume") from None
         if self._fh.tell() > 0 and not _ends_with_newline(self.path):
             self._fh.write("\n")  # a crash mid-line: end that line, so the next record is not glued onto it
+        self._fh.flush()
+        #: Byte offset of this writer's first record (what :class:`ManifestItems` reads from).
+        self.start = os.fstat(self._fh.fileno()).st_size
 
     def write(self, record: dict[str, Any]) -> None:
         text = json.dumps(record, ensure_ascii=False, allow_nan=False)
@@ -90,12 +94,58 @@ def _ends_with_newline(path: Path) -> bool:
 
 def read_manifest(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """The records of a manifest, skipping a torn (incomplete) final line."""
-    with open(path, encoding="utf-8") as fh:
+    for _, record in read_manifest_offsets(path):
+        yield record
+
+
+def read_manifest_offsets(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(byte offset, record)`` for each record of a manifest, one line in memory at a time."""
+    offset = 0
+    with open(path, "rb") as fh:
         for line in fh:
+            start, offset = offset, offset + len(line)
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
+                yield start, json.loads(line.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
+
+
+class ManifestItems(Sequence):
+    """The file records of one run, read from its manifest when used rather than kept in memory: those
+    this run wrote (from byte offset ``start`` on) and the earlier runs' records at ``earlier`` (the
+    finished files a ``--resume`` kept). Iterating streams the file; indexing or ``len`` reads it once
+    into a list (then cached)."""
+
+    def __init__(self, path: str | os.PathLike, start: int, earlier: Iterable[int] = ()) -> None:
+        self.path = Path(path)
+        self.start = start
+        self.earlier = frozenset(earlier)
+        self._list: list[dict[str, Any]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._list is not None:
+            yield from self._list
+            return
+        for offset, record in read_manifest_offsets(self.path):
+            if record.get("kind") == "file" and (offset >= self.start or offset in self.earlier):
+                yield record
+
+    def _materialise(self) -> list[dict[str, Any]]:
+        if self._list is None:
+            self._list = list(iter(self))
+        return self._list
+
+    def __len__(self) -> int:
+        return len(self._materialise())
+
+    def __getitem__(self, index):
+        return self._materialise()[index]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, ManifestItems)) else NotImplemented
+
+    def __repr__(self) -> str:
+        return f"ManifestItems({str(self.path)!r}, start={self.start}, earlier={len(self.earlier)})"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

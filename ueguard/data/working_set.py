@@ -109,7 +109,9 @@ def load_folder_working_set(
             return entry, error
         return entry, (to_working(image, size), image.grayscale)
 
-    tensors, labels, gray, kept = [], [], [], []
+    # Filled in place (not a list stacked at the end, which would hold every image twice at the peak).
+    images = torch.empty(len(entries), 3, size, size, dtype=torch.uint8)
+    labels, gray, kept = [], [], []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for entry, result in pool.map(decode, entries):
             if on_progress is not None:
@@ -118,11 +120,11 @@ def load_folder_working_set(
                 if on_error is not None:
                     on_error(entry, result)
                 continue
-            tensors.append(result[0])
+            images[len(kept)] = result[0]
             gray.append(result[1])
             labels.append(-1 if entry.label is None else entry.label)
             kept.append(entry)
-    images = torch.stack(tensors) if tensors else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    images = images[:len(kept)]
     working = WorkingSet(images, torch.tensor(labels, dtype=torch.long), torch.tensor(gray, dtype=torch.bool),
                          listing.classes, [str(e.relpath) for e in kept])
     return working, kept

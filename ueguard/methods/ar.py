@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from ueguard.data.working_set import WorkingSet
-from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, l2_scale
+from ueguard.engine.loops import batch_ranges
+from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, l2_scale, mark_rows_done,
+                                  rows_done)
 
 
 @dataclass(frozen=True)
@@ -106,12 +108,17 @@ class AR(ProtectionMethod):
         radius = cfg.l2_eps if cfg.l2_eps is not None else math.sqrt(h * w) / 32
         filters = random_filters(data.num_classes, self.generator)
         labels = data.labels.cpu()
-        rows = []
-        for start in range(0, len(data), cfg.batch_size):
-            y = labels[start:start + cfg.batch_size]
-            raw = ar_realise(filters[y], (h, w), cfg.crop, self.generator)
-            rows.append(l2_scale(raw, radius).float())
-        delta = torch.cat(rows) if rows else torch.zeros(0, 3, h, w)
+        # Each batch draws from its own generator (seeded from the run's), so a batch's rows do not
+        # depend on the batches before it: a resumed run skips the rows an interrupted one finished.
+        batch_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        delta = self.new_delta((len(data), 3, h, w), resumable=True)
+        for span in batch_ranges(len(data), cfg.batch_size):
+            if rows_done(delta, span):
+                continue
+            generator = torch.Generator().manual_seed(batch_seed + span.start)
+            raw = ar_realise(filters[labels[span]], (h, w), cfg.crop, generator)
+            delta[span] = l2_scale(raw, radius).float().to(self.runtime.device)
+            mark_rows_done(delta, span)
         info = {"l2_eps": radius, "filters": filters.flatten(2).tolist(), "crop": cfg.crop,
                 "rms_255": round(radius / math.sqrt(3 * h * w) * 255, 4)}
-        return Perturbation(delta.to(self.runtime.device), False, radius, info, norm="l2")
+        return Perturbation(delta, False, radius, info, norm="l2")

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ueguard.data.store import PerturbationStore
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.runtime import Runtime
@@ -45,7 +47,8 @@ class MethodConfig:
 class Perturbation:
     """What a method releases: δ rows at the working resolution, within the method's budget.
 
-    ``delta`` is ``N×3×H×W`` (sample-wise, row i belongs to sample i) or ``K×3×H×W`` (class-wise, row
+    ``delta`` is ``N×3×H×W`` (sample-wise, row i belongs to sample i; a tensor, or an on-disk
+    :class:`~ueguard.data.store.PerturbationStore` indexed the same way) or ``K×3×H×W`` (class-wise, row
     k to class k, or to the rows of ``assignment`` — per-sample row indices — when the method groups
     samples itself, as UC's clusters do). ``norm`` and ``eps`` state the budget: for ``linf`` every
     value of δ is in [−ε, ε]; for ``l2`` every row has Euclidean norm ≤ ε (in [0, 1] units at the
@@ -56,7 +59,7 @@ class Perturbation:
     carries the method's own statistics (rounds, final surrogate accuracy, …).
     """
 
-    delta: torch.Tensor
+    delta: "torch.Tensor | PerturbationStore"
     classwise: bool
     eps: float
     info: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +91,17 @@ class Perturbation:
         if self.norm == "linf":
             out["budget_255"] = round(self.eps * 255, 4)
         return out
+
+
+def rows_done(delta: "torch.Tensor | PerturbationStore", span: slice) -> bool:
+    """Whether the rows of ``span`` are already final (stored by an interrupted run that is resumed)."""
+    return isinstance(delta, PerturbationStore) and delta.done(span.start, span.stop)
+
+
+def mark_rows_done(delta: "torch.Tensor | PerturbationStore", span: slice) -> None:
+    """The rows of ``span`` are final: an on-disk store checkpoints them so a resumed run skips them."""
+    if isinstance(delta, PerturbationStore):
+        delta.mark_done(span.start, span.stop)
 
 
 def norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
@@ -168,6 +182,17 @@ class ProtectionMethod(ABC):
         self.surrogate = surrogate
         self.progress = progress
         self.generator = torch.Generator().manual_seed(config.seed)
+        #: Where sample-wise δ lives: None → a tensor on the run's device; otherwise a callable
+        #: ``(shape, resumable) → PerturbationStore`` (``protect --store disk``). ``resumable``: the method
+        #: marks rows final as it goes and skips final rows, so a store left by a killed run is continued.
+        self.delta_store: Callable[[tuple[int, ...], bool], PerturbationStore] | None = None
+
+    def new_delta(self, shape: tuple[int, ...], *, resumable: bool = False) -> "torch.Tensor | PerturbationStore":
+        """Zero sample-wise δ of ``shape`` (``N×3×H×W``): a tensor on the run's device, or the on-disk
+        store when one was configured (see :attr:`delta_store`)."""
+        if self.delta_store is None:
+            return torch.zeros(shape, device=self.runtime.device)
+        return self.delta_store(tuple(shape), resumable)
 
     @classmethod
     def make_config(cls, budget: str = "standard", **overrides: Any) -> MethodConfig:

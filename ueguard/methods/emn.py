@@ -96,7 +96,8 @@ class EMN(ProtectionMethod):
         model = parallel.model
         trainer = Trainer(parallel.module, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         rows = data.num_classes if classwise else n
-        delta = torch.zeros(rows, *data.images.shape[1:], device=rt.device)
+        delta = (torch.zeros(rows, *data.images.shape[1:], device=rt.device) if classwise
+                 else self.new_delta((rows, *data.images.shape[1:])))
         perturbation = Perturbation(delta, classwise, cfg.eps)
         sampler = BatchSampler(n, cfg.batch_size, self.generator)
         check = (torch.randperm(n, generator=self.generator)[:cfg.eval_limit].sort().values

@@ -86,7 +86,7 @@ class REM(ProtectionMethod):
         trainer = Trainer(model, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         decay = cfg.lr_decay_every or max(1, int(0.4 * cfg.train_steps))
         scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=decay, gamma=0.1)
-        delta = torch.zeros(len(data), *data.images.shape[1:], device=rt.device)
+        delta = self.new_delta((len(data), *data.images.shape[1:]))
         sampler = BatchSampler(len(data), cfg.batch_size, self.generator)
         losses = []
         with self.progress.bar(cfg.train_steps, "rem steps", unit="step") as bar:

@@ -168,7 +168,7 @@ class SSC(ProtectionMethod):
         deep_trainer = Trainer(frozen, rt, OptimConfig(cfg.deep_lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         scratch_trainer = Trainer(scratch, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         bases, explained = self._subspaces(prior, data)
-        delta = torch.zeros(n, *data.images.shape[1:], device=rt.device)
+        delta = self.new_delta((n, *data.images.shape[1:]))
         perturbation = Perturbation(delta, False, cfg.eps)
         sampler = BatchSampler(n, cfg.batch_size, self.generator)
         check = (torch.randperm(n, generator=self.generator)[:cfg.eval_limit].sort().values

@@ -79,7 +79,7 @@ class TAP(ProtectionMethod):
         before = self._clean_accuracy(model, data)
         epochs, after = self._train_clean(model, data, before)
         model.eval()
-        delta = torch.zeros(len(data), *data.images.shape[1:], device=rt.device)
+        delta = self.new_delta((len(data), *data.images.shape[1:]))
         hits = 0
         with self.progress.bar(len(data), "tap", unit="img") as bar:
             for span in batch_ranges(len(data), cfg.batch_size):

@@ -22,6 +22,8 @@ FORMATS = OUTPUT_FORMATS
 #: Where labels come from: ``folders`` — the class subfolders (the default); ``auto`` — the class
 #: subfolders when there are any, else pseudo-labels by k-means of a pretrained surrogate's features.
 LABEL_SOURCES = ("folders", "auto")
+#: Where sample-wise δ lives (``--store``); see :class:`ProtectOptions`.
+STORES = ("auto", "memory", "disk")
 
 #: Default working-size cap per budget: quick stays CPU-friendly, thorough goes to ImageNet scale.
 SIZE_CAP = {"quick": 64, "standard": 128, "thorough": 224}
@@ -46,6 +48,11 @@ class ProtectOptions:
     ``loader`` (``--loader``) says how the folder is decoded into the working set: ``memory`` (a thread
     pool), ``torch`` (DataLoader workers) or ``ffcv`` (through a cached FFCV file, reused by later runs on
     the same folder; ``cache_dir`` says where); see :mod:`ueguard.data.loaders`.
+
+    ``store`` (``--store``) is where sample-wise δ lives while it is generated and saved: ``memory`` (a
+    tensor), ``disk`` (the memory-mapped :class:`~ueguard.data.store.PerturbationStore` under
+    ``DST/.ueguard/``, resumable row by row) or ``auto`` (disk when float32 δ would take more than an
+    eighth of the machine's memory).
 
     ``eps`` is an L∞ budget and applies to L∞ methods only; an L2 method (lsp, ar) takes
     ``-o l2_eps=...`` and an L0 one (ops) has its fixed pixel count, so giving them another ``eps`` than
@@ -75,6 +82,7 @@ class ProtectOptions:
     clusters: int | None = None
     loader: str = "auto"
     cache_dir: str | None = None
+    store: str = "auto"
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "ProtectOptions":
@@ -107,7 +115,8 @@ class ProtectOptions:
         for name, value, choices in (("budget", self.budget, BUDGETS), ("device", self.device, DEVICES),
                                      ("labels", self.label_source, LABEL_SOURCES),
                                      ("precision", self.precision, PRECISIONS), ("compile", self.compile, COMPILES),
-                                     ("format", self.format, FORMATS), ("loader", self.loader, LOADERS)):
+                                     ("format", self.format, FORMATS), ("loader", self.loader, LOADERS),
+                                     ("store", self.store, STORES)):
             if value not in choices:
                 raise UsageError(f"invalid {name} {value!r}; choose one of {', '.join(choices)}")
         if self.loader == "ffcv":

@@ -7,6 +7,13 @@ clip, round, save atomically, decode the saved file and measure the change on it
 changed pixels, and whether it is within the method's own budget), append the manifest line. SRC is
 only ever read.
 
+Memory: sample-wise δ is one float32 tensor, or with ``--store disk`` (``auto``: when that tensor would
+take over an eighth of the machine's memory) the memory-mapped :class:`~ueguard.data.store.PerturbationStore`
+under ``DST/.ueguard/perturbation/``, which also checkpoints generation row by row (methods that finish
+rows one batch at a time resume from the rows stored; bi-level ones start generation again). The
+file records are streamed to the manifest and read back from it (:class:`ManifestItems`), so what grows
+with the file count is the working set (3 bytes per working pixel), the listing and the sample ids.
+
 Labels: class subfolders; or, with ``--labels auto`` on a flat folder, pseudo-labels from k-means of a
 pretrained surrogate's features (:mod:`ueguard.engine.clusters`), recorded per file in the manifest.
 
@@ -38,8 +45,10 @@ from ueguard.data.folder import FolderEntry, FolderListing, scan_folder
 from ueguard._crash import kill_point
 from ueguard.data.images import (DecodedImage, ImageFileError, ImageReadError, ImageWriteError, load_image, output_path,
                                  quantize, resolve_format, save_image)
-from ueguard.data.manifest import MANIFEST_NAME, ManifestWriter, read_manifest, sha256_file
+from ueguard.data.manifest import (MANIFEST_NAME, ManifestItems, ManifestWriter, read_manifest, read_manifest_offsets,
+                                   sha256_file)
 from ueguard.data.loaders import load_working_set, resolve_loader
+from ueguard.data.store import PerturbationStore, StoreError
 from ueguard.data.working_set import WorkingSet, image_sides, resize_float, suggest_size
 from ueguard.engine import distributed
 from ueguard.engine.progress import SILENT, Progress
@@ -57,20 +66,23 @@ RESUME_KEYS = ("method", "eps", "seed", "budget", "size", "surrogate", "weights"
 FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 #: Names of ueguard's temporary files under DST (see ``save_image`` and ``_save_state``).
 TEMP_PREFIXES = (".ueguard-", ".perturbation.pt.")
+#: ``--store auto`` keeps float32 sample-wise δ in memory up to this fraction of physical memory.
+STORE_MEMORY_FRACTION = 1 / 8
 
 
 @dataclass
 class ProtectResult:
     """What ``protect`` returns.
 
-    Folder input: ``out`` and ``manifest_path`` are set and ``items`` holds the manifest's file records.
+    Folder input: ``out`` and ``manifest_path`` are set and ``items`` holds the manifest's file records
+    (read from the manifest when used, so a run over a million files does not keep a million records).
     In-memory input: ``data`` holds the protected array in the input's type, layout and dtype and
     ``items`` one ``{"index", "label", "linf", "psnr", "l2", "rms", "l0", "within_budget"}`` record per
     image. ``linf`` and ``rms`` are in 1/255 levels, ``l2`` in [0, 1] units, ``l0`` in pixel positions.
     ``labels`` holds the labels used (the pseudo-labels with ``labels="auto"``).
     """
 
-    items: list[dict[str, Any]]
+    items: "list[dict[str, Any]] | ManifestItems"
     perturbation: Perturbation | None
     options: ProtectOptions
     out: Path | None = None
@@ -314,22 +326,24 @@ def _check_destination(src: Path, dst: Path, resume: bool) -> None:
         raise UsageError(f"the output folder {dst} is not writable")
 
 
-def _previous_run(dst: Path, opts: ProtectOptions) -> dict[str, dict[str, Any]]:
-    """For ``--resume``: the finished file records of earlier runs (by source path), after checking that
-    the earlier run used the same settings."""
+def _previous_run(dst: Path, opts: ProtectOptions) -> dict[str, int]:
+    """For ``--resume``: the byte offset in the manifest of each finished file's record (by source path),
+    after checking that the earlier run used the same settings. Streams the manifest."""
     path = dst / MANIFEST_NAME
     if not path.exists():
         return {}
-    records = list(read_manifest(path))
-    header = next((r for r in records if r.get("kind") == "run"), None)
-    if header is not None:
-        before, now, defaults = header["options"], opts.record(), ProtectOptions().record()
-        changed = [k for k in RESUME_KEYS if before.get(k, defaults[k]) != now[k]]
-        if changed:
-            raise UsageError(f"--resume: {dst} was made with different settings ({', '.join(changed)}); "
-                             "resume with the same options or choose a new --out")
-    return {r["source"]: r for r in records
-            if r.get("kind") == "file" and r.get("status") == "ok" and _intact(dst / r["output"], r["output_sha256"])}
+    header, finished = None, {}
+    for offset, r in read_manifest_offsets(path):
+        if header is None and r.get("kind") == "run":
+            header = r
+            before, now, defaults = header["options"], opts.record(), ProtectOptions().record()
+            changed = [k for k in RESUME_KEYS if before.get(k, defaults[k]) != now[k]]
+            if changed:
+                raise UsageError(f"--resume: {dst} was made with different settings ({', '.join(changed)}); "
+                                 "resume with the same options or choose a new --out")
+        elif r.get("kind") == "file" and r.get("status") == "ok":
+            finished[r["source"]] = (offset, r["output"], r["output_sha256"])
+    return {source: offset for source, (offset, output, sha256) in finished.items() if _intact(dst / output, sha256)}
 
 
 def _intact(path: Path, sha256: str) -> bool:
@@ -378,7 +392,37 @@ def _plan_outputs(listing: FolderListing, fmt: str) -> tuple[dict[PurePosixPath,
     return planned, refused
 
 
-def _load_state(path: Path, ids: list[str]) -> Perturbation | None:
+def _store_fingerprint(opts: ProtectOptions) -> dict[str, Any]:
+    """What must match for a perturbation store to be reused (the settings ``--resume`` compares)."""
+    record = opts.record()
+    return {key: record[key] for key in RESUME_KEYS}
+
+
+def _use_disk_store(opts: ProtectOptions, n: int, size: int) -> bool:
+    if opts.store != "auto":
+        return opts.store == "disk"
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return n * 3 * size * size * 4 > physical * STORE_MEMORY_FRACTION
+
+
+def _load_state(path: Path, ids: list[str], store_dir: Path | None = None, fingerprint: dict[str, Any] | None = None,
+                device: torch.device | str = "cpu", progress: Progress = SILENT) -> Perturbation | None:
+    """The finished perturbation of an interrupted run: a complete on-disk store, or the torch file."""
+    if store_dir is not None and (store_dir / "store.json").exists():
+        try:
+            store = PerturbationStore.open(store_dir, ids, fingerprint=fingerprint, device=device)
+        except StoreError as error:  # damaged, or left by other settings: generated again (same seed, same δ)
+            progress.log(f"not reusing the perturbation store: {error}; generating again")
+            store = None
+        if store is not None and store.complete:
+            record = store.meta["perturbation"]
+            return Perturbation(store, False, float(record["eps"]), dict(record["info"]), norm=record["norm"],
+                                resample=record["resample"])
+        if store is not None:
+            store.close()
     if not path.exists():
         return None
     try:
@@ -393,6 +437,10 @@ def _load_state(path: Path, ids: list[str]) -> Perturbation | None:
 
 
 def _save_state(path: Path, perturbation: Perturbation, ids: list[str]) -> None:
+    if isinstance(perturbation.delta, PerturbationStore):  # rows are on disk already: mark it complete
+        perturbation.delta.finish({"eps": perturbation.eps, "norm": perturbation.norm, "info": perturbation.info,
+                                   "resample": perturbation.resample})
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     assignment = None if perturbation.assignment is None else perturbation.assignment.cpu()
@@ -479,7 +527,6 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
     method, surrogate_record = _build_method(opts, size, num_classes, runtime, progress)
     _check_destination(src, dst, opts.resume)
     done = _previous_run(dst, opts) if opts.resume else {}
-    items: list[dict[str, Any]] = []
     common = {"method": opts.method, "eps": opts.eps, "eps_255": round(opts.eps * 255, 4), "seed": opts.seed}
     pseudo_names: dict[str, str] = {}
 
@@ -496,11 +543,11 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
                     "linf": extra.pop("linf", None), "psnr": extra.pop("psnr", None),
                     "status": status, "error": error, **extra}
             manifest.write(line)
-            items.append(line)
 
         manifest.write({"kind": "run", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": str(src.resolve()),
                         "output": str(dst.resolve()), "options": opts.record(), "size": size, "classes": list(listing.classes),
                         "linf_units": "1/255", "resumed": bool(done), **surrogate_record, **_environment(runtime)})
+        items = ManifestItems(dst / MANIFEST_NAME, manifest.start, done.values())  # streamed, not kept
         for entry in listing.skipped:
             record(entry, "skipped", entry.skip_reason)
         for entry in listing.failed:
@@ -511,7 +558,6 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
                 record(entry, "failed", f"{src / entry.relpath}: {refused[entry.relpath]}")
         todo = [e for e in images if e.relpath in planned]
         if all(str(e.relpath) in done for e in todo):
-            items.extend(done.values())
             return ProtectResult(items, None, opts, dst, dst / MANIFEST_NAME)
 
         with progress.bar(len(todo), "decoding", unit="img") as bar:
@@ -531,15 +577,22 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
             num_classes = working.num_classes
             method, _ = _build_method(opts, size, num_classes, runtime, progress)
 
-        state_path = dst / STATE_DIR / "perturbation.pt"
-        perturbation = _load_state(state_path, working.ids)
+        state_path, store_dir = dst / STATE_DIR / "perturbation.pt", dst / STATE_DIR / "perturbation"
+        fingerprint = _store_fingerprint(opts)
+        perturbation = _load_state(state_path, working.ids, store_dir, fingerprint, runtime.device, progress)
+        store_record: dict[str, Any] = {}
         if perturbation is None:
+            if _use_disk_store(opts, len(working), size):
+                method.delta_store = _store_factory(store_dir, working.ids, fingerprint, runtime, store_record, progress)
             progress.log(f"generating {opts.method} perturbations for {len(working)} images at {size}px on {runtime.device}")
             kill_point("generating")
             _hand_over(handoff, opts.method, working, size, num_classes, progress)
             perturbation = method(working)
             _save_state(state_path, perturbation, working.ids)
-        manifest.write({"kind": "generation", "method": opts.method, **perturbation.budget(), **perturbation.info})
+        if isinstance(perturbation.delta, PerturbationStore):
+            store_record.update(store=str(store_dir.relative_to(dst)), store_encoding=perturbation.delta.encoding)
+        manifest.write({"kind": "generation", "method": opts.method, **perturbation.budget(), **perturbation.info,
+                        **store_record})
 
         pending = [(i, e) for i, e in enumerate(kept) if str(e.relpath) not in done]
         with progress.bar(len(pending), "saving", unit="img") as bar:
@@ -549,9 +602,28 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
                 extra.update(perturbation.budget())
                 record(entry, status, error, **extra)
                 bar.update(1)
-        items.extend(done.values())
+    released = perturbation
+    if isinstance(perturbation.delta, PerturbationStore):
+        perturbation.delta.close()  # the store goes with the state folder; its rows are in the saved files
+        released = None
     shutil.rmtree(dst / STATE_DIR, ignore_errors=True)
-    return ProtectResult(items, perturbation, opts, dst, dst / MANIFEST_NAME, info=dict(perturbation.info))
+    return ProtectResult(items, released, opts, dst, dst / MANIFEST_NAME, info=dict(perturbation.info))
+
+
+def _store_factory(store_dir: Path, ids: list[str], fingerprint: dict[str, Any], runtime: Runtime,
+                   record: dict[str, Any], progress: Progress):
+    """``method.delta_store`` for ``--store disk``: a resumable method continues the store an interrupted
+    run left (its final rows are skipped); any other method starts a fresh one."""
+    def make(shape: tuple[int, ...], resumable: bool) -> PerturbationStore:
+        if resumable:
+            store = PerturbationStore.open_or_create(store_dir, shape, ids, fingerprint=fingerprint, device=runtime.device)
+        else:
+            store = PerturbationStore.create(store_dir, shape, ids, fingerprint=fingerprint, device=runtime.device)
+        if store.done_rows:
+            progress.log(f"resuming generation: {store.done_rows} of {len(store)} rows are already in {store_dir}")
+        record["store_resumed_rows"] = store.done_rows
+        return store
+    return make
 
 
 def _save_one(listing: FolderListing, dst: Path, entry: FolderEntry, target: PurePosixPath, working: WorkingSet,
@@ -610,6 +682,8 @@ def _protect_array(array, labels, layout: str, opts: ProtectOptions, progress: P
         raise UsageError("in-memory input needs labels= (one int per image), or labels='auto' for pseudo-labels")
     if pseudo and cls.needs_labels:
         _check_pseudo_labels(opts)
+    if opts.store == "disk":
+        raise UsageError("store='disk' is for folder input; in-memory input returns δ applied to the array in memory")
     images, layout = _to_nchw(array, layout)
     is_uint8 = images.dtype == torch.uint8
     if not is_uint8 and not images.is_floating_point():
