@@ -177,9 +177,18 @@ def setup(device: str = "auto") -> tuple[Distributed, bool]:
     return layout, True
 
 
-def teardown(created: bool) -> None:
+def teardown(created: bool, clean: bool = True) -> None:
+    """Leave the process group. After a ``clean`` run every rank first waits at a barrier (rank 0 may
+    still be saving files; the wait is bounded by ``UEGUARD_DIST_TIMEOUT``): a rank that tore its group
+    down while a peer was still connected intermittently aborted in gloo's threads ("terminate called
+    without an active exception"). After an error there is no barrier — the peers may be inside another
+    collective — and the group is destroyed at once."""
     if created and tdist.is_initialized():
-        tdist.destroy_process_group()
+        try:
+            if clean:
+                tdist.barrier()
+        finally:
+            tdist.destroy_process_group()
 
 
 class DataParallel:

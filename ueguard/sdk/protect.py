@@ -32,6 +32,7 @@ import errno
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -155,7 +156,7 @@ def protect(src, out=None, method: str = "emn", *, labels=None, layout: str = "a
             return _protect_folder_distributed(Path(src), None if out is None else Path(out), opts, reporter, ranks)
         return _protect_folder(Path(src), None if out is None else Path(out), opts, reporter)
     finally:
-        distributed.teardown(created)
+        distributed.teardown(created, clean=sys.exc_info()[0] is None)
 
 
 # --------------------------------------------------------------------------------------------------
