@@ -2,8 +2,10 @@
 
 For each op and shape (256×3×32×32 and 64×3×224×224): the C++ CPU operator vs the reference on
 CPU tensors, and — when CUDA is present — the Triton kernel vs the reference on the GPU. Prints
-median time, spread and the speedup (reference ÷ fused); ``--json FILE`` writes one record per
-(op, shape, device). Needs no data set.
+median time, spread and the speedup (reference ÷ fused), and each fused op's effective bandwidth
+(its minimal bytes moved ÷ time) as a fraction of the device's measured copy bandwidth — the GPU
+target is ≥ 80 % for project_step and augment at large batch; ``--json FILE`` writes one record per
+(op, shape, device) with ``speedup``, ``gbps``, ``copy_gbps`` and ``fraction_of_copy``. Needs no data set.
 
     python bench/kernels.py [--quick] [--isa auto|all|avx512,avx2,default] [--json bench/results/kernels-cpu.json]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -24,6 +27,28 @@ from _timing import environment, measure, write_json  # noqa: E402
 from ueguard.kernels import _ext, apply_quantize, augment, project_step, use_backend  # noqa: E402
 
 SHAPES = [(256, 3, 32, 32), (64, 3, 224, 224)]
+
+#: Bytes each op must move per element at least — every input read once, every output written once —
+#: for its effective bandwidth (GB/s), compared with the device's own measured copy bandwidth.
+#: L2 reads its inputs more than once by construction (norms first); the figure is still the minimum.
+BYTES_PER_ELEMENT = {
+    "project_step_linf": 4 * 3 + 4,             # delta, grad, x → delta'
+    "project_step_linf+next_bf16_cl": 4 * 3 + 4 + 2,  # + x + delta' in bf16
+    "project_step_l2": 4 * 3 + 4,
+    "augment_u8_normalise": 1 + 4,             # uint8 in → float32 out
+    "augment_f32_reflect": 4 + 4,
+    "augment_fwd+bwd_f32": (4 + 4) + (4 + 4),  # forward, then the adjoint
+    "apply_quantize": 1 + 4 + 1,               # image, delta → uint8 (per-image stats are negligible)
+}
+
+
+def copy_bandwidth(device: str, warmup: int, repeat: int, mib: int = 256) -> float:
+    """The device's copy bandwidth in GB/s (read + write of a ``mib``-MiB float32 tensor), measured the
+    same way as the ops: the ceiling a memory-bound kernel can approach."""
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    timing = measure(lambda: dst.copy_(src), device=device, warmup=warmup, repeat=repeat)
+    return 2 * src.numel() * 4 / timing["median_s"] / 1e9
 EPS, STEP = 8 / 255, 2 / 255
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -82,6 +107,9 @@ def main(argv=None) -> int:
     records = []
     header = f"{'op':32} {'shape':>18} {'device':>6} {'isa':>7} {'fused ms':>10} {'ref ms':>10} {'speedup':>8}"
     print(header)
+    copy_gbps = {device: copy_bandwidth(device, warmup, repeat) for device in {t[0] for t in targets}}
+    for device, gbps in copy_gbps.items():
+        print(f"# {device} copy bandwidth: {gbps:.1f} GB/s")
     for device, backend, isa in targets:
         for shape in SHAPES:
             for name, fn in cases(shape, device):
@@ -90,10 +118,13 @@ def main(argv=None) -> int:
                 with use_backend("reference"):
                     ref = measure(fn, device=device, warmup=warmup, repeat=repeat)
                 speedup = ref["median_s"] / fused["median_s"]
+                gbps = BYTES_PER_ELEMENT[name] * math.prod(shape) / fused["median_s"] / 1e9
                 records.append({"op": name, "shape": list(shape), "device": device, "backend": backend, "isa": isa,
-                                "fused": fused, "reference": ref, "speedup": speedup})
+                                "fused": fused, "reference": ref, "speedup": speedup, "gbps": gbps,
+                                "copy_gbps": copy_gbps[device], "fraction_of_copy": gbps / copy_gbps[device]})
                 print(f"{name:32} {'x'.join(map(str, shape)):>18} {device:>6} {isa or '-':>7} {fused['median_s'] * 1e3:10.3f} "
-                      f"{ref['median_s'] * 1e3:10.3f} {speedup:8.2f}", flush=True)
+                      f"{ref['median_s'] * 1e3:10.3f} {speedup:8.2f} {gbps:8.1f} GB/s "
+                      f"({gbps / copy_gbps[device]:.0%} of copy)", flush=True)
     if args.json:
         command = "python bench/kernels.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         write_json(args.json, records, command.strip())
