@@ -17,10 +17,14 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+// The round-to-nearest-even trick in kernels_impl.h needs every float expression rounded to float.
+static_assert(FLT_EVAL_METHOD == 0, "ueguard kernels require FLT_EVAL_METHOD == 0 (no excess precision)");
 
 namespace ueguard {
 namespace isa {

@@ -5,7 +5,8 @@
 // kernels perform the same float32 operations in the same order, so their outputs are bitwise
 // equal to the references (the build passes -ffp-contract=off so that a*b+c is never fused into an
 // FMA, which would round once instead of twice). The L2 step's per-sample norms are reductions,
-// accumulated here in float64 and in float32 by the reference, so it agrees to rounding only.
+// summed here in float32 lanes flushed to float64 and by the reference in its own float32 order, so
+// it agrees to rounding only.
 //
 // This file checks arguments, allocates outputs and registers the operators; the loops themselves
 // are in kernels_impl.h, compiled once per instruction set (baseline, AVX2, AVX-512) and chosen at
@@ -24,7 +25,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -32,19 +32,16 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "common.h"
 #include "kernels.h"
-
-// The round-to-nearest-even trick below needs every float expression rounded to float.
-static_assert(FLT_EVAL_METHOD == 0, "ueguard kernels require FLT_EVAL_METHOD == 0 (no excess precision)");
 
 namespace ueguard {
 namespace {
@@ -167,77 +164,76 @@ isa::NextInput describe_next(const at::Tensor& next, bool channels_last) {
   return out;
 }
 
-// One signed-gradient step on the perturbation followed by projection onto
+enum class Norm { Linf, L2 };
+
+// One projection step, checked and allocated here and run by the active ISA's kernel:
+//
+// L-inf: one signed-gradient step on the perturbation, then projection onto
 //   { d : ||d||_inf <= eps } ∩ { d : 0 <= x + d <= 1 }:
-//   d   = clamp(delta - direction * step_size * sign(grad), -eps, eps)
-//   out = clamp(x + d, 0, 1) - x
-// direction = +1 descends the loss (error-minimising noise), -1 ascends it. sign(0) = sign(NaN) = 0
-// as in torch.sign; NaN in delta or x propagates to the output. `next`, when defined, receives
-// x + out (converted to its dtype, in its memory format).
-void project_step_linf_into(const StepArgs& a, at::Tensor& out, const at::Tensor& next, bool channels_last) {
-  kernels().linf_step(a.delta.const_data_ptr<float>(), a.grad.const_data_ptr<float>(), a.x.const_data_ptr<float>(),
-                      out.mutable_data_ptr<float>(), out.numel(), a.step, a.bound, describe_next(next, channels_last));
+//     d   = clamp(delta - direction * step_size * sign(grad), -eps, eps)
+//     out = clamp(x + d, 0, 1) - x
+//   direction = +1 descends the loss (error-minimising noise), -1 ascends it. sign(0) = sign(NaN) = 0
+//   as in torch.sign; NaN in delta or x propagates to the output.
+// L2: one normalised-gradient step per sample n (the first dimension):
+//     scale_n = direction * step_size / ||grad_n||_2          (0 where the gradient is 0)
+//     d_n     = delta_n - scale_n * grad_n
+//     d_n     = d_n * min(1, eps / ||d_n||_2)                 (projection onto the L2 ball)
+//     out     = clamp(x + d, 0, 1) - x                        (valid image range)
+//   The norms are summed in float32 lanes flushed to float64 (kernels_impl.h) and rounded to float32 once.
+//
+// With `input_dtype`, the second output is x + out in that dtype and memory format (the next
+// forward's input); without it the second output is undefined.
+template <Norm norm>
+std::tuple<at::Tensor, at::Tensor> project_step(const char* op, const at::Tensor& delta, const at::Tensor& grad,
+                                                const at::Tensor& x, double step_size, double eps, double direction,
+                                                std::optional<at::ScalarType> input_dtype, bool channels_last) {
+  const StepArgs a = check_step_args(op, delta, grad, x, step_size, eps, direction);
+  if constexpr (norm == Norm::L2) {
+    TORCH_CHECK(delta.dim() >= 2, op, ": the L2 step needs a batch dimension (N×...), got shape ", delta.sizes());
+  }
+  at::Tensor out = at::empty(delta.sizes(), a.delta.options());
+  const at::Tensor next = input_dtype ? empty_next(a.delta, *input_dtype, channels_last, op) : at::Tensor();
+  const isa::NextInput dst = describe_next(next, channels_last);
+  const float* dp = a.delta.const_data_ptr<float>();
+  const float* gp = a.grad.const_data_ptr<float>();
+  const float* xp = a.x.const_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  if constexpr (norm == Norm::Linf) {
+    kernels().linf_step(dp, gp, xp, o, out.numel(), a.step, a.bound, dst);
+  } else {
+    const int64_t n_samples = out.size(0);
+    const int64_t per_sample = n_samples == 0 ? 0 : out.numel() / n_samples;
+    kernels().l2_step(dp, gp, xp, o, n_samples, per_sample, a.step, a.bound, dst);
+  }
+  return {out, next};
 }
 
 at::Tensor project_step_linf_cpu(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& x,
                                  double step_size, double eps, double direction) {
-  const StepArgs a = check_step_args("ueguard::project_step_linf", delta, grad, x, step_size, eps, direction);
-  at::Tensor out = at::empty(delta.sizes(), a.delta.options());
-  project_step_linf_into(a, out, at::Tensor(), false);
-  return out;
+  return std::get<0>(project_step<Norm::Linf>("ueguard::project_step_linf", delta, grad, x, step_size, eps,
+                                              direction, std::nullopt, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> project_step_linf_next_cpu(const at::Tensor& delta, const at::Tensor& grad,
                                                               const at::Tensor& x, double step_size, double eps,
                                                               double direction, at::ScalarType input_dtype,
                                                               bool input_channels_last) {
-  constexpr const char* op = "ueguard::project_step_linf_next";
-  const StepArgs a = check_step_args(op, delta, grad, x, step_size, eps, direction);
-  at::Tensor out = at::empty(delta.sizes(), a.delta.options());
-  at::Tensor next = empty_next(a.delta, input_dtype, input_channels_last, op);
-  project_step_linf_into(a, out, next, input_channels_last);
-  return {out, next};
-}
-
-// One normalised-gradient step on an L2-bounded perturbation, per sample n (the first dimension):
-//   scale_n = direction * step_size / ||grad_n||_2          (0 where the gradient is 0)
-//   d_n     = delta_n - scale_n * grad_n
-//   d_n     = d_n * min(1, eps / ||d_n||_2)                 (projection onto the L2 ball)
-//   out     = clamp(x + d, 0, 1) - x                        (valid image range)
-// The norms are accumulated in float64 and rounded to float32 once.
-void project_step_l2_into(const StepArgs& a, at::Tensor& out, const at::Tensor& next, bool channels_last) {
-  const int64_t n_samples = out.size(0);
-  const int64_t per_sample = n_samples == 0 ? 0 : out.numel() / n_samples;
-  kernels().l2_step(a.delta.const_data_ptr<float>(), a.grad.const_data_ptr<float>(), a.x.const_data_ptr<float>(),
-                    out.mutable_data_ptr<float>(), n_samples, per_sample, a.step, a.bound,
-                    describe_next(next, channels_last));
-}
-
-StepArgs check_l2_args(const char* op, const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& x,
-                       double step_size, double eps, double direction) {
-  const StepArgs a = check_step_args(op, delta, grad, x, step_size, eps, direction);
-  TORCH_CHECK(delta.dim() >= 2, op, ": the L2 step needs a batch dimension (N×...), got shape ", delta.sizes());
-  return a;
+  return project_step<Norm::Linf>("ueguard::project_step_linf_next", delta, grad, x, step_size, eps, direction,
+                                  input_dtype, input_channels_last);
 }
 
 at::Tensor project_step_l2_cpu(const at::Tensor& delta, const at::Tensor& grad, const at::Tensor& x,
                                double step_size, double eps, double direction) {
-  const StepArgs a = check_l2_args("ueguard::project_step_l2", delta, grad, x, step_size, eps, direction);
-  at::Tensor out = at::empty(delta.sizes(), a.delta.options());
-  project_step_l2_into(a, out, at::Tensor(), false);
-  return out;
+  return std::get<0>(project_step<Norm::L2>("ueguard::project_step_l2", delta, grad, x, step_size, eps, direction,
+                                            std::nullopt, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> project_step_l2_next_cpu(const at::Tensor& delta, const at::Tensor& grad,
                                                             const at::Tensor& x, double step_size, double eps,
                                                             double direction, at::ScalarType input_dtype,
                                                             bool input_channels_last) {
-  constexpr const char* op = "ueguard::project_step_l2_next";
-  const StepArgs a = check_l2_args(op, delta, grad, x, step_size, eps, direction);
-  at::Tensor out = at::empty(delta.sizes(), a.delta.options());
-  at::Tensor next = empty_next(a.delta, input_dtype, input_channels_last, op);
-  project_step_l2_into(a, out, next, input_channels_last);
-  return {out, next};
+  return project_step<Norm::L2>("ueguard::project_step_l2_next", delta, grad, x, step_size, eps, direction,
+                                input_dtype, input_channels_last);
 }
 
 // Writes the perturbed image in the uint8 codomain of the saved files and measures what the
