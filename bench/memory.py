@@ -32,48 +32,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _children import CLASSES, REPO, environment, make_tree, run_child  # noqa: E402
+
 sys.path.insert(0, str(REPO))  # this checkout's ueguard, also in-process (the children get PYTHONPATH)
-CLASSES = 10
 SIDE = 32
-
-
-def make_tree(root: Path, n: int) -> None:
-    """``n`` random 32×32 RGB PNGs in 10 class folders (reused when complete)."""
-    import numpy as np
-    from PIL import Image
-
-    marker = root / ".complete"
-    if marker.exists() and marker.read_text() == str(n):
-        return
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        folder = root / f"class_{i % CLASSES}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(folder / f"img_{i:06d}.png",
-                                                                                   compress_level=1)
-    marker.write_text(str(n))
-
-
-def run_child(args: list[str], threads: int) -> tuple[float, float]:
-    """Run a child to completion; return (its peak RSS in MiB, wall seconds)."""
-    started = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(args[:6])}... exited {code}: {stderr[-2000:]}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - started  # ru_maxrss is KiB on Linux
 
 
 def child_protect(argv: list[str]) -> None:
@@ -90,14 +59,14 @@ def scaling(sizes: list[int], stores: list[str], work: Path, threads: int, parti
     for n in sizes:
         tree = work / f"tree_{n}"
         started = time.perf_counter()
-        make_tree(tree, n)
+        make_tree(tree, n, SIDE, compress_level=1)
         print(f"[memory] {n} files ready ({time.perf_counter() - started:.0f} s)", flush=True)
         row: dict = {"files": n, "working_set_mib": round(n * 3 * SIDE * SIDE / 2**20, 1),
                      "delta_float32_mib": round(n * 3 * SIDE * SIDE * 4 / 2**20, 1)}
         for store in stores:
             out = work / f"out_{n}_{store}"
             shutil.rmtree(out, ignore_errors=True)
-            rss, seconds = run_child([sys.executable, str(Path(__file__).resolve()), "--child", str(tree),
+            _, rss, seconds = run_child([sys.executable, str(Path(__file__).resolve()), "--child", str(tree),
                                       "--out", str(out), "--method", "ar", "--size", str(SIDE), "-o", "batch_size=2048", "--store", store,
                                       "--device", "cpu", "-q"], threads)
             row[f"{store}_peak_rss_mib"], row[f"{store}_seconds"] = round(rss, 1), round(seconds, 1)
@@ -153,15 +122,6 @@ def _saved(images, delta):
     import torch
 
     return torch.round((images.float() / 255 + delta).clamp(0, 1) * 255).to(torch.int16)
-
-
-def environment() -> dict:
-    import PIL
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "pillow": PIL.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:

@@ -32,33 +32,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _children import CLASSES, REPO, environment, make_tree, run_child  # noqa: E402
+
 RESULTS = REPO / "bench" / "results" / "walk.jsonl"
-CLASSES = 10
 SIDE = 12  # px: small files, so the measurement is about the file count, not pixels
-
-
-def make_tree(root: Path, n: int) -> None:
-    """``n`` random 12×12 RGB PNGs in 10 class folders (reused if already complete)."""
-    import numpy as np
-    from PIL import Image
-
-    marker = root / ".complete"
-    if marker.exists():
-        return
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        folder = root / f"class_{i % CLASSES}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)).save(folder / f"img_{i:06d}.png")
-    marker.write_text(str(n))
 
 
 def child_e2e(argv: list[str]) -> None:
@@ -107,25 +91,9 @@ def child_path(tree: Path, out: Path, trace: bool) -> dict:
     return result
 
 
-def run_child(args: list[str], threads: int) -> tuple[dict | None, float, float]:
-    """Run a child; return (its JSON line on stdout or None, its peak RSS in MiB, wall seconds)."""
-    started = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    stdout = proc.stdout.read()
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode not in (0,):
-        raise RuntimeError(f"{' '.join(args[:4])}... exited {proc.returncode}: {stderr[-2000:]}")
-    line = stdout.strip().splitlines()[-1] if stdout.strip() else ""
-    payload = json.loads(line) if line.startswith("{") else None
-    return payload, usage.ru_maxrss / 1024, time.perf_counter() - started  # ru_maxrss is KiB on Linux
-
-
 def measure(n: int, work: Path, e2e: bool, threads: int) -> dict:
     tree = work / f"tree_{n}"
-    make_tree(tree, n)
+    make_tree(tree, n, SIDE)
     row: dict = {"files": n}
     me = [sys.executable, str(Path(__file__).resolve())]
     for trace in (False, True):
@@ -146,15 +114,6 @@ def measure(n: int, work: Path, e2e: bool, threads: int) -> dict:
                                      "-o", "pgd_steps=1", "-o", "train_steps=1", "-q"], threads)
         row["e2e_peak_rss_mb"], row["e2e_seconds"] = round(rss, 1), round(seconds, 1)
     return row
-
-
-def environment() -> dict:
-    import PIL
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "pillow": PIL.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
