@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +61,13 @@ def environment() -> dict:
         env["triton"] = None
     env["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return env
+
+
+def command_line(script: str, argv: list[str] | None = None, prefix: str = "") -> str:
+    """The command that reproduces this run, as recorded in the JSON: ``[prefix]python bench/NAME.py
+    ARGS`` with ``argv`` (default: this process's arguments) shell-quoted."""
+    args = " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    return f"{prefix}python bench/{Path(script).name} {args}".strip()
 
 
 def write_json(path: str | Path, records: list[dict], command: str) -> None:

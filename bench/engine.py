@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import shlex
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import _sync, environment, write_json  # noqa: E402
+from _timing import command_line, _sync, environment, write_json  # noqa: E402
 
 from ueguard.data.working_set import WorkingSet  # noqa: E402
 from ueguard.engine.compiled import frozen_parameters, model_call  # noqa: E402
@@ -418,8 +417,7 @@ def main(argv=None) -> int:
     if not args.skip_efficacy:
         records += efficacy(args.quick)
     if args.json:
-        command = "python bench/engine.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        write_json(args.json, records, command.strip())
+        write_json(args.json, records, command_line(__file__, argv))
         print(f"wrote {args.json}")
     return 0
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import environment, measure, write_json  # noqa: E402
+from _timing import command_line, environment, measure, write_json  # noqa: E402
 
 from ueguard.kernels import _ext, apply_quantize, augment, project_step, use_backend  # noqa: E402
 
@@ -126,8 +125,7 @@ def main(argv=None) -> int:
                       f"{ref['median_s'] * 1e3:10.3f} {speedup:8.2f} {gbps:8.1f} GB/s "
                       f"({gbps / copy_gbps[device]:.0%} of copy)", flush=True)
     if args.json:
-        command = "python bench/kernels.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        write_json(args.json, records, command.strip())
+        write_json(args.json, records, command_line(__file__, argv))
         print(f"wrote {args.json}")
     return 0
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import shlex
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import environment, write_json  # noqa: E402
+from _timing import command_line, write_json  # noqa: E402
 
 from ueguard.data import loaders  # noqa: E402
 from ueguard.data.folder import scan_folder  # noqa: E402
@@ -151,8 +150,7 @@ def main() -> None:
                   f"ffcv {r['ffcv_images_per_s']:>9.1f} img/s  speedup {r['speedup']:.2f}x  "
                   f"(one-time conversion {r['ffcv_convert_s']:.1f} s, {r['ffcv_cache_mib']:.1f} MiB)", flush=True)
     if args.json:
-        command = "PYTHONPATH=. python bench/loading.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        write_json(args.json, records, command)
+        write_json(args.json, records, command_line(__file__, prefix="PYTHONPATH=. "))
         print(f"wrote {args.json}")
 
 
