@@ -25,7 +25,7 @@ from ueguard.methods import create_method
 from ueguard.methods.base import Perturbation
 
 p = argparse.ArgumentParser()
-p.add_argument("--gen", default="emn_cw")   # emn_cw, emn_sw, rand_cw, none
+p.add_argument("--gen", default="emn_cw")   # emn_cw, emn_sw, rand_cw, none, or any registered method
 p.add_argument("--eps", type=float, default=8)
 p.add_argument("--genaug", default="none")  # none, crop, cropflip
 p.add_argument("--vaug", default="cropflip")  # none crop cropflip
@@ -72,7 +72,11 @@ else:
     sur = models.create_model(a.arch, 10)
     opts = dict(perturbation="classwise" if a.gen == "emn_cw" else "samplewise", max_rounds=a.rounds, **json.loads(a.opts))
     if a.genaug != "none": opts["augment"] = a.genaug
-    m = create_method("emn", budget="quick", runtime=rt, surrogate=sur, eps=eps, seed=0, **opts)
+    if a.gen.startswith("emn_"):
+        method = "emn"
+    else:  # another registered method: its own defaults plus --opts
+        method, opts = a.gen, json.loads(a.opts)
+    m = create_method(method, budget="quick", runtime=rt, surrogate=sur, eps=eps, seed=0, **opts)
     pert = m(train)
     info = pert.info
     idx = torch.arange(len(train))

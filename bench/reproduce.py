@@ -47,8 +47,9 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "bench"):  # ueguard itself, and the shared bench helpers (_priors)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PRIOR_CLASSES = (0, 1, 2, 3, 4)
@@ -238,37 +239,13 @@ class Prior:
 
 
 def pretrain_disjoint_prior(folders: Folders, cache: Path, scale: Scale, seed: int) -> Prior:
-    """Train ``scale.prior_arch`` on the five prior classes with ueguard's own training loop and save it
-    with :func:`ueguard.models.save_checkpoint` (cached; its test accuracy on those classes is kept)."""
-    from ueguard.data.folder import scan_folder
-    from ueguard.data.working_set import load_folder_working_set
-    from ueguard.defenses import create_defense, create_paradigm
-    from ueguard.engine.fit import FitConfig, fit
-    from ueguard.engine.runtime import Runtime, seed_everything
-    from ueguard.models import create_model, save_checkpoint
+    """Train ``scale.prior_arch`` on the five prior classes with ueguard's own training loop (cached)."""
+    from _priors import train_prior
 
     path = cache / "priors" / (f"disjoint-{scale.prior_arch}-{scale.prior_per_class}pc-{scale.prior_epochs}ep-"
                                f"s{seed}.pth")
-    record = path.with_suffix(".json")
-    if path.is_file() and record.is_file():
-        info = json.loads(record.read_text())
-        return Prior("disjoint", path, scale.prior_arch, info["test_accuracy"], info["note"])
-    listing = scan_folder(folders.prior_train)
-    test_listing = scan_folder(folders.prior_test, classes=listing.classes)
-    train, _ = load_folder_working_set(listing, listing.images, 32)
-    test, _ = load_folder_working_set(test_listing, test_listing.images, 32)
-    runtime = Runtime.create("auto", "auto")
-    generator = seed_everything(seed)
-    model = create_model(scale.prior_arch, len(listing.classes))
-    started = time.perf_counter()
-    history = fit(model, train, test, FitConfig(epochs=scale.prior_epochs), defense=create_defense("none"),
-                  paradigm=create_paradigm("scratch"), runtime=runtime, generator=generator)
-    accuracy = history[-1]["test_accuracy"]
-    note = (f"{scale.prior_arch} trained {scale.prior_epochs} epochs on {len(train)} images of "
-            f"{', '.join(listing.classes)}; {100 * accuracy:.1f} % on {len(test)} test images of those classes")
-    save_checkpoint(model.cpu(), path, classes=list(listing.classes), test_accuracy=accuracy)
-    record.write_text(json.dumps({"test_accuracy": accuracy, "note": note, "history": history,
-                                  "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
+    accuracy, note = train_prior(folders.prior_train, folders.prior_test, scale.prior_arch, scale.prior_epochs,
+                                 seed, path)
     return Prior("disjoint", path, scale.prior_arch, accuracy, note)
 
 

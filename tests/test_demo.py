@@ -1,0 +1,99 @@
+"""The demo's data builder and work-folder safety, and bench/efficacy.py's budget scaling and table
+(the demo and the benchmark themselves are long real runs; their results are in README and bench/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ueguard.demo import DEMO_EPS, MARKER, _prepare_workdir, build_digits_folders
+from ueguard.errors import UsageError
+from ueguard.units import MAX_EPS, parse_eps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _files(folder: Path) -> dict[str, list[Path]]:
+    return {d.name: sorted(d.glob("*.png")) for d in sorted(folder.iterdir()) if d.is_dir()}
+
+
+def test_digits_folders_are_a_stratified_split_of_real_digits(tmp_path):
+    from sklearn.datasets import load_digits
+
+    train, test = build_digits_folders(tmp_path, classes=(5, 7))
+    tr, te = _files(train), _files(test)
+    assert set(tr) == set(te) == {"5", "7"}
+    target = load_digits().target
+    for label in ("5", "7"):
+        names_tr = {p.name for p in tr[label]}
+        names_te = {p.name for p in te[label]}
+        assert not names_tr & names_te
+        assert len(names_tr) + len(names_te) == int((target == int(label)).sum())
+        assert abs(len(names_te) / (len(names_tr) + len(names_te)) - 0.25) < 0.02
+    image = Image.open(tr["5"][0])
+    assert image.mode == "L" and image.size == (32, 32)
+    assert np.asarray(image).max() > 200  # ink, not a blank page
+
+
+def test_all_classes_split_is_unchanged_by_the_class_filter(tmp_path):
+    """classes=None and classes=all ten give the same split (the demo's split did not move)."""
+    a_train, _ = build_digits_folders(tmp_path / "a")
+    b_train, _ = build_digits_folders(tmp_path / "b", classes=range(10))
+    assert {k: [p.name for p in v] for k, v in _files(a_train).items()} == \
+           {k: [p.name for p in v] for k, v in _files(b_train).items()}
+
+
+def test_demo_workdir_holding_user_files_is_refused_and_kept(tmp_path):
+    (tmp_path / "mine.txt").write_text("user data")
+    with pytest.raises(UsageError, match="not made by `ueguard demo`"):
+        _prepare_workdir(tmp_path)
+    assert (tmp_path / "mine.txt").read_text() == "user data"
+    own = tmp_path / "own"
+    _prepare_workdir(own)
+    (own / "old.png").write_bytes(b"x")
+    _prepare_workdir(own)  # its own folder is rebuilt
+    assert (own / MARKER).is_file() and not (own / "old.png").exists()
+
+
+def test_demo_budget_is_a_valid_eps():
+    assert 0 < parse_eps(DEMO_EPS) <= MAX_EPS
+
+
+@pytest.fixture(scope="module")
+def efficacy():
+    spec = importlib.util.spec_from_file_location("bench_efficacy", ROOT / "bench" / "efficacy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_efficacy"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_efficacy_scales_l2_budgets_like_the_linf_one(efficacy):
+    from ueguard.methods.lsp import LSP_RMS
+
+    scale = parse_eps(DEMO_EPS) / (8 / 255)
+    assert efficacy.L2_SCALE == pytest.approx(scale)
+    lsp = efficacy.method_options("lsp")["l2_eps"]
+    assert lsp / np.sqrt(32 * 32 * 3) == pytest.approx(scale * LSP_RMS)  # RMS per value scales by 8
+    assert efficacy.method_options("ar")["l2_eps"] == pytest.approx(scale * 1.0)
+    assert efficacy.method_options("ar", size=64)["l2_eps"] == pytest.approx(scale * 2.0)
+    assert efficacy.method_options("emn") == {}
+
+
+def test_efficacy_table_says_where_a_method_does_not_halve(efficacy):
+    def victim(acc):
+        return {"test_accuracy": acc, "peak_test_accuracy": acc}
+
+    results = {"paradigms": ["scratch", "finetune"],
+               "clean": {"scratch": victim(0.98), "finetune": victim(0.96)},
+               "methods": {"emn": {"protect": {"norm": "linf", "max_linf_255": 64, "median_psnr": 14.4, "seconds": 40},
+                                   "victims": {"scratch": victim(0.30), "finetune": victim(0.60)}}}}
+    text = efficacy.table(results)
+    row = [line for line in text.splitlines() if line.startswith("| emn")][0]
+    assert "scratch yes" in row and "finetune **no**" in row
+    assert "30.0" in row and "60.0" in row and "clean 98.0 %" in text
