@@ -197,6 +197,17 @@ def test_default_destination_is_a_sibling(tmp_path):
     assert (tmp_path / "photos_protected" / MANIFEST_NAME).exists()
 
 
+@pytest.mark.parametrize("spelling", [".", "class_0/.."])
+def test_default_destination_is_named_after_the_resolved_folder(tmp_path, monkeypatch, spelling):
+    """`ueguard protect .` (run inside the folder) writes photos_protected beside it, not ./_protected."""
+    write_class_tree(tmp_path / "photos", n_per_class=2, classes=2, size=16)
+    monkeypatch.chdir(tmp_path / "photos")
+    result = run_cli("protect", spelling, *FAST, "-o", "max_rounds=1")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "photos_protected" / MANIFEST_NAME).exists()
+    assert not any(p.name.endswith("_protected") for p in (tmp_path / "photos").iterdir())
+
+
 def test_resume_redoes_only_unfinished_files_and_matches_an_uninterrupted_run(tmp_path):
     write_class_tree(tmp_path / "src", n_per_class=5, classes=2, size=20)
     full, partial = tmp_path / "full", tmp_path / "partial"

@@ -303,6 +303,15 @@ def perturb_native(planes: np.ndarray, max_value: int, delta: torch.Tensor, resa
 # folder input
 
 
+def default_destination(src: Path) -> Path:
+    """``SRC_protected`` beside SRC, named after the folder itself (so ``.`` or ``photos/..`` name the
+    folder they resolve to, not an empty or ``..`` name that would land inside SRC)."""
+    resolved = src.resolve()
+    if resolved.parent == resolved:
+        raise UsageError(f"{src} is the filesystem root; give --out for the protected copy")
+    return resolved.parent / f"{resolved.name}_protected"
+
+
 def _check_destination(src: Path, dst: Path, resume: bool) -> None:
     src_r, dst_r = src.resolve(), dst.resolve()
     if dst_r == src_r or src_r in dst_r.parents:
@@ -518,7 +527,7 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
                          "pseudo-labels from a pretrained surrogate's features")
     if pseudo:
         _check_pseudo_labels(opts)
-    dst = dst if dst is not None else src.parent / f"{src.name}_protected"
+    dst = dst if dst is not None else default_destination(src)
     runtime = make_runtime(opts.device, opts.precision, opts.compile)
     images = listing.images
     size = opts.size or suggest_size(image_sides(listing, images), cap=SIZE_CAP[opts.budget])
