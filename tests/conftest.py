@@ -9,3 +9,19 @@ A GPU job can export ``TRITON_INTERPRET=0`` to test the compiled kernels instead
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def installed_from_this_checkout() -> bool:
+    """True when the imported ueguard is this checkout *and* pip-installed (what CI and the README's
+    commands do). Then its C++ extension and console script must exist: tests that would skip without
+    them fail instead, so a broken build cannot pass as a skip."""
+    import importlib.metadata
+    from pathlib import Path
+
+    try:
+        importlib.metadata.distribution("ueguard")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    import ueguard
+
+    return Path(ueguard.__file__).resolve().parents[1] == Path(__file__).resolve().parents[1]

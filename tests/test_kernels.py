@@ -21,6 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import installed_from_this_checkout
 from ueguard.kernels import (
     _ext,
     augment,
@@ -57,6 +58,8 @@ def _device(backend: str) -> str:
 
 def _require(backend: str) -> None:
     if backend in ("cpp", "dispatch") and not _ext.cpp_available():
+        if installed_from_this_checkout():
+            pytest.fail(f"ueguard is installed from this checkout, so its C++ extension must load: {CPP_SKIP_REASON}")
         pytest.skip(CPP_SKIP_REASON)
     if backend == "triton" and TRITON_SKIP_REASON is not None:
         pytest.skip(TRITON_SKIP_REASON)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import installed_from_this_checkout
 from trees import EPS_LEVELS, write_class_tree, write_mixed_tree
 from ueguard.cli import main
 from ueguard.data.images import load_image
@@ -256,6 +259,53 @@ def test_methods_lists_emn():
 
 def test_console_script_is_installed():
     exe = Path(sys.executable).with_name("ueguard")
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "ueguard"]
-    out = subprocess.run([*command, "methods"], capture_output=True, text=True, env={**os.environ}, timeout=120)
+    exe = str(exe) if exe.exists() else shutil.which("ueguard")
+    if exe is None:
+        if installed_from_this_checkout():
+            pytest.fail("ueguard is pip-installed from this checkout but its `ueguard` console script is missing")
+        pytest.skip("ueguard is not pip-installed here (no console script)")
+    out = subprocess.run([exe, "methods"], capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert out.returncode == 0 and "emn" in out.stdout, out.stderr
+
+
+def _protect_in_terminal(tmp_path: Path, out: str, *extra: str, tty: bool) -> tuple[int, str]:
+    """Run `python -m ueguard protect` in a subprocess whose stderr is a pseudo-terminal (``tty``) or a
+    pipe; returns the exit status and everything written to stderr."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    options = [o for o in FAST if o != "--quiet"]
+    command = [sys.executable, "-m", "ueguard", "protect", str(tmp_path / "src"), "--out", str(tmp_path / out),
+               *options, *extra]
+    env = {**os.environ, "COLUMNS": "120"}
+    if not tty:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        return done.returncode, done.stderr
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a real terminal's size
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=follower, env=env)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_with_eta_on_a_terminal_and_quiet_otherwise(tmp_path):
+    write_class_tree(tmp_path / "src", n_per_class=3, classes=2, size=16)
+    status, shown = _protect_in_terminal(tmp_path, "bar", tty=True)
+    assert status == 0, shown
+    assert re.search(r"\d+/\d+ \[\d\d:\d\d<\d\d:\d\d", shown), shown  # tqdm's "n/total [elapsed<ETA"
+    status, quiet = _protect_in_terminal(tmp_path, "quiet", "--quiet", tty=True)
+    assert status == 0 and not re.search(r"\[\d\d:\d\d<", quiet), quiet
+    status, piped = _protect_in_terminal(tmp_path, "piped", tty=False)
+    assert status == 0 and not re.search(r"\[\d\d:\d\d<", piped), piped
