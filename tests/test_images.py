@@ -697,3 +697,30 @@ def test_lossless_save_then_load_is_identity(image, fmt):
         assert reloaded.alpha is None
     else:
         np.testing.assert_array_equal(reloaded.alpha, image.alpha)
+
+
+def _write_png_16bit_colour(path, rgb: np.ndarray) -> None:
+    """A 48-bit RGB PNG (Pillow cannot write one): signature, IHDR, one zlib IDAT of unfiltered rows, IEND."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = rgb.shape
+    rows = b"".join(b"\x00" + rgb[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)  # 16 bits per channel, colour type 2 (RGB)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_colour_is_refused_not_truncated(tmp_path):
+    """Pillow would read only the high byte (1001/65535 as 3/255, off by up to 1/255), so the budget could
+    not be guaranteed against the original: the file is refused with a reason, not silently truncated."""
+    rgb = (np.arange(6 * 5 * 3).reshape(6, 5, 3) * 1000 + 1).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    _write_png_16bit_colour(path, rgb)
+    with Image.open(path) as img:  # the fixture really is a 16-bit colour PNG that Pillow truncates
+        assert img.mode == "RGB" and np.asarray(img)[0, 0, 1] == 1001 >> 8
+    with pytest.raises(ImageReadError, match="16-bit colour is not supported.*convert it to 8-bit colour"):
+        load_image(path)

@@ -115,7 +115,8 @@ class DecodedImage:
     """One decoded image, ready for the protection and for writing back.
 
     ``pixels`` is HxWxC with C = 1 (grayscale) or 3 (colour), uint8 (``max_value`` 255) or uint16
-    (``max_value`` 65535, only for 16-bit grayscale: Pillow decodes 16-bit colour to 8 bits), with EXIF
+    (``max_value`` 65535, only for 16-bit grayscale: 16-bit colour is refused when read, as Pillow decodes
+    only its high byte), with EXIF
     orientation already applied. ``alpha`` is HxW uint8 (Pillow decodes every alpha channel at 8 bits) or
     None; it is never perturbed, only carried over. ``source_format`` is Pillow's name of the decoded
     format ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"). ``icc_profile`` is kept only when it describes
@@ -390,6 +391,13 @@ def _decode(path: str | os.PathLike[str], fh: IO[bytes], max_pixels: int) -> tup
             size = f"{width * height} ({width}x{height})"
             raise ImageReadError(path, _over_limit_reason(size, max_pixels))
         source_format = "JPEG" if img.format == "MPO" else str(img.format)
+        if _is_sixteen_bit_colour(img):
+            raise ImageReadError(
+                path,
+                "16-bit colour is not supported: Pillow decodes it to its high byte only, so the protection "
+                "could not be measured against the original; convert it to 8-bit colour (or 16-bit grayscale) "
+                "first",
+            )
 
         try:
             img.load()
@@ -401,6 +409,19 @@ def _decode(path: str | os.PathLike[str], fh: IO[bytes], max_pixels: int) -> tup
         except Exception as err:
             raise ImageReadError(path, f"truncated or corrupt image data ({err})") from err
     return img, source_format
+
+
+def _is_sixteen_bit_colour(img: Image.Image) -> bool:
+    """A 48- or 64-bit colour file (16 bits per channel), which Pillow opens as 8-bit RGB/RGBA: its raw
+    mode, read from the tiles before decoding, says ``RGB;16B``, ``RGBA;16N`` and the like."""
+    if img.mode not in ("RGB", "RGBA"):
+        return False
+    for tile in img.tile:
+        args = tile.args if hasattr(tile, "args") else tile[3]
+        rawmode = args if isinstance(args, str) else (args[0] if args and isinstance(args[0], str) else "")
+        if ";16" in rawmode:
+            return True
+    return False
 
 
 def _to_decoded(path: str | os.PathLike[str], img: Image.Image, source_format: str) -> DecodedImage:
