@@ -121,3 +121,10 @@ def test_emn_through_augmentation_stays_in_budget_and_reproducible(digits_set, k
     assert a.delta.abs().max() <= 8 / 255 + 1e-6 and a.delta.abs().mean() > 1 / 255
     applied = a.for_samples(torch.arange(len(small)), small.labels, small.grayscale)
     assert torch.allclose(applied[:, 0], applied[:, 2])  # gray images get gray noise
+
+
+def test_emn_stops_at_the_round_cap_when_the_surrogate_never_reaches_the_threshold(digits_set):
+    """An unreachable threshold: the loop runs exactly max_rounds and says it did not converge."""
+    result = run_emn(digits_set, max_rounds=2, stop_accuracy=1.01)
+    assert result.info["rounds"] == 2 and not result.info["converged"]
+    assert len(result.info["surrogate_train_accuracy"]) == 2

@@ -309,3 +309,34 @@ def test_progress_bar_with_eta_on_a_terminal_and_quiet_otherwise(tmp_path):
     assert status == 0 and not re.search(r"\[\d\d:\d\d<", quiet), quiet
     status, piped = _protect_in_terminal(tmp_path, "piped", tty=False)
     assert status == 0 and not re.search(r"\[\d\d:\d\d<", piped), piped
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")
+def test_device_cuda_without_a_gpu_is_a_usage_error(tmp_path):
+    write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
+    options = [o for o in FAST if o not in ("--device", "cpu")]
+    result = run_cli("protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *options, "--device", "cuda")
+    assert result.exit_code == 2 and "cuda" in result.output.lower(), result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_working_size_follows_the_images(tmp_path):
+    """No --size: 20-px images are worked on at the next size step (32), and outputs keep their 20 px."""
+    write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=20)
+    options = [o for o in FAST if o not in ("--size", "16")]
+    result = run_cli("protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *options, "-o", "max_rounds=1")
+    assert result.exit_code == 0, result.output
+    config = next(iter(read_manifest(tmp_path / "out" / MANIFEST_NAME)))
+    assert config["size"] == 32, config
+    records = file_records(tmp_path / "out" / MANIFEST_NAME)
+    assert all(load_image(tmp_path / "out" / r["output"]).pixels.shape[:2] == (20, 20) for r in records.values())
+
+
+def test_webp_output_is_warned_about_and_measured(tmp_path):
+    write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
+    result = run_cli("protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *FAST, "--format", "webp",
+                     "-o", "max_rounds=1")
+    assert result.exit_code == 0 and "warning" in result.output and "webp" in result.output.lower(), result.output
+    records = file_records(tmp_path / "out" / MANIFEST_NAME)
+    assert all(r["output"].endswith(".webp") and r["linf"] is not None for r in records.values())
+    assert all(load_image(tmp_path / "out" / r["output"]).source_format == "WEBP" for r in records.values())

@@ -92,3 +92,20 @@ def test_folder_input_returns_paths_and_manifest(tmp_path):
     assert all(p.is_file() for p in result.paths) and len(result.paths) == 6
     assert result.manifest_path.is_file()
     assert result.info["rounds"] >= 1
+
+
+def test_float_nhwc_numpy_round_trip_keeps_layout_and_dtype(digits):
+    images, labels = digits
+    x = images.astype(np.float32) / 255  # N×H×W×1 float32 in [0, 1]
+    result = protect(x, labels=labels, eps="8/255", **FAST)
+    out = result.data
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == x.shape
+    assert np.abs(out - x).max() <= 8 / 255 + 1e-6 and np.abs(out - x).mean() > 0.5 / 255
+
+
+def test_grayscale_uint8_tensor_keeps_its_dtype(digits):
+    images, labels = digits
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    out = protect(x, labels=labels, **FAST).data
+    assert torch.is_tensor(out) and out.dtype == torch.uint8 and out.shape == x.shape
+    assert (out.int() - x.int()).abs().max() <= 8
