@@ -41,6 +41,17 @@ def test_verify_writes_a_well_formed_report(folders, tmp_path):
     assert report["data"]["train_images"] == 36 and report["data"]["test_images"] == 12
 
 
+def test_arch_and_seed_are_used_and_recorded(folders):
+    """--arch picks the trained architecture; --seed makes a run repeatable and a different seed differs."""
+    options = {**TINY, "arch": "resnet20_cifar"}
+    a = verify(folders / "protected", folders / "test", seed=3, **options)
+    b = verify(folders / "protected", folders / "test", seed=3, **options)
+    c = verify(folders / "protected", folders / "test", seed=4, **options)
+    assert a["arch"] == "resnet20_cifar" and a["config"]["arch"] == "resnet20_cifar" and a["config"]["seed"] == 3
+    losses = lambda r: [h["train_loss"] for h in r["history"]]  # noqa: E731
+    assert losses(a) == losses(b) and losses(a) != losses(c)
+
+
 def test_without_clean_there_is_no_verdict(folders):
     report = verify(folders / "protected", folders / "test", **TINY)
     assert report["clean_accuracy"] is None and report["protected"] is None
