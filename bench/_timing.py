@@ -74,3 +74,13 @@ def write_json(path: str | Path, records: list[dict], command: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"command": command, "environment": environment(), "records": records}, indent=2) + "\n")
+
+
+def write_report(path: str | Path | None, results: dict, script: str, started: float) -> None:
+    """Stamp a whole-run result with its command, wall time and environment, and write it to ``path``."""
+    results.update(command=command_line(script), wall_seconds=round(time.perf_counter() - started, 1),
+                   environment=environment())
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")

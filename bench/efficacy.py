@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -41,7 +40,7 @@ for _path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(_path))
 
 from _priors import train_prior  # noqa: E402
-from _timing import command_line  # noqa: E402
+from _timing import write_report  # noqa: E402
 
 PRIOR_CLASSES = (0, 1, 2, 3, 4)
 TASK_CLASSES = (5, 6, 7, 8, 9)
@@ -91,28 +90,45 @@ def victims(train_folder: Path, data: dict[str, Path], prior: Path, paradigms: t
     return out
 
 
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``-o METHOD.KEY=VALUE`` (VALUE read as JSON when it parses, else as text) → {method: {key: value}}."""
+    out: dict[str, dict] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        method, _, key = name.partition(".")
+        if not (method and key and _):
+            raise SystemExit(f"-o {item!r}: write METHOD.KEY=VALUE, e.g. bait.parameterisation=generator")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(method, {})[key] = parsed
+    return out
+
+
 def protect_method(method: str, data: dict[str, Path], work: Path, prior: Path, eps: str, budget: str,
-                   seed: int) -> tuple[Path, dict]:
+                   seed: int, precision: str = "auto", overrides: dict | None = None,
+                   tag: str = "") -> tuple[Path, dict]:
     from ueguard.methods import METHODS
     from ueguard.sdk import protect
 
     cls = METHODS.get(method)
-    options: dict = {"budget": budget, "seed": seed, "size": 32, "format": "png",
-                     "method_options": method_options(method)}
+    options: dict = {"budget": budget, "seed": seed, "size": 32, "format": "png", "precision": precision,
+                     "method_options": {**method_options(method), **(overrides or {})}}
     if cls.norm == "linf":
         options["eps"] = eps
     if cls.needs_surrogate:
         options["surrogate"] = ARCH
         if cls.needs_pretrained:
             options["weights"] = str(prior)
-    out = work / "protected" / method
+    out = work / "protected" / (method + (f"-{tag}" if tag else ""))
     options["resume"] = out.exists()  # a kept --workdir: finish (or reuse) the earlier run
     started = time.perf_counter()
     result = protect(data["train"], out, method, **options)
     if result.failed:
         raise SystemExit(f"protect {method}: {result.failed} image(s) failed; see {result.manifest_path}")
     items = [item for item in result.items if item.get("status") == "ok"]
-    record = {"method": method, "norm": cls.norm,
+    record = {"method": method, "precision": precision, "norm": cls.norm,
               "needs_pretrained": bool(cls.needs_pretrained), "images": len(items),
               "seconds": round(time.perf_counter() - started, 1),
               "max_linf_255": max(item["linf"] for item in items),
@@ -158,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prior-epochs", type=int, default=15)
     parser.add_argument("--finetune-lr", type=float, default=FINETUNE_LR,
                         help=f"the finetune victims' learning rate (default {FINETUNE_LR}; see the module doc)")
+    parser.add_argument("--precision", default="auto",
+                        help="protect's --precision (auto, fp32, bf16): run once per setting to compare them")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-o", "--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="a method constant on top of the digits budget (repeatable)")
+    parser.add_argument("--tag", default="", help="suffix for the rows and folders of this run's variant")
     parser.add_argument("--workdir", type=Path, help="keep the folders here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -170,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     paradigms = tuple(args.paradigms.split(","))
+    overrides = parse_overrides(args.option)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ueguard-efficacy-"))
     started = time.perf_counter()
     try:
@@ -184,30 +206,25 @@ def main(argv: list[str] | None = None) -> int:
         print("clean: " + ", ".join(f"{p} {100 * v['test_accuracy']:.1f} %" for p, v in results["clean"].items()),
               flush=True)
         for method in methods:
-            out, record = protect_method(method, data, work, prior, args.eps, budget, args.seed)
-            results["methods"][method] = {"protect": record,
+            tag = args.tag or ("" if args.precision == "auto" else args.precision)
+            out, record = protect_method(method, data, work, prior, args.eps, budget, args.seed, args.precision,
+                                         overrides.get(method), tag)
+            row_name = method + (f" [{tag}]" if tag else "")
+            results["methods"][row_name] = {"protect": record,
                                           "victims": victims(out, data, prior, paradigms, budget, args.seed,
                                                                              args.finetune_lr)}
-            row = results["methods"][method]["victims"]
+            row = results["methods"][row_name]["victims"]
             ratios = ", ".join(f"{p} {100 * row[p]['test_accuracy']:.1f} % "
                                f"(protected/clean = {row[p]['test_accuracy'] / results['clean'][p]['test_accuracy']:.2f})"
                                for p in paradigms)
-            print(f"{method}: {ratios}; protect {record['seconds']:.0f} s", flush=True)
+            print(f"{row_name}: {ratios}; protect {record['seconds']:.0f} s", flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    import torch
-
-    results.update(command=command_line(__file__), budget=budget, eps=args.eps, seed=args.seed, task_classes=TASK_CLASSES,
-                   prior_classes=PRIOR_CLASSES, arch=ARCH, l2_scale=L2_SCALE,
-                   wall_seconds=round(time.perf_counter() - started, 1),
-                   hardware={"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                             "cuda": torch.cuda.is_available()},
-                   versions={"torch": torch.__version__, "python": platform.python_version()})
+    results.update(budget=budget, eps=args.eps, seed=args.seed, precision=args.precision, task_classes=TASK_CLASSES,
+                   prior_classes=PRIOR_CLASSES, arch=ARCH, l2_scale=L2_SCALE)
+    write_report(args.json, results, __file__, started)
     print(table(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
 
 

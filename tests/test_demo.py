@@ -113,3 +113,10 @@ def test_demo_end_to_end_protects_the_digits(tmp_path):
     manifest = tmp_path / "demo" / "train_protected" / "ueguard-manifest.jsonl"
     records = [r for r in read_manifest(manifest) if r.get("kind") == "file"]
     assert len(records) == 1347 and all(r["status"] == "ok" and r["linf"] <= 64 for r in records)
+
+
+def test_efficacy_method_overrides_parse_json_values(efficacy):
+    parsed = efficacy.parse_overrides(["bait.parameterisation=generator", "bait.iterations=6", "emn.augment=cropflip"])
+    assert parsed == {"bait": {"parameterisation": "generator", "iterations": 6}, "emn": {"augment": "cropflip"}}
+    with pytest.raises(SystemExit, match="METHOD.KEY=VALUE"):
+        efficacy.parse_overrides(["iterations=6"])
