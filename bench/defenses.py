@@ -58,14 +58,21 @@ def battery(train: Path, test: Path, protected: Path, defenses: str, budget: str
             "worst": report["worst"], "protected": report["protected"]}
 
 
-def staged_sweep(train: Path, test: Path, protected: Path, taus: list[float], budget: str, seed: int) -> list[dict]:
-    """Staged training at each tau on the protected and on the clean images."""
+def staged_sweep(train: Path, test: Path, protected: Path, taus: list[float], budget: str, seed: int,
+                 battery_staged: dict | None = None) -> list[dict]:
+    """Staged training at each tau on the protected and on the clean images. The battery's own ``staged``
+    run (``battery_staged``, at the default tau, same seed and recipe) stands for that cell instead of
+    being trained again."""
+    from ueguard.defenses.staged import StagedConfig
     from ueguard.sdk import verify
 
     rows = []
     for tau in taus:
         row = {"tau": tau}
         for name, folder in (("protected", protected), ("clean", train)):
+            if name == "protected" and battery_staged is not None and tau == StagedConfig.tau:
+                row[name] = battery_staged
+                continue
             report = verify(folder, test, defense="staged", defense_options=(("tau", tau),), paradigm="scratch",
                             arch=ARCH, budget=budget, seed=seed, size=32)
             row[name] = summarise(report["runs"][0])
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = block["battery"]["runs"]
             print(", ".join(f"{n} {100 * r['test_accuracy']:.1f} %" for n, r in runs.items()), flush=True)
             if taus:
-                block["staged_sweep"] = staged_sweep(train, test, out, taus, budget, args.seed)
+                block["staged_sweep"] = staged_sweep(train, test, out, taus, budget, args.seed, runs.get("staged"))
             if "staged" in runs and "none" in runs:
                 block["staged_over_standard"] = round(runs["staged"]["test_accuracy"] / runs["none"]["test_accuracy"], 3)
                 print(f"{method}: staged / standard = {block['staged_over_standard']:.2f}", flush=True)

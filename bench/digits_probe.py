@@ -70,10 +70,10 @@ elif a.gen == "rand_cw":
 else:
     seed_everything(0)
     sur = models.create_model(a.arch, 10)
-    opts = dict(perturbation="classwise" if a.gen == "emn_cw" else "samplewise", max_rounds=a.rounds, **json.loads(a.opts))
-    if a.genaug != "none": opts["augment"] = a.genaug
     if a.gen.startswith("emn_"):
         method = "emn"
+        opts = dict(perturbation="classwise" if a.gen == "emn_cw" else "samplewise", max_rounds=a.rounds, **json.loads(a.opts))
+        if a.genaug != "none": opts["augment"] = a.genaug
     else:  # another registered method: its own defaults plus --opts
         method, opts = a.gen, json.loads(a.opts)
     m = create_method(method, budget="quick", runtime=rt, surrogate=sur, eps=eps, seed=0, **opts)

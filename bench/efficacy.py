@@ -11,9 +11,9 @@ Setup (one run, so every number is comparable):
   that has never seen the protected classes. Methods that need a pretrained surrogate (``bait``,
   ``ssc``, ``uc``) get it as ``weights``; the ``finetune`` paradigm starts the victim from it;
 * **budget**: these digits are high-contrast strokes, so the L∞ methods use the demo's budget
-  (``ueguard.demo.DEMO_EPS`` = 64/255; at CIFAR's 8/255 EMN does not protect them, see README). LSP and AR,
-  whose budget is an L2 radius, get their CIFAR default scaled by the same factor 64/8 = 8; OPS changes
-  one pixel per image (L0) and has no budget to scale;
+  (``ueguard.demo.DEMO_EPS`` = 64/255, or ``--eps``; at CIFAR's 8/255 EMN does not protect them, see
+  README). LSP and AR, whose budget is an L2 radius, get their CIFAR default scaled by the same factor
+  (64/255 ÷ 8/255 = 8); OPS changes one pixel per image (L0) and has no budget to scale;
 * **victims**: ``verify`` with the ``--budget`` preset (``quick``: 10 epochs, ``standard``: more), from
   scratch and fine-tuned from the prior (at ``--finetune-lr`` 0.03: verify's 1e-3, meant for 60 epochs,
   reaches only 55 % on the clean task in 10), both tested on the clean test digits; the clean baselines
@@ -41,11 +41,13 @@ for _path in (ROOT, ROOT / "bench"):
 
 from _priors import train_prior  # noqa: E402
 from _timing import write_report  # noqa: E402
+from ueguard.demo import DEMO_EPS  # noqa: E402
+from ueguard.units import parse_eps  # noqa: E402
 
 PRIOR_CLASSES = (0, 1, 2, 3, 4)
 TASK_CLASSES = (5, 6, 7, 8, 9)
 ARCH = "resnet18_cifar_slim"
-L2_SCALE = 8  # 64/255 ÷ 8/255: how much larger the digits budget is than CIFAR's
+CIFAR_EPS = 8 / 255
 PARADIGMS = ("scratch", "finetune")
 #: verify's finetune default (lr 1e-3, the authors' setting for 60 epochs) leaves the clean finetune
 #: victim under-trained in the quick preset's 10 epochs here; measured on the clean task (seed 0):
@@ -53,15 +55,23 @@ PARADIGMS = ("scratch", "finetune")
 FINETUNE_LR = 0.03
 
 
-def method_options(method: str, size: int = 32) -> dict:
-    """The method's constants for the digits budget: L2 methods get their default radius × L2_SCALE."""
-    if method in ("lsp", "sp"):
-        from ueguard.methods.lsp import LSP_RMS
+def l2_scale_for(eps: str) -> float:
+    """How much larger an L∞ budget is than CIFAR's 8/255; the L2 methods' radius is scaled by as much."""
+    return parse_eps(eps) / CIFAR_EPS
 
-        return {"l2_eps": L2_SCALE * LSP_RMS * (size * size * 3) ** 0.5}
-    if method == "ar":  # the authors' 1.0 at 32 px
-        return {"l2_eps": L2_SCALE * 1.0 * size / 32}
-    return {}
+
+L2_SCALE = l2_scale_for(DEMO_EPS)  # 64/255 ÷ 8/255 = 8
+
+
+def method_options(method: str, size: int = 32, scale: float | None = None) -> dict:
+    """The method's constants for the digits budget: L2 methods get their default radius × ``scale``
+    (default :data:`L2_SCALE`)."""
+    from ueguard.methods import ar, lsp
+
+    defaults = {"lsp": lsp.default_l2_eps, "sp": lsp.default_l2_eps, "ar": ar.default_l2_eps}
+    if method not in defaults:
+        return {}
+    return {"l2_eps": (L2_SCALE if scale is None else scale) * defaults[method](size, size)}
 
 
 def build_data(work: Path, seed: int) -> dict[str, Path]:
@@ -91,30 +101,27 @@ def victims(train_folder: Path, data: dict[str, Path], prior: Path, paradigms: t
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict]:
-    """``-o METHOD.KEY=VALUE`` (VALUE read as JSON when it parses, else as text) → {method: {key: value}}."""
+    """``-o METHOD.KEY=VALUE`` → {method: {key: value}}, VALUE typed as the CLI's ``-o`` types it."""
+    from ueguard.sdk.options import parse_method_options
+
     out: dict[str, dict] = {}
     for item in items:
-        name, _, value = item.partition("=")
-        method, _, key = name.partition(".")
-        if not (method and key and _):
+        method, dot, pair = item.partition(".")
+        if not (method and dot and "=" in pair and pair.partition("=")[0].strip()):
             raise SystemExit(f"-o {item!r}: write METHOD.KEY=VALUE, e.g. bait.parameterisation=generator")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out.setdefault(method, {})[key] = parsed
+        out.setdefault(method, {}).update(parse_method_options((pair,)))
     return out
 
 
 def protect_method(method: str, data: dict[str, Path], work: Path, prior: Path, eps: str, budget: str,
                    seed: int, precision: str = "auto", overrides: dict | None = None,
-                   tag: str = "") -> tuple[Path, dict]:
+                   tag: str = "", l2_scale: float | None = None) -> tuple[Path, dict]:
     from ueguard.methods import METHODS
     from ueguard.sdk import protect
 
     cls = METHODS.get(method)
     options: dict = {"budget": budget, "seed": seed, "size": 32, "format": "png", "precision": precision,
-                     "method_options": {**method_options(method), **(overrides or {})}}
+                     "method_options": {**method_options(method, scale=l2_scale), **(overrides or {})}}
     if cls.norm == "linf":
         options["eps"] = eps
     if cls.needs_surrogate:
@@ -163,7 +170,6 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ueguard.demo import DEMO_EPS
     from ueguard.methods import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         for method in methods:
             tag = args.tag or ("" if args.precision == "auto" else args.precision)
             out, record = protect_method(method, data, work, prior, args.eps, budget, args.seed, args.precision,
-                                         overrides.get(method), tag)
+                                         overrides.get(method), tag, l2_scale_for(args.eps))
             row_name = method + (f" [{tag}]" if tag else "")
             results["methods"][row_name] = {"protect": record,
                                           "victims": victims(out, data, prior, paradigms, budget, args.seed,
@@ -222,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     results.update(budget=budget, eps=args.eps, seed=args.seed, precision=args.precision, task_classes=TASK_CLASSES,
-                   prior_classes=PRIOR_CLASSES, arch=ARCH, l2_scale=L2_SCALE)
+                   prior_classes=PRIOR_CLASSES, arch=ARCH, l2_scale=l2_scale_for(args.eps))
     write_report(args.json, results, __file__, started)
     print(table(results))
     return 0

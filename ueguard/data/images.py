@@ -417,7 +417,7 @@ def _is_sixteen_bit_colour(img: Image.Image) -> bool:
     if img.mode not in ("RGB", "RGBA"):
         return False
     for tile in img.tile:
-        args = tile.args if hasattr(tile, "args") else tile[3]
+        args = tile[3]  # (codec, extents, offset, args); a named tuple in newer Pillow
         rawmode = args if isinstance(args, str) else (args[0] if args and isinstance(args[0], str) else "")
         if ";16" in rawmode:
             return True

@@ -51,6 +51,11 @@ class ARConfig(MethodConfig):
             raise ValueError(f"crop must be ≥ 2 (the first two rows/columns are the process's random start), got {self.crop}")
 
 
+def default_l2_eps(height: int, width: int) -> float:
+    """The default L2 radius: the authors' 1.0 at 32×32, scaled to keep the same RMS per value."""
+    return math.sqrt(height * width) / 32
+
+
 def random_filters(num_classes: int, generator: torch.Generator, probe: int = 32, crop: int = 4) -> torch.Tensor:
     """``K×3×3×3`` causal filters: standard normal taps, the current tap (2, 2) zero, each channel's taps
     summing to 1 — kept only when the process is *stationary-looking* on a ``probe``-px canvas.
@@ -105,7 +110,7 @@ class AR(ProtectionMethod):
     def generate(self, data: WorkingSet) -> Perturbation:
         cfg = self.config
         h, w = data.images.shape[-2:]
-        radius = cfg.l2_eps if cfg.l2_eps is not None else math.sqrt(h * w) / 32
+        radius = cfg.l2_eps if cfg.l2_eps is not None else default_l2_eps(h, w)
         filters = random_filters(data.num_classes, self.generator)
         labels = data.labels.cpu()
         # Each batch draws from its own generator (seeded from the run's), so a batch's rows do not

@@ -49,6 +49,11 @@ class LSPConfig(MethodConfig):
             raise ValueError(f"class_sep must be positive, got {self.class_sep}")
 
 
+def default_l2_eps(height: int, width: int) -> float:
+    """The spec's default L2 radius: an RMS of :data:`LSP_RMS` per value of a 3×H×W image."""
+    return LSP_RMS * math.sqrt(3 * height * width)
+
+
 def default_patch(size: int) -> int:
     return max(1, size // 4) if size <= 64 else max(1, size // 7)
 
@@ -90,7 +95,7 @@ class LSP(ProtectionMethod):
         cfg = self.config
         h, w = data.images.shape[-2:]
         patch = cfg.patch or default_patch(min(h, w))
-        radius = cfg.l2_eps if cfg.l2_eps is not None else LSP_RMS * math.sqrt(3 * h * w)
+        radius = cfg.l2_eps if cfg.l2_eps is not None else default_l2_eps(h, w)
         dim = 3 * (-(-h // patch)) * (-(-w // patch))
         points = separable_points(data.num_classes, dim, cfg.class_sep, self.generator)
         delta = l2_scale(patch_upsample(points, (h, w), patch), radius)
