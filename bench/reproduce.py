@@ -272,21 +272,43 @@ def _json_dump(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def protected_folder(method: str, prior: Prior | None, folders: Folders, cache: Path, scale: Scale, seed: int,
+@dataclass(frozen=True)
+class Variant:
+    """A row that runs ``method`` with ``options`` on top of the scale's (``--variant NAME=METHOD:k=v,...``):
+    how a constant search puts each setting it tries into the same table, cached under its own name."""
+
+    name: str
+    method: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+def parse_variant(text: str) -> Variant:
+    from ueguard.sdk.options import parse_method_options
+
+    name, sep, rest = text.partition("=")
+    method, _, pairs = rest.partition(":")
+    if not sep or not name or name in ROWS or method not in METHODS or any(c in name for c in "/,·@"):
+        raise SystemExit(f"--variant {text!r}: write NAME=METHOD:key=value,key=value with a new row NAME "
+                         f"(no / , · @) and METHOD one of {', '.join(METHODS)}")
+    return Variant(name, method, parse_method_options(tuple(p for p in pairs.split(",") if p)))
+
+
+def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache: Path, scale: Scale, seed: int,
                      log) -> tuple[Path, dict]:
-    """``protect(task_train, out)`` with ``method`` at the scale's budget (resumed when interrupted)."""
+    """``protect(task_train, out)`` with the row's method at the scale's budget (resumed when interrupted)."""
     from ueguard.methods import METHODS as REGISTRY
     from ueguard.sdk import protect
 
+    method = row.method
     needs_prior = REGISTRY.get(method).needs_pretrained
-    key = f"{method}@{prior.name}" if needs_prior else method
+    key = f"{row.name}@{prior.name}" if needs_prior else row.name
     cells = cache / "protected" / scale.protect_tag()
     out = cells / f"{key}-s{seed}"
     done = cells / f"{key}-s{seed}.json"
     if done.is_file() and out.is_dir():
         return out, json.loads(done.read_text())
     options: dict[str, Any] = {"budget": scale.budget, "seed": seed, "size": 32, "format": "png",
-                               "method_options": scale.options_for(method), "resume": out.exists()}
+                               "method_options": {**scale.options_for(method), **dict(row.options)}, "resume": out.exists()}
     if REGISTRY.get(method).needs_surrogate:
         options.update(surrogate=prior.arch if needs_prior else scale.scratch_arch,
                        weights=str(prior.weights) if needs_prior else None)
@@ -294,7 +316,7 @@ def protected_folder(method: str, prior: Prior | None, folders: Folders, cache: 
     started = time.perf_counter()
     result = protect(folders.task_train, out, method, **options)
     linf = [item.get("linf") for item in result.items if item.get("linf") is not None]
-    record = {"method": method, "prior": prior.name if needs_prior else None, "ok": result.ok,
+    record = {"method": method, "row": row.name, "prior": prior.name if needs_prior else None, "ok": result.ok,
               "failed": result.failed, "seconds": round(time.perf_counter() - started, 1),
               "max_linf_255": max(linf) if linf else None, "mean_linf_255": float(np.mean(linf)) if linf else None,
               "within_budget": all(item.get("within_budget", True) for item in result.items),
@@ -472,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
                                          "and user with --weights)")
     parser.add_argument("--weights", type=Path, help="a user prior (any weights file ueguard reads)")
     parser.add_argument("--weights-arch", default="resnet20_cifar", help="architecture of --weights")
+    parser.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME=METHOD:K=V,...",
+                        help="an extra row: METHOD with these constants on top of the scale's (repeatable; "
+                             "e.g. ssc-fresh=ssc:deep_init=fresh); cached under NAME")
     parser.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("UEGUARD_SHARED_DATA", "/work/shared/data")),
                         help="folder with cifar10/cifar-10-batches-py and weights/ (default /work/shared/data)")
@@ -483,11 +508,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = _split(args.methods, ROWS, ROWS, "methods")
     if "clean" not in rows:
         rows.insert(0, "clean")
+    variants = {row: Variant(row, row) for row in rows if row != "clean"}
+    variants.update({v.name: v for v in args.variant})
+    rows += [v.name for v in args.variant if v.name not in rows]
     paradigms = _split(args.paradigms, scale.paradigms, ("scratch", "finetune", "frozen", "linear"), "paradigms")
     defenses = _split(args.defenses, scale.defenses, None, "defenses")
     if "none" not in defenses:
         defenses.insert(0, "none")
-    defended = _split(args.defended, scale.defended, ROWS, "defended")
+    defended = _split(args.defended, scale.defended, ROWS + tuple(v.name for v in args.variant), "defended")
     seeds = [int(s) for s in _split(args.seeds, ("0",), None, "seeds")]
     prior_names = _split(args.priors, ("disjoint", "akamaster") + (("user",) if args.weights else ()),
                          ("disjoint", "akamaster", "user"), "priors")
@@ -514,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     priors_used: dict[str, dict] = {}
     for seed in seeds:
         priors: list[Prior] = []
-        needs_disjoint = "disjoint" in prior_names or any(m in rows for m in ("ssc", "bait"))
+        needs_disjoint = "disjoint" in prior_names or any(v.method in ("ssc", "bait") for v in variants.values())
         if needs_disjoint:
             priors.append(pretrain_disjoint_prior(folders, args.cache, scale, seed))
             log(f"prior: {priors[-1].note}")
@@ -538,10 +566,9 @@ def main(argv: list[str] | None = None) -> None:
                 if row == "clean":
                     folder = folders.task_train
                 else:
-                    folder, record = protected_folder(row, prior or disjoint, folders, args.cache, scale, seed,
-                                                      log)
-                    protections[f"{record['method']}@{record['prior']}-s{seed}" if record["prior"]
-                                else f"{row}-s{seed}"] = record
+                    folder, record = protected_folder(variants[row], prior or disjoint, folders, args.cache, scale,
+                                                      seed, log)
+                    protections[f"{row}@{record['prior']}-s{seed}" if record["prior"] else f"{row}-s{seed}"] = record
                 report = verify_cell(row, prior.name if prior else "scratch", folder, folders, prior,
                                      group_paradigms, row_defenses, cells, scale, seed, log)
                 reports.append((prior.name if prior else None, report))
@@ -558,6 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {"bench": "reproduce", "scale": dataclasses.asdict(scale), "scale_tag": scale.tag(),
               "selection": {"rows": rows, "paradigms": paradigms, "defenses": defenses, "defended": defended,
                             "priors": prior_names},
+              "variants": {v.name: {"method": v.method, "options": dict(v.options)} for v in args.variant},
               "seeds": seeds, "task_classes": [CIFAR10_CLASSES[c] for c in TASK_CLASSES],
               "prior_classes": [CIFAR10_CLASSES[c] for c in PRIOR_CLASSES], "priors": priors_used,
               "protections": protections, "results": results, "published": {f"{r}/{d}": v for (r, d), v in

@@ -91,12 +91,13 @@ def child_path(tree: Path, out: Path, trace: bool) -> dict:
     return result
 
 
-def measure(n: int, work: Path, e2e: bool, threads: int) -> dict:
+def measure(n: int, work: Path, path: bool, e2e: bool, store: str, threads: int) -> dict:
     tree = work / f"tree_{n}"
-    make_tree(tree, n, SIDE)
+    if not tree.is_dir():
+        make_tree(tree, n, SIDE)
     row: dict = {"files": n}
     me = [sys.executable, str(Path(__file__).resolve())]
-    for trace in (False, True):
+    for trace in (False, True) if path else ():
         out = work / f"path_out_{n}_{int(trace)}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
         payload, rss, _ = run_child([*me, "--child-path", str(tree), str(out), *(["--trace"] if trace else [])], threads)
@@ -111,7 +112,7 @@ def measure(n: int, work: Path, e2e: bool, threads: int) -> dict:
         _, rss, seconds = run_child([*me, "--child-e2e", str(tree), "--out", str(out),
                                      "--budget", "quick", "--size", "8", "--device", "cpu",
                                      "--surrogate", "resnet18_cifar_slim", "-o", "max_rounds=1",
-                                     "-o", "pgd_steps=1", "-o", "train_steps=1", "-q"], threads)
+                                     "-o", "pgd_steps=1", "-o", "train_steps=1", "--store", store, "-q"], threads)
         row["e2e_peak_rss_mb"], row["e2e_seconds"] = round(rss, 1), round(seconds, 1)
     return row
 
@@ -121,6 +122,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="200 and 2,000 files")
     parser.add_argument("--sizes", type=int, nargs="+", help="folder sizes (default 2000 20000)")
     parser.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end protect run")
+    parser.add_argument("--no-path", dest="path", action="store_false", help="skip the data-path-only runs")
+    parser.add_argument("--store", choices=("auto", "memory", "disk"), default="disk",
+                        help="protect's --store in the e2e run (default disk: δ memory-mapped, not held)")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS for the children (default 1: steady on a shared machine)")
     parser.add_argument("--workdir", type=Path, help="where the trees go (default: a temporary folder)")
@@ -141,17 +145,23 @@ def main() -> None:
     sizes = args.sizes or ([200, 2000] if args.quick else [2000, 20000])
     with tempfile.TemporaryDirectory(prefix="ueguard-walk-") as tmp:
         work = args.workdir or Path(tmp)
-        rows = [measure(n, work, args.e2e, args.threads) for n in sorted(sizes)]
+        rows = [measure(n, work, args.path, args.e2e, args.store, args.threads) for n in sorted(sizes)]
     base = rows[0]
-    print(f"{'files':>7} {'path RSS MiB':>13} {'ratio':>6} {'B/file':>7} {'tracemalloc MiB':>16} {'s':>6}"
-          + (f" {'e2e RSS MiB':>12} {'ratio':>6} {'B/file':>7} {'s':>6}" if args.e2e else ""))
+    head = [("files", 7)]
+    if args.path:
+        head += [("path RSS MiB", 13), ("ratio", 6), ("B/file", 7), ("tracemalloc MiB", 16), ("s", 6)]
+    if args.e2e:
+        head += [("e2e RSS MiB", 12), ("ratio", 6), ("B/file", 7), ("s", 6)]
+    print(" ".join(f"{name:>{width}}" for name, width in head))
     for row in rows:
         extra_files = row["files"] - base["files"]
         per_file = lambda key: round((row[key] - base[key]) * 2**20 / extra_files) if extra_files else 0  # noqa: E731
-        row["path_rss_ratio"] = round(row["path_peak_rss_mb"] / base["path_peak_rss_mb"], 3)
-        row["path_bytes_per_extra_file"] = per_file("path_peak_rss_mb")
-        line = (f"{row['files']:>7} {row['path_peak_rss_mb']:>13.1f} {row['path_rss_ratio']:>6.3f} "
-                f"{row['path_bytes_per_extra_file']:>7} {row['path_tracemalloc_peak_mb']:>16.2f} {row['path_seconds']:>6.1f}")
+        line = f"{row['files']:>7}"
+        if args.path:
+            row["path_rss_ratio"] = round(row["path_peak_rss_mb"] / base["path_peak_rss_mb"], 3)
+            row["path_bytes_per_extra_file"] = per_file("path_peak_rss_mb")
+            line += (f" {row['path_peak_rss_mb']:>13.1f} {row['path_rss_ratio']:>6.3f} "
+                     f"{row['path_bytes_per_extra_file']:>7} {row['path_tracemalloc_peak_mb']:>16.2f} {row['path_seconds']:>6.1f}")
         if args.e2e:
             row["e2e_rss_ratio"] = round(row["e2e_peak_rss_mb"] / base["e2e_peak_rss_mb"], 3)
             row["e2e_bytes_per_extra_file"] = per_file("e2e_peak_rss_mb")
@@ -159,7 +169,7 @@ def main() -> None:
                      f"{row['e2e_bytes_per_extra_file']:>7} {row['e2e_seconds']:>6.1f}")
         print(line)
     record = {"bench": "walk", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-              "quick": args.quick, "threads": args.threads, "environment": environment(), "baseline_files": base["files"], "rows": rows}
+              "quick": args.quick, "threads": args.threads, "store": args.store, "environment": environment(), "baseline_files": base["files"], "rows": rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")

@@ -228,6 +228,26 @@ def test_ssc_camouflage_keeps_the_feature_shift_in_the_semantic_subspace(digits,
     assert kept < 0.7 * free, (kept, free)
 
 
+def test_ssc_fresh_deep_init_resets_exactly_the_layers_after_the_frozen_stage(digits, prior_state):
+    from ueguard.methods.ssc import _reset
+
+    method = create_method("ssc", budget="quick", runtime=CPU, surrogate=surrogate(prior_state), frozen_stage="layer1")
+    model = surrogate(prior_state)
+    deep = method._deep(model)
+    _reset(deep, 1)
+    deep_ids = {id(p) for module in deep for p in module.parameters()}
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, prior_state[name])}
+    assert changed == {name for name, p in model.named_parameters() if id(p) in deep_ids}
+    assert any("layer2" in name for name in changed) and not any("layer1" in name for name in changed)
+    small = digits.subset(range(32))
+    options = dict(max_rounds=1, train_steps=2, pgd_steps=3, batch_size=32, pca_images=32)
+    fresh = run("ssc", small, prior_state, deep_init="fresh", **options)
+    assert_valid(fresh.delta, small, classwise=False)
+    assert not torch.equal(fresh.delta, run("ssc", small, prior_state, **options).delta)
+    with pytest.raises(ValueError, match="deep_init"):
+        run("ssc", small, prior_state, deep_init="random")
+
+
 def test_ssc_rejects_a_stage_the_model_does_not_have(digits, prior_state):
     with pytest.raises(ValueError, match="layer9"):
         run("ssc", digits.subset(range(8)), prior_state, frozen_stage="layer9")

@@ -134,3 +134,18 @@ def test_scale_tag_changes_with_settings_not_with_selections(bench):
     assert quick.tag() == dataclasses.replace(quick, defenses=("none",), paradigms=("scratch",)).tag()
     assert quick.tag() != dataclasses.replace(quick, epochs=quick.epochs + 1).tag()
     assert quick.options_for("emn") == {"max_rounds": 4} and quick.options_for("lsp") == {}
+
+
+def test_variant_parses_typed_constants_and_refuses_bad_rows(bench):
+    variant = bench.parse_variant("ssc-fresh=ssc:deep_init=fresh,camouflage_weight=0,max_rounds=4")
+    assert variant == bench.Variant("ssc-fresh", "ssc", (("deep_init", "fresh"), ("camouflage_weight", 0),
+                                                          ("max_rounds", 4)))
+    assert bench.parse_variant("ssc-default=ssc:") == bench.Variant("ssc-default", "ssc", ())
+    for bad in ("ssc=ssc:lr=1",            # shadows a real row
+                "x=nomethod:lr=1",         # unknown method
+                "a/b=ssc:lr=1",            # a character the column keys use
+                "ssc:lr=1",                # no NAME=
+                "x=ssc:lr"):               # no value
+        with pytest.raises((SystemExit, Exception)) as caught:
+            bench.parse_variant(bad)
+        assert bad.split("=")[0] in str(caught.value) or "KEY=VALUE" in str(caught.value)

@@ -26,6 +26,11 @@ The reconstruction (methods spec §1.3):
   onto the complement of span(U_l), w = ``frozen_weight`` and λ = ``camouflage_weight``. The camouflage
   ratio is scale-free: it steers the *direction* of the shift into the semantic subspace and leaves its
   size to the error-minimising terms.
+* ``deep_init``: the frozen path's D + head start from the prior (``pretrained``, fine-tuned at ``deep_lr``)
+  or re-initialised (``fresh``, trained at ``lr``). A pretrained D fits the labels from the prior's
+  semantics in the first round, so the error-minimising term through it soon stops asking anything of δ
+  (methods spec §5.1, lesson 1); a fresh D must learn from S's features of x + δ, so the min-min
+  builds its shortcut in the feature space the frozen layers pass on.
 * Min-min as in EMN: rounds of ``train_steps`` SGD steps on D (S frozen) and on g, on x + δ, then a PGD
   pass over the set, until both paths fit the perturbed data (train accuracy ≥ ``stop_accuracy``) or
   ``max_rounds``.
@@ -64,6 +69,7 @@ class SSCConfig(MethodConfig):
     energy: float = 0.9                # fraction of channel variance the subspace U_l keeps
     camouflage_weight: float = 1.0     # λ on the out-of-subspace ratio
     frozen_weight: float = 0.5         # w: frozen-shallow path vs from-scratch path (1 − w)
+    deep_init: str = "pretrained"      # D + head of the frozen path: the prior's ("pretrained") or re-initialised ("fresh")
     pca_images: int = 512              # clean images the subspaces are fitted on
     pca_locations: int = 50_000        # channel vectors sampled per depth for the PCA
     pgd_steps: int = 10
@@ -85,6 +91,8 @@ class SSCConfig(MethodConfig):
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         if not 0 <= self.frozen_weight <= 1:
             raise ValueError(f"frozen_weight must be in [0, 1], got {self.frozen_weight}")
+        if self.deep_init not in ("pretrained", "fresh"):
+            raise ValueError(f"deep_init must be 'pretrained' or 'fresh', got {self.deep_init!r}")
         if self.camouflage_weight < 0:
             raise ValueError(f"camouflage_weight must be ≥ 0, got {self.camouflage_weight}")
         if min(self.pgd_steps, self.max_rounds, self.batch_size, self.pca_images, self.pca_locations) < 1 or self.train_steps < 0:
@@ -128,16 +136,22 @@ def out_of_subspace_ratio(shift: torch.Tensor, basis: torch.Tensor) -> torch.Ten
     return (total - inside).clamp(min=0) / (total + 1e-12)
 
 
-def _reinitialise(model: nn.Module, generator_seed: int) -> nn.Module:
-    """A copy of ``model`` with every learnable layer freshly initialised (normalisation buffers kept)."""
-    fresh = copy.deepcopy(model)
+def _reset(modules: list[nn.Module], generator_seed: int) -> None:
+    """Freshly initialise, in place, every learnable layer (and BatchNorm statistics) under ``modules``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(generator_seed)
-        for module in fresh.modules():
-            if module is not fresh and hasattr(module, "reset_parameters") and any(True for _ in module.parameters(recurse=False)):
-                module.reset_parameters()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
+        for root in modules:
+            for module in root.modules():
+                if hasattr(module, "reset_parameters") and any(True for _ in module.parameters(recurse=False)):
+                    module.reset_parameters()
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()
+
+
+def _reinitialise(model: nn.Module, generator_seed: int) -> nn.Module:
+    """A copy of ``model`` with every learnable layer freshly initialised."""
+    fresh = copy.deepcopy(model)
+    _reset([m for m in fresh.children()], generator_seed)
     return fresh
 
 
@@ -163,9 +177,12 @@ class SSC(ProtectionMethod):
         shallow = self._split(frozen)
         prior = copy.deepcopy(frozen).eval().requires_grad_(False)
         scratch = rt.prepare_model(_reinitialise(frozen, cfg.seed))
+        if cfg.deep_init == "fresh":
+            _reset(self._deep(frozen), cfg.seed + 1)
         for p in shallow.parameters():
             p.requires_grad_(False)
-        deep_trainer = Trainer(frozen, rt, OptimConfig(cfg.deep_lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
+        deep_lr = cfg.lr if cfg.deep_init == "fresh" else cfg.deep_lr
+        deep_trainer = Trainer(frozen, rt, OptimConfig(deep_lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         scratch_trainer = Trainer(scratch, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         bases, explained = self._subspaces(prior, data)
         delta = self.new_delta((n, *data.images.shape[1:]))
@@ -214,6 +231,12 @@ class SSC(ProtectionMethod):
                 raise ValueError(f"ssc: stage {stage!r} is not a body stage of {model.arch}; its stages are {', '.join(body)}")
         cut = body.index(cfg.frozen_stage) + 1
         return nn.ModuleList([module for _, module in stages[:cut]])
+
+    def _deep(self, model: nn.Module) -> list[nn.Module]:
+        """The stages of ``model`` after ``frozen_stage``, head included: the frozen path's trained part D."""
+        stages = model.stages()
+        cut = [name for name, _ in stages].index(self.config.frozen_stage) + 1
+        return [module for _, module in stages[cut:]]
 
     @staticmethod
     def _train_mode(model: nn.Module, shallow: nn.Module) -> None:
