@@ -50,9 +50,10 @@ def battery(train: Path, test: Path, protected: Path, defenses: str, budget: str
             state: Path) -> dict:
     from ueguard.sdk import verify
 
+    # one resumable battery per defense selection: a later run of other defenses does not clash with it
+    path = state / f"battery-{protected.name}-{defenses.replace(',', '+')}.json"
     report = verify(protected, test, clean=train, defense=defenses, paradigm="scratch", arch=ARCH, budget=budget,
-                    seed=seed, size=32, json_path=state / f"battery-{protected.name}.json",
-                    resume=(state / f"battery-{protected.name}.json.state" / "config.json").is_file())
+                    seed=seed, size=32, json_path=path, resume=(Path(f"{path}.state") / "config.json").is_file())
     return {"clean_accuracy": report["runs"][0]["clean_accuracy"],
             "runs": {r["defense"]: summarise(r) for r in report["runs"]},
             "worst": report["worst"], "protected": report["protected"]}

@@ -1,23 +1,30 @@
-"""Choose and check the staged-training (ST/ACM) constants on EMN-protected CIFAR-10.
+"""Choose and check the staged-training (ST/ACM) constants on EMN- and REM-protected CIFAR-10.
 
-Needs ../shared/data/cifar10 (CIFAR-10 python batches; see /work/shared/data/SOURCES.md).
+Needs what ``bench/reproduce.py`` needs (CIFAR-10 python batches under ``/work/shared/data`` or
+``--data``) and shares its cache: the same task folders (CIFAR-10 dog … truck, the scale's subset) and the
+same protected folders (``ueguard.sdk.protect`` at the scale's budget), so the constants are chosen on the
+data the reproduction table is made of. Every victim is ``ueguard.sdk.verify`` from scratch (the scale's
+architecture, epochs and batch), as a user runs it.
 
-What it does, all in one run so every number is comparable:
-1. a class-balanced CIFAR-10 subset (train and test), protected with ueguard's EMN (sample-wise, 8/255,
-   the ``quick`` preset), the perturbed images rounded to 8 bits as saved files would be;
-2. **measurement runs**: the victim trains on clean and on EMN data with the staged defense watching
-   but never cutting (tau → 0), which records each shallow stage's ACM curve untouched;
-3. **tau**: for every watched stage, the lowest ACM(t)/ACM(t0) reached on clean data and on EMN data;
-   tau is set halfway (geometric mean) between the two at the stage that separates them best — so the
-   trigger fires on EMN data and not on clean data, on this measurement (only when EMN's ratio is at
-   least 10 % below clean's; otherwise the run says the stages are not separable and keeps the default);
-4. **check runs**: standard training and staged training with that tau on EMN data, and staged training
-   on clean data (a defense must not hurt clean learning), each with its final and peak test accuracy.
-   The ratio printed is staged / standard test accuracy on EMN data, both measured in this run.
+One run, so every number is comparable:
 
-REM is not in ueguard yet, so only EMN is measured; see bench/README.md.
+1. **watch runs** — clean and every protected row train with ``staged`` watching but never cutting
+   (``tau`` → 0): each shallow stage's ACM curve, untouched by the defense;
+2. **tau** — per watched stage, the lowest ACM(t)/ACM(t₀) reached on clean data and on each protection;
+   the stage that separates clean from the *least* separated protection best is chosen, and tau is put
+   halfway (geometric mean) between clean's minimum and that protection's — the trigger then fires on
+   every protection and not on clean data, on this measurement. When no stage separates them by 10 %
+   the run says so and checks the current default instead;
+3. **check runs** — ``staged`` with that tau at the chosen stage (``monitor``) for every ``gamma`` in
+   ``--gammas`` (0.1 slows the cut stages, 0 freezes them) on clean and on every protection, beside
+   standard training (the watch runs: a staged run that never cuts is standard training).
 
-    python bench/staged.py --quick --json bench/results/staged_quick.json
+It prints and writes (``--json``) a table of final and peak test accuracy per (data, setting) and the
+ratio staged ÷ standard on each protection. The cheap watch runs are cached as verify reports beside
+reproduce's cells.
+
+    PYTHONPATH=. python bench/staged.py --quick --json /tmp/staged-quick.json   # smoke scale, minutes
+    PYTHONPATH=. python bench/staged.py --cpu --methods emn,rem --json bench/results/staged-cpu.json
 """
 
 from __future__ import annotations
@@ -25,137 +32,156 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
+import os
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from ueguard import models
-from ueguard.data.working_set import WorkingSet
-from ueguard.defenses import create_defense, create_paradigm
-from ueguard.engine.fit import FitConfig, fit
-from ueguard.engine.runtime import Runtime, seed_everything
-from ueguard.sdk import protect
+import reproduce  # noqa: E402  (the shared CIFAR pipeline: folders, protections, cache)
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
-if not CIFAR.exists():
-    CIFAR = Path("/work/shared/data/cifar10")
+WATCH_TAU = 1e-9  # a trigger that never fires: the run records ACM and is standard training
 
 
-def cifar_subset(train: bool, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from torchvision.datasets import CIFAR10
-
-    ds = CIFAR10(str(CIFAR), train=train, download=False)
-    targets = np.asarray(ds.targets)
-    rng = np.random.default_rng(seed)
-    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(targets == c), per_class, replace=False)
-                                   for c in range(10)]))
-    return ds.data[keep], targets[keep]  # uint8 N×32×32×3
-
-
-def working(images: np.ndarray, labels: np.ndarray) -> WorkingSet:
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
-    return WorkingSet(x, torch.from_numpy(labels).long(), torch.zeros(len(x), dtype=torch.bool),
-                      tuple(str(c) for c in range(10)), [str(i) for i in range(len(x))])
-
-
-def train_run(train: WorkingSet, test: WorkingSet, defense: str, args, runtime: Runtime, **options) -> dict:
-    generator = seed_everything(args.seed)
-    model = models.create_model(args.arch, 10)
-    d = create_defense(defense, **options)
-    started = time.perf_counter()
-    history = fit(model, train, test, FitConfig(epochs=args.epochs, batch_size=128, lr=0.1), defense=d,
-                  paradigm=create_paradigm("scratch"), runtime=runtime, generator=generator)
-    trained = [h for h in history if h["epoch"] >= 1]
-    return {"defense": defense, "options": options, "final": trained[-1]["test_accuracy"],
-            "peak": max(h["test_accuracy"] for h in trained), "seconds": round(time.perf_counter() - started, 1),
-            "test_curve": [h["test_accuracy"] for h in trained], **d.summary()}
-
-
-def min_ratio(curve: dict) -> dict[str, float]:
-    """Per watched stage: min over checks t > 0 of ACM(t) / ACM(t0)."""
+def min_ratio(curve: dict[str, Any]) -> dict[str, float]:
+    """Per watched stage: the lowest ACM(t) / ACM(t₀) over the checks after t₀."""
     return {name: min(v / values[0] for v in values[1:]) for name, values in curve["stages"].items()
-            if name in curve["monitored"]}
+            if name in curve["monitored"] and len(values) > 1 and values[0] > 0}
 
 
-def main() -> None:
+def choose_tau(clean: dict[str, float], protected: dict[str, dict[str, float]], gap: float = 0.9
+               ) -> tuple[str | None, float | None, dict[str, float]]:
+    """The stage and tau that separate clean data from every protection (see the module docstring).
+
+    ``clean``: stage → clean's lowest ACM ratio; ``protected``: row → stage → that row's. Returns
+    ``(stage, tau, separation)``, separation being stage → clean ÷ the highest protected ratio (how far
+    the least separated protection falls below clean); stage and tau are None when no stage reaches
+    ``1 / gap``."""
+    separation = {s: clean[s] / max(max(rows[s] for rows in protected.values()), 1e-12) for s in clean
+                  if all(s in rows for rows in protected.values())}
+    if not separation:
+        return None, None, separation
+    stage = max(separation, key=separation.get)
+    if separation[stage] < 1 / gap:
+        return None, None, separation
+    worst = max(rows[stage] for rows in protected.values())
+    return stage, round(math.sqrt(clean[stage] * worst), 3), separation
+
+
+def stage_count(curve: dict[str, Any], stage: str) -> int:
+    """``monitor`` for a trigger that watches the stages up to and including ``stage``."""
+    return curve["monitored"].index(stage) + 1
+
+
+def run_cell(name: str, folder: Path, folders, cells: Path, scale, seed: int, options: dict[str, Any], log
+             ) -> dict[str, Any]:
+    """One scratch victim under ``staged`` with ``options`` (cached as a verify report)."""
+    from ueguard.sdk import verify
+
+    tag = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+    path = cells / f"staged-{name}-{tag}-s{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["runs"][0]
+    log(f"verify {name} staged {tag}")
+    report = verify(folder, folders.task_test, json_path=path, paradigm="scratch", defense="staged",
+                    defense_options={f"staged.{k}": v for k, v in options.items()}, budget=scale.budget,
+                    epochs=scale.epochs, seed=seed, size=32, batch_size=scale.batch_size, arch=scale.scratch_arch)
+    return report["runs"][0]
+
+
+def summary(run: dict[str, Any]) -> dict[str, Any]:
+    return {"final": round(100 * run["final_test_accuracy"], 2), "peak": round(100 * run["peak_test_accuracy"], 2),
+            "cuts": [f"≤{c['stage']}@{c['epoch']}" for c in run.get("stage_cuts", [])],
+            "seconds": run["seconds"]}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="100 train / 50 test images per class, 8 epochs")
-    parser.add_argument("--json", type=Path, help="append the results to this JSON file")
-    parser.add_argument("--per-class", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--arch", default="resnet20_cifar")
+    size = parser.add_mutually_exclusive_group()
+    for name in reproduce.SCALES:
+        size.add_argument(f"--{name}", dest="scale", action="store_const", const=name,
+                          help=f"reproduce.py's scale {name!r} (default: quick)")
+    parser.add_argument("--methods", default="emn,rem", help="protections to calibrate on (default emn,rem)")
+    parser.add_argument("--gammas", default="0.1,0", help="learning-rate factors of cut stages to check")
+    parser.add_argument("--checks-per-epoch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, help="keep the EMN-protected subset here (npz) and reuse it")
-    args = parser.parse_args()
-    if args.quick:
-        args.per_class, args.epochs = 100, 8
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    runtime = Runtime.create("cpu", "fp32")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("UEGUARD_SHARED_DATA", "/work/shared/data")))
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                        / "ueguard-reproduce", help="reproduce.py's cache (folders, protections, cells)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    scale = reproduce.SCALES[args.scale or "quick"]
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := set(methods) - set(reproduce.METHODS):
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(reproduce.METHODS)}")
+    gammas = [float(g) for g in args.gammas.split(",") if g]
     started = time.perf_counter()
 
-    x_train, y_train = cifar_subset(True, args.per_class, args.seed)
-    x_test, y_test = cifar_subset(False, max(20, args.per_class // 2), args.seed + 1)
-    t0 = time.perf_counter()
-    cache = args.cache / f"emn_{args.arch}_{args.per_class}pc_seed{args.seed}.npz" if args.cache else None
-    if cache is not None and cache.exists():
-        stored = np.load(cache)
-        x_emn, rounds = stored["x_emn"], int(stored["rounds"])
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.0f} s] {message}", flush=True)
+
+    folders = reproduce.convert(args.data, args.cache, scale, args.seed)
+    cells = args.cache / "cells" / scale.tag()
+    cells.mkdir(parents=True, exist_ok=True)
+    data = {"clean": folders.task_train}
+    protections = {}
+    for method in methods:
+        prior = (reproduce.pretrain_disjoint_prior(folders, args.cache, scale, args.seed)
+                 if method in ("ssc", "bait") else None)
+        data[method], protections[method] = reproduce.protected_folder(
+            reproduce.Variant(method, method), prior, folders, args.cache, scale, args.seed, log)
+
+    watch_options = {"tau": WATCH_TAU, "checks_per_epoch": args.checks_per_epoch}
+    watch = {name: run_cell(name, folder, folders, cells, scale, args.seed, watch_options, log)
+             for name, folder in data.items()}
+    ratios = {name: min_ratio(run["acm_curve"]) for name, run in watch.items()}
+    stage, tau, separation = choose_tau(ratios["clean"], {m: ratios[m] for m in methods})
+    curve = watch["clean"]["acm_curve"]
+    if stage is None:
+        from ueguard.defenses.staged import StagedConfig
+
+        tau, monitor = StagedConfig.tau, 0
+        log(f"no stage separates clean from {', '.join(methods)} by 10 %: checking the default tau {tau}")
     else:
-        result = protect(x_train, labels=y_train, method="emn", eps="8/255", budget="quick", device="cpu",
-                         surrogate=args.arch, seed=args.seed)
-        x_emn, rounds = np.asarray(result.data), int(result.info.get("rounds") or 0)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(cache, x_emn=x_emn, rounds=rounds)
-    emn_seconds = time.perf_counter() - t0
-    clean, emn, test = working(x_train, y_train), working(x_emn, y_train), working(x_test, y_test)
-    print(f"EMN: {rounds} rounds, {emn_seconds:.0f} s; "
-          f"L∞ {np.abs(x_emn.astype(int) - x_train.astype(int)).max()}/255", flush=True)
+        monitor = stage_count(curve, stage)
+        log(f"tau {tau} at {stage} (monitor {monitor}); separation {separation}")
 
-    watch = dict(tau=1e-9, probe_size=min(1000, len(clean)), checks_per_epoch=2)
-    runs = {}
-    for name, data in (("clean", clean), ("emn", emn)):
-        runs[f"{name}/watch"] = train_run(data, test, "staged", args, runtime, **watch)
-        print(name, "watch", runs[f"{name}/watch"]["final"], min_ratio(runs[f"{name}/watch"]["acm_curve"]), flush=True)
-    r_clean = min_ratio(runs["clean/watch"]["acm_curve"])
-    r_emn = min_ratio(runs["emn/watch"]["acm_curve"])
-    stage = max(r_clean, key=lambda s: r_clean[s] / max(r_emn[s], 1e-12))
-    separable = r_emn[stage] < 0.9 * r_clean[stage]  # a clear gap, not noise between two equal curves
-    tau = round(math.sqrt(r_clean[stage] * r_emn[stage]), 3) if separable else None
-    print(f"ACM min ratio clean {r_clean}  emn {r_emn}; best stage {stage}; tau {tau}", flush=True)
-
-    staged_opts = dict(tau=tau or 0.6, probe_size=watch["probe_size"], checks_per_epoch=2)
-    runs["emn/none"] = train_run(emn, test, "none", args, runtime)
-    runs["emn/staged"] = train_run(emn, test, "staged", args, runtime, **staged_opts)
-    runs["clean/staged"] = train_run(clean, test, "staged", args, runtime, **staged_opts)
-    runs["clean/none"] = {"final": runs["clean/watch"]["final"], "peak": runs["clean/watch"]["peak"],
-                          "note": "the clean watch run (a staged run that never cuts is standard training)"}
-    ratio = runs["emn/staged"]["final"] / max(runs["emn/none"]["final"], 1e-9)
-
-    print("\n| data | defense | final test acc % | peak % | cuts |")
-    print("|---|---|---:|---:|---|")
-    for key in ("clean/none", "clean/staged", "emn/none", "emn/staged"):
-        r = runs[key]
-        cuts = ", ".join(f"≤{c['stage']}@{c['epoch']}" for c in r.get("stage_cuts", [])) or "—"
-        print(f"| {key.split('/')[0]} | {key.split('/')[1]} | {100 * r['final']:.1f} | {100 * r['peak']:.1f} | {cuts} |")
-    print(f"\nstaged / standard on EMN (final accuracy): {ratio:.2f}x   (tau {staged_opts['tau']}, "
-          f"{'measured' if separable else 'NOT separable on this measurement; default used'})")
-
-    out = {"bench": "staged", "quick": args.quick, "per_class": args.per_class, "test_per_class": max(20, args.per_class // 2),
-           "epochs": args.epochs, "arch": args.arch, "seed": args.seed, "emn_rounds": rounds,
-           "emn_seconds": round(emn_seconds, 1), "acm_min_ratio": {"clean": r_clean, "emn": r_emn},
-           "tau_stage": stage, "tau": tau, "separable": separable, "staged_options": staged_opts,
-           "ratio_staged_over_standard_emn": round(ratio, 3), "runs": runs,
-           "seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
-           "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
-           "date": time.strftime("%Y-%m-%d")}
+    checks: dict[str, dict[str, dict[str, Any]]] = {name: {"none": summary(run)} for name, run in watch.items()}
+    for gamma in gammas:
+        options = {"tau": tau, "gamma": gamma, "monitor": monitor, "checks_per_epoch": args.checks_per_epoch}
+        for name, folder in data.items():
+            checks[name][f"staged γ={gamma:g}"] = summary(run_cell(name, folder, folders, cells, scale, args.seed,
+                                                                    options, log))
+    settings = [f"staged γ={g:g}" for g in gammas]
+    lines = ["| data | standard | " + " | ".join(settings) + " |", "|---|---:|" + "---:|" * len(settings)]
+    for name, row in checks.items():
+        lines.append(f"| {name} | {row['none']['final']:.1f} (peak {row['none']['peak']:.1f}) | "
+                     + " | ".join(f"{row[s]['final']:.1f} (peak {row[s]['peak']:.1f}; {', '.join(row[s]['cuts']) or 'no cut'})"
+                                  for s in settings) + " |")
+    table = "\n".join(lines)
+    ratio = {name: {s: round(checks[name][s]["final"] / max(checks[name]["none"]["final"], 1e-9), 3) for s in settings}
+             for name in checks}
+    print("\nACM min ratio (lowest ACM(t)/ACM(t0)) per stage:")
+    for name, r in ratios.items():
+        print(f"  {name}: " + ", ".join(f"{s} {v:.3f}" for s, v in r.items()))
+    print(f"\ntau {tau} at {stage or 'default stages'} (monitor {monitor})\n\n{table}\n\nstaged ÷ standard: {ratio}")
     if args.json:
+        record = {"bench": "staged", "scale": scale.name, "scale_tag": scale.tag(), "seed": args.seed,
+                  "methods": methods, "protections": protections, "acm_min_ratio": ratios,
+                  "separation": separation, "stage": stage, "tau": tau, "monitor": monitor,
+                  "checks_per_epoch": args.checks_per_epoch, "gammas": gammas, "results": checks,
+                  "ratio_staged_over_standard": ratio, "acm_curves": {n: r["acm_curve"] for n, r in watch.items()},
+                  "table": table, "environment": reproduce._environment(),
+                  "wall_seconds": round(time.perf_counter() - started, 1),
+                  "command": " ".join(["python", "bench/staged.py"] + (sys.argv[1:] if argv is None else argv)),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        previous = json.loads(args.json.read_text()) if args.json.exists() else []
-        args.json.write_text(json.dumps(previous + [out], indent=1) + "\n")
+        args.json.write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
