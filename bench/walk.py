@@ -113,6 +113,9 @@ def measure(n: int, work: Path, path: bool, e2e: bool, store: str, threads: int)
                                      "--budget", "quick", "--size", "8", "--device", "cpu",
                                      "--surrogate", "resnet18_cifar_slim", "-o", "max_rounds=1",
                                      "-o", "pgd_steps=1", "-o", "train_steps=1", "--store", store, "-q"], threads)
+        with open(out / "ueguard-manifest.jsonl", encoding="utf-8") as manifest:
+            ok = sum(1 for line in manifest if '"status": "ok"' in line)
+        assert ok == n, f"e2e protected {ok} of {n} files; see {out}"
         row["e2e_peak_rss_mb"], row["e2e_seconds"] = round(rss, 1), round(seconds, 1)
     return row
 
