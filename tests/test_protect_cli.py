@@ -340,3 +340,17 @@ def test_webp_output_is_warned_about_and_measured(tmp_path):
     records = file_records(tmp_path / "out" / MANIFEST_NAME)
     assert all(r["output"].endswith(".webp") and r["linf"] is not None for r in records.values())
     assert all(load_image(tmp_path / "out" / r["output"]).source_format == "WEBP" for r in records.values())
+
+
+def test_format_keep_warns_only_when_it_writes_a_lossy_file(tmp_path):
+    write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
+    args = [*FAST, "--format", "keep", "-o", "max_rounds=1"]
+    lossless = run_cli("protect", str(tmp_path / "src"), "--out", str(tmp_path / "out_png"), *args)
+    assert lossless.exit_code == 0 and "warning" not in lossless.output, lossless.output
+    from PIL import Image
+
+    Image.open(tmp_path / "src" / "class_0" / "img_000.png").convert("RGB").save(
+        tmp_path / "src" / "class_0" / "photo.jpg", quality=95)
+    mixed = run_cli("protect", str(tmp_path / "src"), "--out", str(tmp_path / "out_mixed"), *args)
+    assert mixed.exit_code == 0 and "--format keep wrote 1 file(s)" in mixed.output, mixed.output
+    assert (tmp_path / "out_mixed" / "class_0" / "photo.jpg").is_file()

@@ -114,16 +114,16 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
             quality, perturbation, method_options, max_pixels, keep_metadata, follow_symlinks, label_source, clusters,
             loader, cache_dir, resume, store, quiet) -> None:
     """Protect every image under SRC (class subfolders = labels, or --labels auto) into a mirrored folder."""
-    from ueguard.data.images import LOSSY_FORMATS
+    from ueguard.data.images import LOSSY_FORMATS, lossy_suffix
     from ueguard.engine.distributed import environment
     from ueguard.sdk import protect as sdk_protect
     from ueguard.sdk.options import parse_method_options
 
     main_rank = environment().is_main  # under torchrun only rank 0 speaks; the others take part quietly
     quiet = quiet or not main_rank
-    if main_rank and (format_ in LOSSY_FORMATS or format_ == "keep"):
-        click.echo(f"ueguard: warning: --format {format_} may re-encode lossily (JPEG/WebP/GIF), which removes part "
-                   "of the perturbation; the manifest's linf/psnr show what survived.", err=True)
+    if main_rank and format_ in LOSSY_FORMATS:
+        click.echo(f"ueguard: warning: --format {format_} re-encodes lossily, which removes part of the "
+                   "perturbation; the manifest's linf/psnr show what survived.", err=True)
     result = sdk_protect(src, out, method, eps=eps, seed=seed, device=device, precision=precision, compile=compile_, budget=budget,
                          size=size, surrogate=surrogate, weights=weights, pretrained=pretrained, format=format_,
                          quality=quality, perturbation=perturbation,
@@ -135,9 +135,10 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
         return
     # One streaming pass over the records (a folder's come from the manifest): a few numbers per file.
     linfs, psnrs, rms, l0 = array("d"), array("d"), array("d"), array("d")
-    over, norm, failed, failures = 0, None, [], 0
+    over, norm, failed, failures, lossy_kept = 0, None, [], 0, 0
     for item in result.items:
         if item["status"] == "ok":
+            lossy_kept += format_ == "keep" and lossy_suffix(item["output"])
             linfs.append(item["linf"])
             if item["psnr"] is not None:
                 psnrs.append(item["psnr"])
@@ -160,6 +161,10 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
         if over:
             line += f"; {over} file(s) exceed the method's budget (lossy format?) — see within_budget in the manifest"
     click.echo(line)
+    if lossy_kept:
+        click.echo(f"ueguard: warning: --format keep wrote {lossy_kept} file(s) in their lossy source format "
+                   "(JPEG/WebP/GIF), which removes part of the perturbation; the manifest's linf/psnr show what "
+                   "survived (--format png keeps all of it).", err=True)
     if result.skipped:
         click.echo(f"skipped {result.skipped} file(s): not images in class folders, or links not followed "
                    "(each listed in the manifest with the reason)")

@@ -42,6 +42,7 @@ from ueguard._crash import kill_point
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "LOSSY_FORMATS",
+    "lossy_suffix",
     "OUTPUT_FORMATS",
     "SUPPORTED_SUFFIXES",
     "DecodedImage",
@@ -84,6 +85,11 @@ _SUFFIX_FORMATS = {
     ".gif": "gif",
 }
 _FORMAT_SUFFIXES = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+
+
+def lossy_suffix(path: str | pathlib.Path) -> bool:
+    """Whether a file named ``path`` is written in a lossy format (by its suffix: JPEG, WebP, GIF)."""
+    return _SUFFIX_FORMATS.get(pathlib.Path(path).suffix.lower()) in LOSSY_FORMATS
 
 # Pillow names of the formats load_image accepts. Pillow's JPEG opener also returns the multi-picture
 # JPEGs that phones write, named "MPO"; their first picture is an ordinary JPEG, reported as "JPEG".
