@@ -248,6 +248,18 @@ def test_ssc_fresh_deep_init_resets_exactly_the_layers_after_the_frozen_stage(di
         run("ssc", small, prior_state, deep_init="random")
 
 
+def test_ssc_classwise_releases_one_delta_per_class_in_budget(digits, prior_state):
+    small = digits.subset(range(32))
+    options = dict(max_rounds=1, train_steps=2, pgd_steps=3, batch_size=16, pca_images=32)
+    result = run("ssc", small, prior_state, perturbation="classwise", **options)
+    assert result.classwise and result.delta.shape == (4, 3, 16, 16)
+    assert_valid(result.delta, small, classwise=True)
+    assert (result.delta.flatten(1).abs().amax(1) > 0.5 * EPS).all()  # every class row moved, both batches
+    assert torch.equal(result.delta, run("ssc", small, prior_state, perturbation="classwise", **options).delta)
+    with pytest.raises(ValueError, match="perturbation"):
+        run("ssc", small, prior_state, perturbation="pixelwise")
+
+
 def test_ssc_rejects_a_stage_the_model_does_not_have(digits, prior_state):
     with pytest.raises(ValueError, match="layer9"):
         run("ssc", digits.subset(range(8)), prior_state, frozen_stage="layer9")

@@ -26,6 +26,10 @@ The reconstruction (methods spec §1.3):
   onto the complement of span(U_l), w = ``frozen_weight`` and λ = ``camouflage_weight``. The camouflage
   ratio is scale-free: it steers the *direction* of the shift into the semantic subspace and leaves its
   size to the error-minimising terms.
+* ``perturbation``: ``samplewise`` (one δ per image) or ``classwise`` (one δ_k per class, stepped along
+  the sign of the objective's gradient summed over the class's images, as class-wise EMN does). A class-wise
+  δ is one pattern repeated across a class, a label signal of its own that a pretrained model can pick up
+  as readily as a fresh one — BAIT's released noise is class-wise too.
 * ``deep_init``: the frozen path's D + head start from the prior (``pretrained``, fine-tuned at ``deep_lr``)
   or re-initialised (``fresh``, trained at ``lr``). A pretrained D fits the labels from the prior's
   semantics in the first round, so the error-minimising term through it soon stops asking anything of δ
@@ -70,6 +74,7 @@ class SSCConfig(MethodConfig):
     camouflage_weight: float = 1.0     # λ on the out-of-subspace ratio
     frozen_weight: float = 0.5         # w: frozen-shallow path vs from-scratch path (1 − w)
     deep_init: str = "pretrained"      # D + head of the frozen path: the prior's ("pretrained") or re-initialised ("fresh")
+    perturbation: str = "samplewise"   # one δ per image, or one δ_k per class ("classwise")
     pca_images: int = 512              # clean images the subspaces are fitted on
     pca_locations: int = 50_000        # channel vectors sampled per depth for the PCA
     pgd_steps: int = 10
@@ -91,6 +96,8 @@ class SSCConfig(MethodConfig):
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         if not 0 <= self.frozen_weight <= 1:
             raise ValueError(f"frozen_weight must be in [0, 1], got {self.frozen_weight}")
+        if self.perturbation not in ("samplewise", "classwise"):
+            raise ValueError(f"perturbation must be 'samplewise' or 'classwise', got {self.perturbation!r}")
         if self.deep_init not in ("pretrained", "fresh"):
             raise ValueError(f"deep_init must be 'pretrained' or 'fresh', got {self.deep_init!r}")
         if self.camouflage_weight < 0:
@@ -185,8 +192,10 @@ class SSC(ProtectionMethod):
         deep_trainer = Trainer(frozen, rt, OptimConfig(deep_lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         scratch_trainer = Trainer(scratch, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         bases, explained = self._subspaces(prior, data)
-        delta = self.new_delta((n, *data.images.shape[1:]))
-        perturbation = Perturbation(delta, False, cfg.eps)
+        classwise = cfg.perturbation == "classwise"
+        delta = (torch.zeros(data.num_classes, *data.images.shape[1:], device=rt.device) if classwise
+                 else self.new_delta((n, *data.images.shape[1:])))
+        perturbation = Perturbation(delta, classwise, cfg.eps)
         sampler = BatchSampler(n, cfg.batch_size, self.generator)
         check = (torch.randperm(n, generator=self.generator)[:cfg.eval_limit].sort().values
                  if n > cfg.eval_limit else torch.arange(n))
@@ -204,7 +213,11 @@ class SSC(ProtectionMethod):
                 scratch.eval()
                 camouflage = []
                 for span in batch_ranges(n, cfg.batch_size):
-                    delta[span], ratio = self._pgd(frozen, scratch, prior, bases, data, delta[span], torch.arange(span.start, span.stop))
+                    idx = torch.arange(span.start, span.stop)
+                    if classwise:  # every batch moves the class rows its samples belong to
+                        delta[:], ratio = self._pgd(frozen, scratch, prior, bases, data, delta, idx)
+                    else:
+                        delta[span], ratio = self._pgd(frozen, scratch, prior, bases, data, delta[span], idx)
                     camouflage.append(ratio)
                 accuracy = {"frozen_path": self._accuracy(frozen, data, perturbation, check),
                             "scratch_path": self._accuracy(scratch, data, perturbation, check),
@@ -262,7 +275,9 @@ class SSC(ProtectionMethod):
 
     def _pgd(self, frozen, scratch, prior, bases, data: WorkingSet, delta: torch.Tensor, idx: torch.Tensor):
         """``pgd_steps`` signed steps descending the SSC objective for one batch; returns the new δ and the
-        final per-sample out-of-subspace ratio (mean over depths)."""
+        final per-sample out-of-subspace ratio (mean over depths). Sample-wise, ``delta`` holds the batch's
+        rows; class-wise, the K class rows, each stepped along the sign of its summed gradient over the
+        batch's samples of that class (zero where x + δ is clipped)."""
         cfg, rt = self.config, self.runtime
         dev_idx = idx.to(rt.device)
         x, y, gray = rt.to_float(data.images[dev_idx]), data.labels[dev_idx], data.grayscale[dev_idx]
@@ -275,14 +290,21 @@ class SSC(ProtectionMethod):
         prior_fn = model_call(prior, rt, "forward_stages")
         with frozen_parameters(frozen, scratch):  # ∇ in δ only
             for _ in range(cfg.pgd_steps):
-                xa = (x + delta).detach().requires_grad_(True)
+                if self.config.perturbation == "classwise":
+                    rows = delta.detach().requires_grad_(True)
+                    xa = (x + gray_project(rows[y], gray)).clamp(0, 1)
+                else:
+                    rows = xa = (x + delta).detach().requires_grad_(True)
                 with rt.autocast():
                     loss = cfg.frozen_weight * F.cross_entropy(frozen_fn(xa).float(), y, reduction="none")
                     loss = loss + (1 - cfg.frozen_weight) * F.cross_entropy(scratch_fn(xa).float(), y, reduction="none")
                     feats = prior_fn(xa, stages)
                 ratio = torch.stack([out_of_subspace_ratio((feats[s] - clean[s]).float(), bases[s]) for s in stages]).mean(0)
-                (grad,) = torch.autograd.grad((loss + cfg.camouflage_weight * ratio).sum(), xa)
-                delta = gray_project(project_step(delta, grad, x, alpha, cfg.eps, 1.0), gray)
+                (grad,) = torch.autograd.grad((loss + cfg.camouflage_weight * ratio).sum(), rows)
+                if self.config.perturbation == "classwise":
+                    delta = (delta - alpha * grad.sign()).clamp(-cfg.eps, cfg.eps)
+                else:
+                    delta = gray_project(project_step(delta, grad, x, alpha, cfg.eps, 1.0), gray)
         return delta, ratio.detach()
 
     def _perturbed(self, data: WorkingSet, perturbation: Perturbation, idx: torch.Tensor) -> torch.Tensor:
