@@ -31,11 +31,13 @@ loses at most the rows since the last checkpoint, which a resumed run recomputes
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import mmap
 import os
+import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -100,11 +102,9 @@ class PerturbationStore:
         self.device = torch.device(device)
         self._numpy_dtype = np.dtype(ENCODINGS[self.encoding][0])
         self._row_values = int(np.prod(self.shape[1:]))
-        self._data_fd = os.open(self.data_path, os.O_RDWR)
-        length = self.shape[0] * self._row_values * self._numpy_dtype.itemsize
-        self._map = mmap.mmap(self._data_fd, length) if length else None
-        self._rows = (np.frombuffer(self._map, self._numpy_dtype).reshape(self.shape) if self._map is not None
-                      else np.zeros(self.shape, self._numpy_dtype))
+        self._front = _Mapping(self.data_path, self.shape, self._numpy_dtype)
+        self._back: _Mapping | None = None  # the rows being written, while rounds are committed (see commit)
+        self._fresh: np.ndarray | None = None  # per row: written since the last commit
         self._done = np.fromfile(self.done_path, dtype=np.uint8)
         self._pending: list[tuple[int, int]] = []  # row ranges written and marked done since the last checkpoint
         self._written = 0
@@ -127,10 +127,10 @@ class PerturbationStore:
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "shape": list(shape), "encoding": encoding,
                 "unit": ENCODINGS[encoding][2], "ids_sha256": ids_sha256(ids),
-                "fingerprint": fingerprint or {}, "complete": False, "perturbation": None}
+                "fingerprint": fingerprint or {}, "id": uuid.uuid4().hex, "complete": False, "perturbation": None}
         for old in folder.glob("delta.*"):
             old.unlink()
-        data = folder / f"delta.{ENCODINGS[encoding][1]}"
+        data = folder / _data_names(encoding)[0]
         with open(data, "wb") as fh:
             fh.truncate(int(np.prod(shape)) * np.dtype(ENCODINGS[encoding][0]).itemsize)  # sparse zeros
         _write_atomic(folder / DONE, bytes(shape[0]))
@@ -160,11 +160,12 @@ class PerturbationStore:
             raise StoreError(f"{sidecar}: made for other samples ({meta['shape'][0]} rows; the sample ids differ "
                              f"from this run's {len(ids)})")
         if fingerprint is not None and meta.get("fingerprint") != fingerprint:
-            theirs = meta.get("fingerprint") or {}
-            changed = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
-            raise StoreError(f"{sidecar}: made with different settings ({', '.join(changed)})")
+            raise StoreError(f"{sidecar}: made with different settings ({changed_keys(meta.get('fingerprint'), fingerprint)})")
+        names = _data_names(meta["encoding"])
+        if meta.setdefault("data", names[0]) not in names:
+            raise StoreError(f"{sidecar}: its rows are in {meta['data']!r}, which is not one of {', '.join(names)}")
         expected = int(np.prod(meta["shape"])) * np.dtype(ENCODINGS[meta["encoding"]][0]).itemsize
-        data = folder / f"delta.{ENCODINGS[meta['encoding']][1]}"
+        data = folder / meta["data"]
         for path, size in ((data, expected), (folder / DONE, meta["shape"][0])):
             try:
                 actual = path.stat().st_size
@@ -192,7 +193,8 @@ class PerturbationStore:
 
     @property
     def data_path(self) -> Path:
-        return self.folder / f"delta.{ENCODINGS[self.encoding][1]}"
+        """The file that holds the rows (the last committed ones while rounds are committed)."""
+        return self.folder / self.meta.get("data", _data_names(self.encoding)[0])
 
     @property
     def done_path(self) -> Path:
@@ -218,14 +220,23 @@ class PerturbationStore:
         return index
 
     def __getitem__(self, index) -> torch.Tensor:
-        stored = np.array(self._rows[self._rows_of(index)])
+        rows = self._rows_of(index)
+        stored = np.array(self._front.rows[rows])
+        if self._fresh is not None:  # rows written since the last commit are read from the rows being written
+            fresh = self._fresh[rows]
+            if fresh.any():
+                stored = np.where(fresh.reshape(fresh.shape + (1,) * 3), self._back.rows[rows], stored)
         self._touched(stored.nbytes)
         return dequantize(stored, self.encoding).to(self.device)
 
     def __setitem__(self, index, values: torch.Tensor) -> None:
         rows = self._rows_of(index)
         stored = quantize(torch.as_tensor(values), self.encoding)
-        self._rows[rows] = stored
+        if self._fresh is None:
+            self._front.rows[rows] = stored
+        else:
+            self._back.rows[rows] = stored
+            self._fresh[rows] = True
         self._written += stored.nbytes
         if self._written >= 2 * CHECKPOINT_BYTES:  # a method that never marks rows done (bi-level ones)
             self.release()
@@ -258,8 +269,7 @@ class PerturbationStore:
 
     def checkpoint(self) -> None:
         """Rows to the file (msync), then their done flags, then drop the mapped pages from memory."""
-        if self._map is not None:
-            self._map.flush()
+        self._front.flush()
         if self._pending:
             for start, stop in self._pending:
                 self._done[start:stop] = 1
@@ -270,35 +280,192 @@ class PerturbationStore:
 
     def release(self) -> None:
         """Drop the mapped pages from this process (they stay in the file and the page cache)."""
-        if self._map is not None and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            if self._written:
-                self._map.flush()  # not needed for the data (page cache keeps it) but keeps writeback orderly
-            self._map.madvise(mmap.MADV_DONTNEED)
+        for mapping in (self._front, self._back):
+            if mapping is not None:
+                mapping.release(flush=bool(self._written))
         self._written = self._read = 0
+
+    # ---- rounds: every row rewritten per round, committed as a whole (bi-level methods)
+
+    def start_rounds(self, data: str | None = None) -> None:
+        """From now on writes go to a second file until :meth:`commit` makes them the store's rows at once,
+        so a kill in the middle of a round leaves the rows of the last committed round intact (a bi-level
+        method rewrites every row each round; in place, a killed round would leave a mix of two rounds
+        that no checkpoint describes). ``data``: the file name a :meth:`commit` of an interrupted run
+        returned — its rows become the current ones. Costs a second file of the store's size."""
+        if self._fresh is not None:
+            raise RuntimeError("start_rounds() was called twice")
+        names = _data_names(self.encoding)
+        data = data or self._front.path.name
+        if data not in names or not (self.folder / data).exists():
+            raise StoreError(f"{self.folder / data}: not a data file of this store")
+        if data != self._front.path.name:
+            self._front.close()
+            self._front = _Mapping(self.folder / data, self.shape, self._numpy_dtype)
+            self.meta["data"] = data
+        other = self.folder / names[1 - names.index(data)]
+        with open(other, "wb") as fh:
+            fh.truncate(self.nbytes)
+        self._back = _Mapping(other, self.shape, self._numpy_dtype)
+        self._fresh = np.zeros(len(self), dtype=bool)
+
+    def commit(self) -> str:
+        """End a round: rows not written since the last commit are carried over, the written file is
+        msync'ed and becomes the current one. Returns its name, which a round checkpoint records (the
+        sidecar names it only once generation is complete)."""
+        if self._fresh is None:
+            raise RuntimeError("commit() without start_rounds()")
+        stale = np.flatnonzero(~self._fresh)
+        per_chunk = max(1, CHECKPOINT_BYTES // max(1, self._row_values * self._numpy_dtype.itemsize))
+        for start in range(0, stale.size, per_chunk):
+            chunk = stale[start:start + per_chunk]
+            self._back.rows[chunk] = self._front.rows[chunk]
+        self._back.flush()
+        self._front, self._back = self._back, self._front
+        self._fresh[:] = False
+        self.meta["data"] = self._front.path.name
+        self.release()
+        return self.meta["data"]
 
     def finish(self, record: dict[str, Any]) -> None:
         """Generation is over: every row is final; ``record`` (eps, norm, info, resample) goes to the
-        sidecar with ``complete: true``."""
+        sidecar with ``complete: true`` (naming the data file that holds the rows)."""
+        if self._fresh is not None and self._fresh.any():
+            self.commit()
         self._pending.append((0, len(self)))
         self.checkpoint()
-        self.meta.update(complete=True, perturbation=record)
+        self.meta.update(complete=True, perturbation=record, data=self._front.path.name)
         _write_atomic(self.folder / SIDECAR, json.dumps(self.meta, indent=1).encode())
+        if self._back is not None:  # the other round file is stale now
+            self._back.close()
+            self._back.path.unlink(missing_ok=True)
+            self._back, self._fresh = None, None
 
     def close(self) -> None:
-        if self._map is not None:
-            self._rows = None
-            self._map.close()
-            self._map = None
-        os.close(self._data_fd)
+        for mapping in (self._front, self._back):
+            if mapping is not None:
+                mapping.close()
 
     def __repr__(self) -> str:
         return f"PerturbationStore({str(self.folder)!r}, shape={self.shape}, encoding={self.encoding!r})"
 
 
+class RoundCheckpoint:
+    """A bi-level method's state after its last finished round, so that ``protect --resume`` continues
+    with the next round instead of generating again from the first.
+
+    One file (``torch.save``; written to a temporary file, fsynced, renamed, and the folder fsynced), next
+    to the store: the rounds finished, the history so far, the state of everything the method draws from
+    or trains (surrogate ``state_dict``, optimiser state with its momentum buffers, ``torch.Generator``
+    states, the batch sampler's permutation and position, the global torch RNG) and δ — in the file for
+    a tensor δ (memory store, class-wise δ); for a :class:`PerturbationStore` the name of the data file
+    that :meth:`PerturbationStore.commit` msync'ed before this file claims the round. The file is tied to
+    the run's fingerprint (the settings ``--resume`` compares) and the sample ids: a checkpoint of other
+    settings is not used, and :meth:`load` says why. Generation that completes supersedes it (the store's
+    ``complete`` record or the cached perturbation), and ``protect`` removes it.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict[str, Any], ids: Sequence[str],
+                 log: Callable[[str], None] = lambda message: None) -> None:
+        self.path = Path(path)
+        # JSON form, as a store's sidecar holds it (tuples become lists), and tied to the samples
+        self.fingerprint = json.loads(json.dumps({**fingerprint, "ids_sha256": ids_sha256(ids)}))
+        self.log = log
+
+    def load(self) -> dict[str, Any] | None:
+        """The checkpoint of an interrupted run with this fingerprint, or None (logging why one that is
+        there is not used)."""
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 — a damaged or foreign file: generate from the first round
+            self.log(f"{self.path}: unreadable round checkpoint ({error}); generating from the first round")
+            return None
+        if not isinstance(state, dict) or state.get("format") != self.FORMAT:
+            self.log(f"{self.path}: not a ueguard round checkpoint of format {self.FORMAT}; generating from the first round")
+            return None
+        theirs = json.loads(state["fingerprint"])
+        if theirs != self.fingerprint:
+            self.log(f"{self.path}: round checkpoint made with different settings ({changed_keys(theirs, self.fingerprint)}); "
+                     "not resuming from it, generating from the first round")
+            return None
+        return state
+
+    def save(self, state: dict[str, Any], delta: "torch.Tensor | PerturbationStore") -> None:
+        """Checkpoint a finished round: δ first (a store commits its rows), then this file claims it."""
+        if isinstance(delta, PerturbationStore):
+            where = {"store": delta.commit(), "store_id": delta.meta.get("id")}
+        else:
+            where = {"tensor": delta.detach().to("cpu", copy=True)}
+        state = {**state, "format": self.FORMAT, "fingerprint": json.dumps(self.fingerprint), "delta": where}
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write_atomic(self.path, buffer.getbuffer())
+        kill_point("round_checkpoint")
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class _Mapping:
+    """One data file of a store, mapped read-write as an ``N×C×H×W`` array."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR)
+        length = int(np.prod(shape)) * dtype.itemsize
+        self._map = mmap.mmap(self._fd, length) if length else None
+        self.rows = np.frombuffer(self._map, dtype).reshape(shape) if self._map is not None else np.zeros(shape, dtype)
+
+    def flush(self) -> None:
+        if self._map is not None:
+            self._map.flush()
+
+    def release(self, flush: bool) -> None:
+        if self._map is not None and hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            if flush:
+                self._map.flush()  # not needed for the data (page cache keeps it) but keeps writeback orderly
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self.rows = None
+            self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _data_names(encoding: str) -> tuple[str, str]:
+    """The store's data file and the second one rounds are written to (see ``start_rounds``)."""
+    suffix = ENCODINGS[encoding][1]
+    return f"delta.{suffix}", f"delta.next.{suffix}"
+
+
+def changed_keys(theirs: dict[str, Any] | None, ours: dict[str, Any]) -> str:
+    """The settings that differ between two fingerprints, for an error message."""
+    theirs = theirs or {}
+    return ", ".join(sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)))
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file, fsync it, rename it over ``path``, then fsync the folder (so the
+    rename itself survives a power cut)."""
     tmp = path.with_name(f".ueguard-{path.name}.{os.getpid()}.tmp")  # a name protect's resume clean-up knows
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a platform that cannot open folders (Windows): the rename is as durable as it gets
+        return
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
