@@ -146,6 +146,13 @@ class BatchSampler:
         for i in range(self.steps_per_epoch()):
             yield order[i * self.batch_size:(i + 1) * self.batch_size]
 
+    def state_dict(self) -> dict:
+        """The current permutation and the position in it (the generator's state is its owner's)."""
+        return {"order": self._order.clone(), "pos": self._pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._order, self._pos = state["order"].clone(), int(state["pos"])
+
     def next(self) -> torch.Tensor:
         if self._pos + self.batch_size > self._order.numel():
             self._order = torch.randperm(self.n, generator=self.generator)

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ueguard.data.store import PerturbationStore
+from ueguard.data.store import PerturbationStore, RoundCheckpoint, StoreError
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.runtime import Runtime
@@ -172,6 +172,9 @@ class ProtectionMethod(ABC):
     #: The norm of the method's budget (see :data:`NORMS`). Only ``linf`` methods take the CLI's ``--eps``;
     #: ``l2`` methods take ``-o l2_eps=...``, ``l0`` ones have a fixed pixel count.
     norm: ClassVar[str] = "linf"
+    #: Bi-level methods that checkpoint every round through :meth:`checkpoint_round` (see
+    #: :attr:`round_checkpoint`), so that an interrupted run continues with the next round.
+    checkpoints_rounds: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, *, runtime: Runtime, surrogate: nn.Module | None = None,
                  progress: Progress = SILENT) -> None:
@@ -186,13 +189,85 @@ class ProtectionMethod(ABC):
         #: ``(shape, resumable) → PerturbationStore`` (``protect --store disk``). ``resumable``: the method
         #: marks rows final as it goes and skips final rows, so a store left by a killed run is continued.
         self.delta_store: Callable[[tuple[int, ...], bool], PerturbationStore] | None = None
+        #: Where a method with :attr:`checkpoints_rounds` saves its state after each round and finds the
+        #: state of an interrupted run (``protect`` puts it next to the store); None: no checkpoints.
+        self.round_checkpoint: RoundCheckpoint | None = None
+        self._restored: dict[str, Any] | None = None
+        self._restore_loaded = False
 
     def new_delta(self, shape: tuple[int, ...], *, resumable: bool = False) -> "torch.Tensor | PerturbationStore":
         """Zero sample-wise δ of ``shape`` (``N×3×H×W``): a tensor on the run's device, or the on-disk
-        store when one was configured (see :attr:`delta_store`)."""
+        store when one was configured (see :attr:`delta_store`). A method that checkpoints its rounds
+        gets the store it checkpointed when it resumes (its rows of the last finished round), and a store
+        whose rounds are committed as a whole (:meth:`PerturbationStore.start_rounds`)."""
         if self.delta_store is None:
             return torch.zeros(shape, device=self.runtime.device)
-        return self.delta_store(tuple(shape), resumable)
+        if not (self.checkpoints_rounds and self.round_checkpoint is not None):
+            return self.delta_store(tuple(shape), resumable)
+        restored = self._restore_point()
+        in_store = restored is not None and "store" in restored["delta"]
+        store = self.delta_store(tuple(shape), in_store)
+        if in_store:
+            try:
+                if store.meta.get("id") != restored["delta"]["store_id"]:
+                    raise StoreError(f"{store.folder}: not the store the checkpoint was made with")
+                store.start_rounds(restored["delta"]["store"])
+                return store
+            except StoreError as error:
+                self.round_checkpoint.log(f"not resuming from {self.round_checkpoint.path}: {error}; generating "
+                                          "from the first round")
+                self._restored = None
+                store.close()
+                store = self.delta_store(tuple(shape), False)
+        store.start_rounds()
+        return store
+
+    def _restore_point(self) -> dict[str, Any] | None:
+        """The round checkpoint of an interrupted run with this run's settings (read once), or None."""
+        if not self._restore_loaded:
+            self._restore_loaded = True
+            if self.checkpoints_rounds and self.round_checkpoint is not None:
+                self._restored = self.round_checkpoint.load()
+        return self._restored
+
+    def resume_rounds(self, delta: "torch.Tensor | PerturbationStore", tracked: dict[str, Any]) -> list:
+        """Continue an interrupted run: load the checkpointed state into ``tracked`` (name → module,
+        optimiser, scheduler, :class:`~ueguard.engine.loops.BatchSampler` or ``torch.Generator``) and a
+        tensor δ, and return the history of the finished rounds (empty: start with the first round).
+        Call it after everything in ``tracked`` is built, before the first round."""
+        restored = self._restore_point()
+        if restored is None:
+            return []
+        problem = None
+        if set(restored["states"]) != set(tracked):
+            problem = f"it holds {', '.join(sorted(restored['states']))}, this run tracks {', '.join(sorted(tracked))}"
+        elif "store" in restored["delta"] and not isinstance(delta, PerturbationStore):
+            problem = "its δ is in an on-disk store, this run keeps δ in memory (--store)"
+        if problem:
+            self.round_checkpoint.log(f"not resuming from {self.round_checkpoint.path}: {problem}; generating "
+                                      "from the first round")
+            return []
+        for name, thing in tracked.items():
+            if isinstance(thing, torch.Generator):
+                thing.set_state(restored["states"][name])
+            else:
+                thing.load_state_dict(restored["states"][name])
+        torch.set_rng_state(restored["torch_rng"])
+        if "tensor" in restored["delta"]:
+            delta[:] = restored["delta"]["tensor"].to(delta.device)
+        history = list(restored["history"])
+        self.round_checkpoint.log(f"resuming {self.name} generation after round {len(history)} "
+                                  f"(checkpoint {self.round_checkpoint.path})")
+        return history
+
+    def checkpoint_round(self, history: list, delta: "torch.Tensor | PerturbationStore", tracked: dict[str, Any]) -> None:
+        """A round is finished (its δ pass written): save what :meth:`resume_rounds` needs to continue
+        after it. A no-op without a :attr:`round_checkpoint`."""
+        if self.round_checkpoint is None:
+            return
+        states = {name: thing.get_state() if isinstance(thing, torch.Generator) else thing.state_dict()
+                  for name, thing in tracked.items()}
+        self.round_checkpoint.save({"history": history, "states": states, "torch_rng": torch.get_rng_state()}, delta)
 
     @classmethod
     def make_config(cls, budget: str = "standard", **overrides: Any) -> MethodConfig:

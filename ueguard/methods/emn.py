@@ -76,6 +76,7 @@ class EMN(ProtectionMethod):
         "thorough": dict(pgd_steps=20, step_fraction=0.1, max_rounds=40),
     }
     supports_distributed = True  # splits its steps over torchrun's processes (ueguard.engine.distributed)
+    checkpoints_rounds = True
     _dist = distributed.SINGLE   # this run's rank layout, set by generate()
 
     def generate(self, data: WorkingSet) -> Perturbation:
@@ -104,9 +105,15 @@ class EMN(ProtectionMethod):
                  if n > cfg.eval_limit else torch.arange(n))
         augment = self._augmentation()
         shard = layout.shard(n)
-        history = []
+        tracked = {"surrogate": parallel.model, "optimizer": trainer.optimizer, "sampler": sampler,
+                   "generator": self.generator, **({} if self._aug_generator is self.generator
+                                                   else {"augment_generator": self._aug_generator})}
+        history = self.resume_rounds(delta, tracked)
+        resumed_at = len(history)
+        finished = bool(history) and history[-1] >= cfg.target_accuracy
         with self.progress.bar(cfg.max_rounds, "emn rounds", unit="round") as bar:
-            for round_ in range(cfg.max_rounds):
+            bar.update(resumed_at)
+            for round_ in range(resumed_at, cfg.max_rounds if not finished else resumed_at):
                 model.train()
                 for _ in range(cfg.train_steps):
                     idx = parallel.part(sampler.next())
@@ -124,12 +131,14 @@ class EMN(ProtectionMethod):
                     layout.all_gather_shards(delta)
                 accuracy = self._accuracy(model, data, perturbation, check)
                 history.append(accuracy)
+                self.checkpoint_round(history, delta, tracked)
                 bar.update(1, train_acc=f"{accuracy:.3f}")
                 if accuracy >= cfg.target_accuracy:
                     break
         perturbation.info = {"rounds": len(history), "surrogate_train_accuracy": history,
                              "converged": history[-1] >= cfg.target_accuracy,
-                             "seconds": round(time.perf_counter() - started, 2)}
+                             "seconds": round(time.perf_counter() - started, 2),
+                             **({"resumed_after_round": resumed_at} if resumed_at else {})}
         return perturbation
 
     def _augmentation(self):
