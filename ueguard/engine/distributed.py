@@ -85,16 +85,17 @@ class Distributed:
             tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
         return tensor
 
-    def all_gather_shards(self, rows: torch.Tensor) -> torch.Tensor:
-        """Make every rank's copy of ``rows`` (``n×...``) whole: rank r's block ``shard(n)`` is the valid
-        one; the blocks are exchanged (padded to equal size, as the collective requires) and written in
-        place."""
+    def all_gather_shards(self, rows):
+        """Make every rank's copy of ``rows`` (``n×...``: a tensor, or anything indexed like one — rank 0's
+        on-disk :class:`~ueguard.data.store.PerturbationStore`) whole: rank r's block ``shard(n)`` is the
+        valid one; the blocks are exchanged (padded to equal size, as the collective requires) and written
+        in place."""
         if not self.enabled:
             return rows
         n = rows.shape[0]
         width = -(-n // self.world_size)
         mine = rows[self.shard(n)]
-        padded = torch.zeros(width, *rows.shape[1:], dtype=rows.dtype, device=rows.device)
+        padded = torch.zeros(width, *mine.shape[1:], dtype=mine.dtype, device=mine.device)
         padded[:mine.shape[0]] = mine
         blocks = [torch.empty_like(padded) for _ in range(self.world_size)]
         tdist.all_gather(blocks, padded)

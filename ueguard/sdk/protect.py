@@ -10,7 +10,10 @@ only ever read.
 Memory: sample-wise δ is one float32 tensor, or with ``--store disk`` (``auto``: when that tensor would
 take over an eighth of the machine's memory) the memory-mapped :class:`~ueguard.data.store.PerturbationStore`
 under ``DST/.ueguard/perturbation/``, which also checkpoints generation row by row (methods that finish
-rows one batch at a time resume from the rows stored; bi-level ones start generation again). The
+rows one batch at a time resume from the rows stored). Bi-level methods (EMN) checkpoint every round
+instead (:class:`~ueguard.data.store.RoundCheckpoint`, ``DST/.ueguard/rounds.pt``, with either store):
+``--resume`` continues with the round after the last one checkpointed, and the result equals an
+uninterrupted run's. Under torchrun rounds are not checkpointed (generation starts again). The
 file records are streamed to the manifest and read back from it (:class:`ManifestItems`), so what grows
 with the file count is the working set (3 bytes per working pixel), the listing and the sample ids.
 
@@ -49,7 +52,7 @@ from ueguard.data.images import (DecodedImage, ImageFileError, ImageReadError, I
 from ueguard.data.manifest import (MANIFEST_NAME, ManifestItems, ManifestWriter, read_manifest, read_manifest_offsets,
                                    sha256_file)
 from ueguard.data.loaders import load_working_set, resolve_loader
-from ueguard.data.store import PerturbationStore, StoreError
+from ueguard.data.store import PerturbationStore, RoundCheckpoint, StoreError
 from ueguard.data.working_set import WorkingSet, image_sides, resize_float, suggest_size
 from ueguard.engine import distributed
 from ueguard.engine.progress import SILENT, Progress
@@ -67,6 +70,8 @@ RESUME_KEYS = ("method", "eps", "seed", "budget", "size", "surrogate", "weights"
 FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 #: Names of ueguard's temporary files under DST (see ``save_image`` and ``_save_state``).
 TEMP_PREFIXES = (".ueguard-", ".perturbation.pt.")
+#: A bi-level method's round checkpoint, under DST/.ueguard/ (see ``RoundCheckpoint``).
+ROUND_CHECKPOINT = "rounds.pt"
 #: ``--store auto`` keeps float32 sample-wise δ in memory up to this fraction of physical memory.
 STORE_MEMORY_FRACTION = 1 / 8
 
@@ -454,9 +459,12 @@ def _save_state(path: Path, perturbation: Perturbation, ids: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     assignment = None if perturbation.assignment is None else perturbation.assignment.cpu()
-    torch.save({"delta": perturbation.delta.cpu(), "classwise": perturbation.classwise, "eps": perturbation.eps,
-                "info": perturbation.info, "ids": ids, "norm": perturbation.norm, "assignment": assignment,
-                "resample": perturbation.resample}, tmp)
+    with open(tmp, "wb") as fh:  # fsynced: it supersedes the round checkpoint, which is removed next
+        torch.save({"delta": perturbation.delta.cpu(), "classwise": perturbation.classwise, "eps": perturbation.eps,
+                    "info": perturbation.info, "ids": ids, "norm": perturbation.norm, "assignment": assignment,
+                    "resample": perturbation.resample}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -594,11 +602,16 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
         if perturbation is None:
             if _use_disk_store(opts, len(working), size):
                 method.delta_store = _store_factory(store_dir, working.ids, fingerprint, runtime, store_record, progress)
+            if method.checkpoints_rounds and handoff is None:  # under torchrun: not checkpointed (see the README)
+                method.round_checkpoint = RoundCheckpoint(dst / STATE_DIR / ROUND_CHECKPOINT, fingerprint,
+                                                          working.ids, log=progress.log)
             progress.log(f"generating {opts.method} perturbations for {len(working)} images at {size}px on {runtime.device}")
             kill_point("generating")
             _hand_over(handoff, opts.method, working, size, num_classes, progress)
             perturbation = method(working)
             _save_state(state_path, perturbation, working.ids)
+            if method.round_checkpoint is not None:  # superseded by the complete perturbation
+                method.round_checkpoint.remove()
         if isinstance(perturbation.delta, PerturbationStore):
             store_record.update(store=str(store_dir.relative_to(dst)), store_encoding=perturbation.delta.encoding)
         manifest.write({"kind": "generation", "method": opts.method, **perturbation.budget(), **perturbation.info,
