@@ -403,6 +403,7 @@ class RoundCheckpoint:
         state = {**state, "format": self.FORMAT, "fingerprint": json.dumps(self.fingerprint), "delta": where}
         buffer = io.BytesIO()
         torch.save(state, buffer)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.path, buffer.getbuffer())
         kill_point("round_checkpoint")
 
