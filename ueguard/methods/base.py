@@ -194,6 +194,7 @@ class ProtectionMethod(ABC):
         self.round_checkpoint: RoundCheckpoint | None = None
         self._restored: dict[str, Any] | None = None
         self._restore_loaded = False
+        self._resumed_after = 0
 
     def new_delta(self, shape: tuple[int, ...], *, resumable: bool = False) -> "torch.Tensor | PerturbationStore":
         """Zero sample-wise δ of ``shape`` (``N×3×H×W``): a tensor on the run's device, or the on-disk
@@ -256,9 +257,21 @@ class ProtectionMethod(ABC):
         if "tensor" in restored["delta"]:
             delta[:] = restored["delta"]["tensor"].to(delta.device)
         history = list(restored["history"])
+        self._resumed_after = len(history)
         self.round_checkpoint.log(f"resuming {self.name} generation after round {len(history)} "
                                   f"(checkpoint {self.round_checkpoint.path})")
         return history
+
+    def rounds_left(self, history: list, max_rounds: int, converged: Callable[[Any], bool]) -> range:
+        """The indices of the rounds still to run after the ``history`` :meth:`resume_rounds` returned:
+        none when its last round already met the stopping criterion ``converged``."""
+        if history and converged(history[-1]):
+            return range(0)
+        return range(len(history), max_rounds)
+
+    def resume_record(self) -> dict[str, Any]:
+        """For the method's ``info``: after which round this run resumed (nothing when it did not)."""
+        return {"resumed_after_round": self._resumed_after} if self._resumed_after else {}
 
     def checkpoint_round(self, history: list, delta: "torch.Tensor | PerturbationStore", tracked: dict[str, Any]) -> None:
         """A round is finished (its δ pass written): save what :meth:`resume_rounds` needs to continue

@@ -13,6 +13,15 @@ round, stop at 99 % (sample-wise) or 90 % (class-wise) train accuracy, SGD 0.1 /
 Like the authors' generation loop, the surrogate sees no augmentation by default; ``augment=crop`` or
 ``cropflip`` trains the surrogate and optimises δ through random crops (and flips) — an expectation over
 the victim's augmentation, which pixel-aligned noise otherwise has to survive by luck.
+
+Resuming: after every round (surrogate steps, PGD pass, stopping check) the method checkpoints its state
+when it has a :attr:`~ueguard.methods.base.ProtectionMethod.round_checkpoint` (``protect`` gives it one
+in ``DST/.ueguard/rounds.pt``): the surrogate's ``state_dict``, the SGD momentum buffers, the generator
+the batches and crops are drawn from with the sampler's permutation and position, the global torch RNG,
+the accuracy history, and δ (in the file for class-wise δ and the memory store; the on-disk store
+commits its rows first, see :mod:`ueguard.data.store`). ``protect --resume`` continues with the next
+round — ``info["resumed_after_round"]`` says after which — and on the same device the final δ and files
+are bit-identical to an uninterrupted run's. Under torchrun rounds are not checkpointed.
 """
 
 from __future__ import annotations
@@ -109,11 +118,9 @@ class EMN(ProtectionMethod):
                    "generator": self.generator, **({} if self._aug_generator is self.generator
                                                    else {"augment_generator": self._aug_generator})}
         history = self.resume_rounds(delta, tracked)
-        resumed_at = len(history)
-        finished = bool(history) and history[-1] >= cfg.target_accuracy
         with self.progress.bar(cfg.max_rounds, "emn rounds", unit="round") as bar:
-            bar.update(resumed_at)
-            for round_ in range(resumed_at, cfg.max_rounds if not finished else resumed_at):
+            bar.update(len(history))
+            for _ in self.rounds_left(history, cfg.max_rounds, lambda accuracy: accuracy >= cfg.target_accuracy):
                 model.train()
                 for _ in range(cfg.train_steps):
                     idx = parallel.part(sampler.next())
@@ -138,7 +145,7 @@ class EMN(ProtectionMethod):
         perturbation.info = {"rounds": len(history), "surrogate_train_accuracy": history,
                              "converged": history[-1] >= cfg.target_accuracy,
                              "seconds": round(time.perf_counter() - started, 2),
-                             **({"resumed_after_round": resumed_at} if resumed_at else {})}
+                             **self.resume_record()}
         return perturbation
 
     def _augmentation(self):

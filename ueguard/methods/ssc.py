@@ -169,6 +169,7 @@ class SSC(ProtectionMethod):
                    "error-minimising δ kept in the pretrained shallow layers' semantic channel subspace")
     config_class = SSCConfig
     needs_pretrained = True
+    checkpoints_rounds = True  # resumable after any finished round, as EMN (see ueguard.methods.emn)
     presets = {
         "quick": dict(pgd_steps=5, step_fraction=0.25, max_rounds=6, pca_images=256),
         "standard": dict(pgd_steps=10, step_fraction=0.2, max_rounds=15),
@@ -199,9 +200,13 @@ class SSC(ProtectionMethod):
         sampler = BatchSampler(n, cfg.batch_size, self.generator)
         check = (torch.randperm(n, generator=self.generator)[:cfg.eval_limit].sort().values
                  if n > cfg.eval_limit else torch.arange(n))
-        history = []
+        tracked = {"frozen_path": frozen, "scratch_path": scratch, "deep_optimizer": deep_trainer.optimizer,
+                   "scratch_optimizer": scratch_trainer.optimizer, "sampler": sampler, "generator": self.generator}
+        history = self.resume_rounds(delta, tracked)
         with self.progress.bar(cfg.max_rounds, "ssc rounds", unit="round") as bar:
-            for _ in range(cfg.max_rounds):
+            bar.update(len(history))
+            for _ in self.rounds_left(history, cfg.max_rounds,
+                                      lambda acc: min(acc["frozen_path"], acc["scratch_path"]) >= cfg.stop_accuracy):
                 self._train_mode(frozen, shallow)
                 scratch.train()
                 for _ in range(cfg.train_steps):
@@ -223,13 +228,15 @@ class SSC(ProtectionMethod):
                             "scratch_path": self._accuracy(scratch, data, perturbation, check),
                             "out_of_subspace": round(torch.cat(camouflage).mean().item(), 4)}
                 history.append(accuracy)
+                self.checkpoint_round(history, delta, tracked)
                 bar.update(1, frozen=f"{accuracy['frozen_path']:.3f}", scratch=f"{accuracy['scratch_path']:.3f}")
                 if min(accuracy["frozen_path"], accuracy["scratch_path"]) >= cfg.stop_accuracy:
                     break
         perturbation.info = {"rounds": len(history), "history": history,
                              "subspace_dims": {s: [int(b.shape[1]), int(e.numel())] for (s, b), e in zip(bases.items(), explained)},
                              "converged": min(history[-1]["frozen_path"], history[-1]["scratch_path"]) >= cfg.stop_accuracy,
-                             "seconds": round(time.perf_counter() - started, 2)}
+                             "seconds": round(time.perf_counter() - started, 2),
+                             **self.resume_record()}
         return perturbation
 
     # ----------------------------------------------------------------------------------------------
