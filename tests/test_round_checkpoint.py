@@ -21,6 +21,10 @@ from trees import write_class_tree
 from ueguard.data import store as store_mod
 from ueguard.data.manifest import MANIFEST_NAME, read_manifest
 from ueguard.data.store import PerturbationStore, RoundCheckpoint, StoreError
+from ueguard.data.working_set import WorkingSet
+from ueguard.engine.runtime import Runtime, seed_everything
+from ueguard.methods import METHODS, create_method
+from ueguard.models import create_model
 from ueguard.sdk import protect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,3 +195,34 @@ def test_store_commits_rounds_as_a_whole(tmp_path):
     with pytest.raises(StoreError, match="not a data file"):
         done.start_rounds("delta.i16")
     done.close()
+
+
+#: Fast settings of every method that checkpoints rounds (a new one fails here until it is given some).
+FAST = {"emn": dict(OPTIONS, max_rounds=3), "ssc": dict(OPTIONS, max_rounds=3, pca_images=12, pca_locations=200)}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if cls.name == n and cls.checkpoints_rounds))
+def test_every_round_checkpointing_method_resumes_to_the_same_delta(name, tmp_path, monkeypatch):
+    """Method level (no protect): stopped after round 1, a new instance continues from the checkpoint
+    and releases the δ of an uninterrupted run, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    data = WorkingSet(torch.randint(0, 256, (12, 3, 8, 8), generator=g, dtype=torch.uint8), torch.arange(12) % 2,
+                      torch.zeros(12, dtype=torch.bool), ("a", "b"), [str(i) for i in range(12)])
+
+    def method(checkpoint: bool):
+        seed_everything(0)
+        surrogate = create_model("resnet18_cifar_slim", 2)
+        built = create_method(name, budget="quick", runtime=Runtime.create("cpu", "fp32"), surrogate=surrogate,
+                              seed=0, **FAST[name])
+        if checkpoint:
+            built.round_checkpoint = RoundCheckpoint(tmp_path / "rounds.pt", {"method": name}, data.ids)
+        return built
+
+    whole = method(checkpoint=False)(data)
+    _stop_after_round(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        method(checkpoint=True)(data)
+    monkeypatch.undo()
+    resumed = method(checkpoint=True)(data)
+    assert resumed.info["resumed_after_round"] == 1 and resumed.info["rounds"] == whole.info["rounds"] == 3
+    assert torch.equal(resumed.delta, whole.delta)
