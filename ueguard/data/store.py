@@ -1,16 +1,25 @@
 """The on-disk perturbation store: sample-wise δ that does not fit in memory, memory-mapped and indexed
-by sample id, and the checkpoint that makes generation resumable.
+by sample id, and the checkpoints that make generation resumable.
 
 A store is a folder of three files:
 
 * ``store.json`` — the sidecar: format version, row shape, value encoding, the SHA-256 of the sample
   ids (row i belongs to ``ids[i]``), the run fingerprint that must match to reuse it (method, ε,
   seed, … — what ``--resume`` compares), and, once generation has finished, the perturbation's own
-  record (``eps``, ``norm``, ``info``, ``resample``) with ``complete: true``.
+  record (``eps``, ``norm``, ``info``, ``resample``) with ``complete: true`` and the name of the data
+  file (``data``).
 * ``delta.i16`` (or ``.f16`` / ``.f32``) — the rows, ``N×3×H×W`` C-order, mapped with ``mmap``.
-* ``done.u8`` — one byte per row: 1 once the row is final. Methods that compute every row once (AR,
-  TAP) mark rows as they finish and skip them when resumed; bi-level methods revisit every row each
-  round, so their rows become final only at the end.
+* ``done.u8`` — one byte per row: 1 once the row is final. Methods that compute every row once and mark
+  it (AR) skip final rows when resumed.
+
+Bi-level methods (EMN) rewrite every row each round instead, and checkpoint whole rounds: the store
+writes a round to a second file, ``delta.next.i16``, and :meth:`PerturbationStore.commit` msyncs it and
+makes it the current one (the two files swap roles each round; reads within a round see the rows it
+wrote). A kill in the middle of a round therefore leaves the last committed round's rows intact, which
+is what the method's :class:`RoundCheckpoint` (surrogate, optimiser, generators, history, and the name
+of the committed file) describes; ``protect --resume`` continues with the next round, and the result
+equals an uninterrupted run's. This costs a second file of the store's size while generating; it is
+deleted when generation completes.
 
 Encoding (chosen by measurement, see ``bench/README.md`` § memory): ``int16`` in units of
 1/(255·128) — 2 bytes a value, half of float32; every multiple of 1/255 (what an 8-bit file can

@@ -19,6 +19,10 @@ How a model-based method splits its work (EMN; see :class:`~ueguard.methods.emn.
 * **Class-wise PGD**: the batches are the single-process ones, each split over the ranks; the per-class
   gradient sums are all-reduced before each signed step, so δ_k follows the same trajectory.
 * **Stop criterion**: each rank evaluates its part of the check set; correct counts are all-reduced.
+* **``--store disk``**: rank 0 keeps δ in the on-disk store (it alone writes files), the other ranks in
+  memory; the all-gather after each pass writes every block into each rank's δ, store or tensor.
+  Rounds are not checkpointed under torchrun (a resumed run generates again): every rank would have to
+  restore the same state, and the per-rank augmentation generators.
 
 Failures: collectives time out after ``UEGUARD_DIST_TIMEOUT`` seconds (default 1800), so a rank that
 died mid-run cannot leave the others waiting forever (torchrun also stops the others when one exits
