@@ -390,7 +390,7 @@ class RoundCheckpoint:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 — a damaged or foreign file: generate from the first round
+        except Exception as error:  # a damaged or foreign file: generate from the first round
             self.log(f"{self.path}: unreadable round checkpoint ({error}); generating from the first round")
             return None
         if not isinstance(state, dict) or state.get("format") != self.FORMAT:

@@ -10,12 +10,13 @@ only ever read.
 Memory: sample-wise δ is one float32 tensor, or with ``--store disk`` (``auto``: when that tensor would
 take over an eighth of the machine's memory) the memory-mapped :class:`~ueguard.data.store.PerturbationStore`
 under ``DST/.ueguard/perturbation/``, which also checkpoints generation row by row (methods that finish
-rows one batch at a time resume from the rows stored). Bi-level methods (EMN) checkpoint every round
-instead (:class:`~ueguard.data.store.RoundCheckpoint`, ``DST/.ueguard/rounds.pt``, with either store):
-``--resume`` continues with the round after the last one checkpointed, and the result equals an
-uninterrupted run's. Under torchrun rounds are not checkpointed (generation starts again). The
-file records are streamed to the manifest and read back from it (:class:`ManifestItems`), so what grows
-with the file count is the working set (3 bytes per working pixel), the listing and the sample ids.
+rows one batch at a time resume from the rows stored). Bi-level methods (EMN, SSC) checkpoint every
+round instead (:class:`~ueguard.data.store.RoundCheckpoint`, ``DST/.ueguard/rounds.pt``, with either
+store): ``--resume`` continues with the round after the last one checkpointed, and the result equals an
+uninterrupted run's. Under torchrun a method that splits its rounds over the processes does not
+checkpoint them (generation starts again). The file records are streamed to the manifest and read back
+from it (:class:`ManifestItems`), so what grows with the file count is the working set (3 bytes per
+working pixel), the listing and the sample ids.
 
 Labels: class subfolders; or, with ``--labels auto`` on a flat folder, pseudo-labels from k-means of a
 pretrained surrogate's features (:mod:`ueguard.engine.clusters`), recorded per file in the manifest.
@@ -602,7 +603,8 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
         if perturbation is None:
             if _use_disk_store(opts, len(working), size):
                 method.delta_store = _store_factory(store_dir, working.ids, fingerprint, runtime, store_record, progress)
-            if method.checkpoints_rounds and handoff is None:  # under torchrun: not checkpointed (see the README)
+            if method.checkpoints_rounds and (handoff is None or not getattr(method, "supports_distributed", False)):
+                # (under torchrun a method that splits over the ranks is not checkpointed: see the README)
                 method.round_checkpoint = RoundCheckpoint(dst / STATE_DIR / ROUND_CHECKPOINT, fingerprint,
                                                           working.ids, log=progress.log)
             progress.log(f"generating {opts.method} perturbations for {len(working)} images at {size}px on {runtime.device}")
