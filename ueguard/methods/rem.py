@@ -21,6 +21,11 @@ Authors' CIFAR-10 settings (``thorough`` budget): ρu = 8/255 with 10 steps of 1
 10 steps of 0.8/255, 5 augmentation samples, 5,000 steps, SGD 0.1 (×0.1 every 2,000), momentum 0.9,
 wd 5e-4, batch 128. ``quick`` and ``standard`` cut steps, samples and inner steps for CPU-sized runs.
 δu is keyed by sample index; ρa defaults to ρu/2 (``adv_eps``).
+
+Resuming: REM has no rounds of its own; it checkpoints after every pass of its batch sampler (⌊N/batch⌋
+steps, which revisit every row but the dropped tail) like EMN after a round — surrogate, optimiser,
+learning-rate schedule, generator, sampler position, losses, δ — so ``protect --resume`` continues with
+the next pass and releases the δ of an uninterrupted run (see :mod:`ueguard.methods.emn`).
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class REMConfig(MethodConfig):
 @METHODS.register("rem")
 class REM(ProtectionMethod):
     name = "rem"
+    checkpoints_rounds = True  # a round: one pass of the batch sampler (see generate)
     description = ("robust error-minimising noise (Fu et al. ICLR 2022): EMN with an inner adversarial max and "
                    "expectation over augmentations, against adversarial training; sample-wise")
     config_class = REMConfig
@@ -88,27 +94,45 @@ class REM(ProtectionMethod):
         scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=decay, gamma=0.1)
         delta = self.new_delta((len(data), *data.images.shape[1:]))
         sampler = BatchSampler(len(data), cfg.batch_size, self.generator)
-        losses = []
+        # a round is one pass of the sampler (every row but the dropped tail revisited): checkpointed
+        per_round = sampler.steps_per_epoch()
+        tracked = {"surrogate": model, "optimizer": trainer.optimizer, "scheduler": scheduler, "sampler": sampler,
+                   "generator": self.generator}
+        history = self.resume_rounds(delta, tracked)  # per round: the losses logged in it
         with self.progress.bar(cfg.train_steps, "rem steps", unit="step") as bar:
-            for step in range(cfg.train_steps):
-                idx = sampler.next()
-                x, y, gray = clean_batch(data, idx, rt)
-                dev_idx = idx.to(rt.device)
-                model.eval()
-                delta[dev_idx] = self._robust_descent(model, x, y, gray, delta[dev_idx])
-                model.train()
-                t = self._draw_transform()
-                base = t((x + delta[dev_idx]).clamp(0, 1))
-                adv = base + self._inner_max(model, base, y)
-                loss, _ = trainer.step(adv, y)
-                scheduler.step()
-                if step % 50 == 0 or step == cfg.train_steps - 1:
-                    losses.append(round(float(loss), 4))
-                    bar.update(0, loss=f"{losses[-1]:.3f}")
-                bar.update(1)
+            bar.update(min(cfg.train_steps, len(history) * per_round))
+            for round_ in self.rounds_left(history, -(-cfg.train_steps // per_round), lambda logged: False):
+                history.append(self._round(round_ * per_round, min(cfg.train_steps, (round_ + 1) * per_round),
+                                           model, trainer, scheduler, sampler, data, delta, bar))
+                self.checkpoint_round(history, delta, tracked)
+        losses = [loss for logged in history for loss in logged]
         info = {"train_steps": cfg.train_steps, "rho_u": cfg.eps, "rho_a": cfg.rho_a, "samples": cfg.samples,
-                "surrogate_adv_loss": losses, "seconds": round(time.perf_counter() - started, 2)}
+                "surrogate_adv_loss": losses, "rounds": len(history), "seconds": round(time.perf_counter() - started, 2),
+                **self.resume_record()}
         return Perturbation(delta, False, cfg.eps, info)
+
+    def _round(self, first: int, stop: int, model, trainer: Trainer, scheduler, sampler: BatchSampler,
+               data: WorkingSet, delta, bar) -> list[float]:
+        """Steps ``first … stop-1``; returns the surrogate losses logged (every 50th step and the last)."""
+        cfg, rt = self.config, self.runtime
+        losses = []
+        for step in range(first, stop):
+            idx = sampler.next()
+            x, y, gray = clean_batch(data, idx, rt)
+            dev_idx = idx.to(rt.device)
+            model.eval()
+            delta[dev_idx] = self._robust_descent(model, x, y, gray, delta[dev_idx])
+            model.train()
+            t = self._draw_transform()
+            base = t((x + delta[dev_idx]).clamp(0, 1))
+            adv = base + self._inner_max(model, base, y)
+            loss, _ = trainer.step(adv, y)
+            scheduler.step()
+            if step % 50 == 0 or step == cfg.train_steps - 1:
+                losses.append(round(float(loss), 4))
+                bar.update(0, loss=f"{losses[-1]:.3f}")
+            bar.update(1)
+        return losses
 
     def _draw_transform(self):
         """One fixed draw t ∼ T (crop offsets and flips), usable several times on the same batch."""

@@ -10,8 +10,8 @@ only ever read.
 Memory: sample-wise δ is one float32 tensor, or with ``--store disk`` (``auto``: when that tensor would
 take over an eighth of the machine's memory) the memory-mapped :class:`~ueguard.data.store.PerturbationStore`
 under ``DST/.ueguard/perturbation/``, which also checkpoints generation row by row (methods that finish
-rows one batch at a time resume from the rows stored). Bi-level methods (EMN, SSC) checkpoint every
-round instead (:class:`~ueguard.data.store.RoundCheckpoint`, ``DST/.ueguard/rounds.pt``, with either
+rows one batch at a time resume from the rows stored). Bi-level methods (EMN, SSC, REM) checkpoint
+every round instead (:class:`~ueguard.data.store.RoundCheckpoint`, ``DST/.ueguard/rounds.pt``, with either
 store): ``--resume`` continues with the round after the last one checkpointed, and the result equals an
 uninterrupted run's. Under torchrun a method that splits its rounds over the processes does not
 checkpoint them (generation starts again). The file records are streamed to the manifest and read back
