@@ -199,7 +199,7 @@ def test_store_commits_rounds_as_a_whole(tmp_path):
 
 #: Fast settings of every method that checkpoints rounds (a new one fails here until it is given some).
 FAST = {"emn": dict(OPTIONS, max_rounds=3), "ssc": dict(OPTIONS, max_rounds=3, pca_images=12, pca_locations=200),
-        "rem": dict(train_steps=9, batch_size=4, pgd_steps=1, samples=1, adv_steps=1)}  # rem: 3 rounds of 3 steps
+        "rem": dict(train_steps=9, round_steps=3, batch_size=4, pgd_steps=1, samples=1, adv_steps=1)}
 
 
 @pytest.mark.parametrize("name", sorted(n for n, cls in METHODS.items() if cls.name == n and cls.checkpoints_rounds))

@@ -23,9 +23,10 @@ wd 5e-4, batch 128. ``quick`` and ``standard`` cut steps, samples and inner step
 δu is keyed by sample index; ρa defaults to ρu/2 (``adv_eps``).
 
 Resuming: REM has no rounds of its own; it checkpoints after every pass of its batch sampler (⌊N/batch⌋
-steps, which revisit every row but the dropped tail) like EMN after a round — surrogate, optimiser,
-learning-rate schedule, generator, sampler position, losses, δ — so ``protect --resume`` continues with
-the next pass and releases the δ of an uninterrupted run (see :mod:`ueguard.methods.emn`).
+steps, which revisit every row but the dropped tail; at least 50 steps, or ``round_steps``) as EMN does
+after a round — surrogate, optimiser, learning-rate schedule, generator, sampler position, losses, δ —
+so ``protect --resume`` continues with the next pass and releases the δ of an uninterrupted run (see
+:mod:`ueguard.methods.emn`).
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ class REMConfig(MethodConfig):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     grad_clip: float | None = None
+    round_steps: int | None = None     # steps between checkpoints; default one sampler pass, at least 50
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.pgd_steps, self.samples, self.train_steps, self.batch_size) < 1 or self.adv_steps < 0:
-            raise ValueError("pgd_steps, samples, train_steps and batch_size must be ≥ 1 and adv_steps ≥ 0")
+        if min(self.pgd_steps, self.samples, self.train_steps, self.batch_size, self.round_steps or 1) < 1 or self.adv_steps < 0:
+            raise ValueError("pgd_steps, samples, train_steps, batch_size and round_steps must be ≥ 1 and adv_steps ≥ 0")
         if self.adv_eps is not None and not 0 <= self.adv_eps < self.eps:
             raise ValueError(f"adv_eps (ρa) must be in [0, eps): REM protects against adversarial training with a "
                              f"smaller radius than its own; got adv_eps={self.adv_eps}, eps={self.eps}")
@@ -94,8 +96,9 @@ class REM(ProtectionMethod):
         scheduler = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=decay, gamma=0.1)
         delta = self.new_delta((len(data), *data.images.shape[1:]))
         sampler = BatchSampler(len(data), cfg.batch_size, self.generator)
-        # a round is one pass of the sampler (every row but the dropped tail revisited): checkpointed
-        per_round = sampler.steps_per_epoch()
+        # a round (checkpointed) is one pass of the sampler, every row but the dropped tail revisited, and
+        # at least 50 steps, so that a small set does not write a checkpoint after every step
+        per_round = cfg.round_steps or max(sampler.steps_per_epoch(), 50)
         tracked = {"surrogate": model, "optimizer": trainer.optimizer, "scheduler": scheduler, "sampler": sampler,
                    "generator": self.generator}
         history = self.resume_rounds(delta, tracked)  # per round: the losses logged in it
