@@ -411,17 +411,19 @@ def plot(results: dict[str, list[dict[str, dict]]], columns: list[str], stem: Pa
     import matplotlib.pyplot as plt
 
     rows = list(results)
+    palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")  # one distinct colour per row
+    colour = {row: palette(i % palette.N) for i, row in enumerate(rows)}
     written = []
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(columns)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(columns)) + 1.8, 4))
     width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
         heights = [np.mean([s[c]["accuracy"] for s in results[row] if c in s]) if any(c in s for s in results[row])
                    else np.nan for c in columns]
-        ax.bar(np.arange(len(columns)) + i * width, heights, width, label=row)
+        ax.bar(np.arange(len(columns)) + i * width, heights, width, label=row, color=colour[row])
     ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2, columns, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy %")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
     fig.tight_layout()
     written.append(stem.with_name(stem.name + "-accuracy.png"))
     fig.savefig(written[-1], dpi=110)
@@ -435,17 +437,17 @@ def plot(results: dict[str, list[dict[str, dict]]], columns: list[str], stem: Pa
         for row in rows:
             if results[row] and column in results[row][0]:
                 history = results[row][0][column]["history"]
-                ax.plot(range(1, len(history) + 1), history, label=row, marker=".")
+                ax.plot(range(1, len(history) + 1), history, label=row, marker=".", color=colour[row])
         ax.set_title(column, fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_xlabel("epoch", fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].set_ylabel("test accuracy %")
-    axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 0.98))
     written.append(stem.with_name(stem.name + "-curves.png"))
-    fig.savefig(written[-1], dpi=110)
+    fig.savefig(written[-1], dpi=110, bbox_inches="tight")  # the legend sits beside the panels
     plt.close(fig)
     return written
 
