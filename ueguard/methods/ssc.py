@@ -18,7 +18,7 @@ The reconstruction (methods spec §1.3):
   ``subspace_stages`` (the "hierarchy": stem, layer1, layer2 by default) the per-location channel
   vectors are collected and PCA gives U_l, the top principal directions holding ``energy`` of the
   variance (:func:`channel_pca`).
-* Objective, sample-wise δ with ‖δ‖∞ ≤ ε, minimised by signed-gradient PGD:
+* Objective, for δ with ‖δ‖∞ ≤ ε (class-wise by default, see ``perturbation``), minimised by signed-gradient PGD:
 
       w · CE(D(S(x+δ)), y) + (1 − w) · CE(g(x+δ), y) + λ · mean_l ‖P⊥_l Δ_l‖² / ‖Δ_l‖²,
 
@@ -176,7 +176,7 @@ def _reinitialise(model: nn.Module, generator_seed: int) -> nn.Module:
 @METHODS.register("ssc")
 class SSC(ProtectionMethod):
     name = "ssc"
-    description = ("shallow semantic camouflage (ueguard's reconstruction of Wang et al. 2026): sample-wise "
+    description = ("shallow semantic camouflage (ueguard's reconstruction of Wang et al. 2026): class-wise "
                    "error-minimising δ kept in the pretrained shallow layers' semantic channel subspace")
     config_class = SSCConfig
     needs_pretrained = True
