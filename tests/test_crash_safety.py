@@ -30,12 +30,12 @@ def protect_in_process(src: Path, out: Path, *extra: str):
     return CliRunner().invoke(main, ["protect", str(src), "--out", str(out), *FAST, *extra], catch_exceptions=False)
 
 
-def start_protect(src: Path, out: Path, kill: str | None = None) -> subprocess.Popen:
+def start_protect(src: Path, out: Path, kill: str | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("UEGUARD_TEST_KILL", None)
     if kill:
         env["UEGUARD_TEST_KILL"] = kill
-    return subprocess.Popen([sys.executable, "-m", "ueguard", "protect", str(src), "--out", str(out), *FAST],
+    return subprocess.Popen([sys.executable, "-m", "ueguard", "protect", str(src), "--out", str(out), *FAST, *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -75,10 +75,10 @@ def reference(tmp_path_factory):
     return src, base / "reference", digest(base / "reference")
 
 
-def check_resume(src: Path, out: Path, expected: dict[str, bytes]) -> None:
+def check_resume(src: Path, out: Path, expected: dict[str, bytes], *extra: str) -> None:
     """Resume the run in ``out``: finished files stay untouched, the result equals the reference."""
     finished = {rel: (p.stat().st_ino, p.stat().st_mtime_ns) for rel, p in ok_outputs(out).items()}
-    result = protect_in_process(src, out, "--resume")
+    result = protect_in_process(src, out, "--resume", *extra)
     assert result.exit_code == 0, result.output
     outputs = ok_outputs(out)
     assert len(outputs) == N_FILES
@@ -125,16 +125,21 @@ def test_sigkill_at_an_arbitrary_moment_while_saving(reference, tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(reference, tmp_path):
-    src, _, expected = reference
+    src = reference[0]
+    # A generation of seconds, so that the interrupt lands inside the run on a fast idle machine too (with
+    # FAST's one PGD step the run could finish between the manifest's first line and the signal).
+    slow = ("-o", "pgd_steps=300")
+    assert protect_in_process(src, tmp_path / "reference", *slow).exit_code == 0
+    expected = digest(tmp_path / "reference")
     out = tmp_path / "out"
-    proc = start_protect(src, out)
+    proc = start_protect(src, out, extra=slow)
     wait_for_manifest_line(proc, out / MANIFEST_NAME, "run")  # decoding or generating
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
     assert not list(out.rglob("*.tmp"))
-    check_resume(src, out, expected)
+    check_resume(src, out, expected, *slow)
 
 
 def test_manifest_torn_last_line_does_not_swallow_the_next_record(tmp_path):
