@@ -35,8 +35,12 @@ def start_protect(src: Path, out: Path, kill: str | None = None, extra: tuple[st
     env.pop("UEGUARD_TEST_KILL", None)
     if kill:
         env["UEGUARD_TEST_KILL"] = kill
+    # SIGINT at its default, as in a terminal: a runner that starts the suite in the background (a
+    # non-interactive shell's `cmd &`) hands its children SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler at all
     return subprocess.Popen([sys.executable, "-m", "ueguard", "protect", str(src), "--out", str(out), *FAST, *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def digest(root: Path) -> dict[str, bytes]:
