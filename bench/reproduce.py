@@ -328,12 +328,15 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
 
 
 def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prior: Prior | None,
-                paradigms: list[str], defenses: list[str], cells: Path, scale: Scale, seed: int, log) -> dict:
-    """``verify`` of one row under one column group (scratch, or the paradigms of one prior), cached."""
+                paradigms: list[str], defenses: list[str], cells: Path, scale: Scale, seed: int, log,
+                defense_options: dict[str, Any] | None = None) -> dict:
+    """``verify`` of one row under one column group (scratch, or the paradigms of one prior), cached;
+    ``defense_options`` as verify's (``{"staged.tau": 0.3}``), part of ``group`` when given."""
     from ueguard.sdk import verify
 
     path = cells / f"verify-{row}-{group}-s{seed}.json"
     options: dict[str, Any] = {"paradigm": ",".join(paradigms), "defense": ",".join(defenses),
+                               "defense_options": defense_options or {},
                                "budget": scale.budget, "epochs": scale.epochs, "seed": seed, "size": 32,
                                "batch_size": scale.batch_size, "lr": scale.prior_lr if prior else None,
                                "arch": prior.arch if prior else scale.scratch_arch,

@@ -80,17 +80,10 @@ def stage_count(curve: dict[str, Any], stage: str) -> int:
 
 def run_cell(name: str, folder: Path, folders, cells: Path, scale, seed: int, options: dict[str, Any], log
              ) -> dict[str, Any]:
-    """One scratch victim under ``staged`` with ``options`` (cached as a verify report)."""
-    from ueguard.sdk import verify
-
+    """One scratch victim under ``staged`` with ``options``: reproduce's cached verify cell."""
     tag = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
-    path = cells / f"staged-{name}-{tag}-s{seed}.json"
-    if path.is_file():
-        return json.loads(path.read_text())["runs"][0]
-    log(f"verify {name} staged {tag}")
-    report = verify(folder, folders.task_test, json_path=path, paradigm="scratch", defense="staged",
-                    defense_options={f"staged.{k}": v for k, v in options.items()}, budget=scale.budget,
-                    epochs=scale.epochs, seed=seed, size=32, batch_size=scale.batch_size, arch=scale.scratch_arch)
+    report = reproduce.verify_cell(name, f"scratch-staged-{tag}", folder, folders, None, ["scratch"], ["staged"],
+                                   cells, scale, seed, log, {f"staged.{k}": v for k, v in options.items()})
     return report["runs"][0]
 
 

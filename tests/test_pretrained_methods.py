@@ -234,7 +234,7 @@ def test_ssc_fresh_deep_init_resets_exactly_the_layers_after_the_frozen_stage(di
 
     method = create_method("ssc", budget="quick", runtime=CPU, surrogate=surrogate(prior_state), frozen_stage="layer1")
     model = surrogate(prior_state)
-    deep = method._deep(model)
+    _, deep = method._split(model)
     _reset(deep, 1)
     deep_ids = {id(p) for module in deep for p in module.parameters()}
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, prior_state[name])}

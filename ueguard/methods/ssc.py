@@ -75,6 +75,7 @@ from ueguard.engine.compiled import frozen_parameters, model_call
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, predict
 from ueguard.kernels import project_step
 from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project
+from ueguard.methods.emn import PERTURBATION_KINDS
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,8 @@ class SSCConfig(MethodConfig):
             raise ValueError(f"energy must be in (0, 1], got {self.energy}")
         if not 0 <= self.frozen_weight <= 1:
             raise ValueError(f"frozen_weight must be in [0, 1], got {self.frozen_weight}")
-        if self.perturbation not in ("samplewise", "classwise"):
-            raise ValueError(f"perturbation must be 'samplewise' or 'classwise', got {self.perturbation!r}")
+        if self.perturbation not in PERTURBATION_KINDS:
+            raise ValueError(f"perturbation must be one of {', '.join(PERTURBATION_KINDS)}, got {self.perturbation!r}")
         if self.deep_init not in ("pretrained", "fresh"):
             raise ValueError(f"deep_init must be 'pretrained' or 'fresh', got {self.deep_init!r}")
         if self.camouflage_weight < 0:
@@ -193,11 +194,11 @@ class SSC(ProtectionMethod):
         data = data.to(rt.device)
         n = len(data)
         frozen = rt.prepare_model(self.surrogate)
-        shallow = self._split(frozen)
+        shallow, deep = self._split(frozen)
         prior = copy.deepcopy(frozen).eval().requires_grad_(False)
         scratch = rt.prepare_model(_reinitialise(frozen, cfg.seed))
         if cfg.deep_init == "fresh":
-            _reset(self._deep(frozen), cfg.seed + 1)
+            _reset(deep, cfg.seed + 1)
         for p in shallow.parameters():
             p.requires_grad_(False)
         deep_lr = cfg.lr if cfg.deep_init == "fresh" else cfg.deep_lr
@@ -214,10 +215,13 @@ class SSC(ProtectionMethod):
         tracked = {"frozen_path": frozen, "scratch_path": scratch, "deep_optimizer": deep_trainer.optimizer,
                    "scratch_optimizer": scratch_trainer.optimizer, "sampler": sampler, "generator": self.generator}
         history = self.resume_rounds(delta, tracked)
+
+        def fitted(acc: dict) -> bool:  # both paths fit x + δ: the round loop's stop
+            return min(acc["frozen_path"], acc["scratch_path"]) >= cfg.stop_accuracy
+
         with self.progress.bar(cfg.max_rounds, "ssc rounds", unit="round") as bar:
             bar.update(len(history))
-            for _ in self.rounds_left(history, cfg.max_rounds,
-                                      lambda acc: min(acc["frozen_path"], acc["scratch_path"]) >= cfg.stop_accuracy):
+            for _ in self.rounds_left(history, cfg.max_rounds, fitted):
                 self._train_mode(frozen, shallow)
                 scratch.train()
                 for _ in range(cfg.train_steps):
@@ -241,19 +245,20 @@ class SSC(ProtectionMethod):
                 history.append(accuracy)
                 self.checkpoint_round(history, delta, tracked)
                 bar.update(1, frozen=f"{accuracy['frozen_path']:.3f}", scratch=f"{accuracy['scratch_path']:.3f}")
-                if min(accuracy["frozen_path"], accuracy["scratch_path"]) >= cfg.stop_accuracy:
+                if fitted(accuracy):
                     break
         perturbation.info = {"rounds": len(history), "history": history,
                              "subspace_dims": {s: [int(b.shape[1]), int(e.numel())] for (s, b), e in zip(bases.items(), explained)},
-                             "converged": min(history[-1]["frozen_path"], history[-1]["scratch_path"]) >= cfg.stop_accuracy,
+                             "converged": fitted(history[-1]),
                              "seconds": round(time.perf_counter() - started, 2),
                              **self.resume_record()}
         return perturbation
 
     # ----------------------------------------------------------------------------------------------
 
-    def _split(self, model: nn.Module) -> nn.Module:
-        """The frozen shallow part S of ``model`` (its stages up to ``frozen_stage``) as one module."""
+    def _split(self, model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+        """``model`` cut after ``frozen_stage``: the frozen shallow part S (its stages up to there) as one
+        module, and the stages after it, head included — the frozen path's trained part D."""
         cfg = self.config
         stages = model.stages()
         body = [name for name, _ in stages[:-1]]
@@ -261,13 +266,7 @@ class SSC(ProtectionMethod):
             if stage not in body:
                 raise ValueError(f"ssc: stage {stage!r} is not a body stage of {model.arch}; its stages are {', '.join(body)}")
         cut = body.index(cfg.frozen_stage) + 1
-        return nn.ModuleList([module for _, module in stages[:cut]])
-
-    def _deep(self, model: nn.Module) -> list[nn.Module]:
-        """The stages of ``model`` after ``frozen_stage``, head included: the frozen path's trained part D."""
-        stages = model.stages()
-        cut = [name for name, _ in stages].index(self.config.frozen_stage) + 1
-        return [module for _, module in stages[cut:]]
+        return nn.ModuleList([module for _, module in stages[:cut]]), [module for _, module in stages[cut:]]
 
     @staticmethod
     def _train_mode(model: nn.Module, shallow: nn.Module) -> None:
@@ -297,6 +296,7 @@ class SSC(ProtectionMethod):
         rows; class-wise, the K class rows, each stepped along the sign of its summed gradient over the
         batch's samples of that class (zero where x + δ is clipped)."""
         cfg, rt = self.config, self.runtime
+        classwise = cfg.perturbation == "classwise"
         dev_idx = idx.to(rt.device)
         x, y, gray = rt.to_float(data.images[dev_idx]), data.labels[dev_idx], data.grayscale[dev_idx]
         stages = cfg.stages
@@ -308,7 +308,7 @@ class SSC(ProtectionMethod):
         prior_fn = model_call(prior, rt, "forward_stages")
         with frozen_parameters(frozen, scratch):  # ∇ in δ only
             for _ in range(cfg.pgd_steps):
-                if self.config.perturbation == "classwise":
+                if classwise:
                     rows = delta.detach().requires_grad_(True)
                     xa = (x + gray_project(rows[y], gray)).clamp(0, 1)
                 else:
@@ -319,7 +319,7 @@ class SSC(ProtectionMethod):
                     feats = prior_fn(xa, stages)
                 ratio = torch.stack([out_of_subspace_ratio((feats[s] - clean[s]).float(), bases[s]) for s in stages]).mean(0)
                 (grad,) = torch.autograd.grad((loss + cfg.camouflage_weight * ratio).sum(), rows)
-                if self.config.perturbation == "classwise":
+                if classwise:
                     delta = (delta - alpha * grad.sign()).clamp(-cfg.eps, cfg.eps)
                 else:
                     delta = gray_project(project_step(delta, grad, x, alpha, cfg.eps, 1.0), gray)
