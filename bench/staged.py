@@ -19,9 +19,15 @@ One run, so every number is comparable:
    ``--gammas`` (0.1 slows the cut stages, 0 freezes them) on clean and on every protection, beside
    standard training (the watch runs: a staged run that never cuts is standard training).
 
+4. **schedule search** — the trigger aside, which cut recovers most: for every ``--setting`` (default: freeze
+   the stages up to stem, layer1, layer2 or layer3 at the first fall of their ACM, ``tau`` 1, checked four
+   times per epoch), ``staged`` on clean and every protection. The chosen setting is the one whose *worst*
+   protected accuracy is highest (a defense is as good as its result on the protection it handles worst);
+   what it costs on clean data is reported beside it.
+
 It prints and writes (``--json``) a table of final and peak test accuracy per (data, setting) and the
-ratio staged ÷ standard on each protection. The cheap watch runs are cached as verify reports beside
-reproduce's cells.
+ratio staged ÷ standard on each protection. Every run is cached as a verify report beside reproduce's
+cells, so a second run only trains what is new.
 
     PYTHONPATH=. python bench/staged.py --quick --json /tmp/staged-quick.json   # smoke scale, minutes
     PYTHONPATH=. python bench/staged.py --cpu --methods emn,rem --json bench/results/staged-cpu.json
@@ -47,6 +53,11 @@ import reproduce  # noqa: E402  (the shared CIFAR pipeline: folders, protections
 
 WATCH_TAU = 1e-9  # a trigger that never fires: the run records ACM and is standard training
 
+# step 4's default grid: freeze (gamma 0) the stages up to the named one at the first fall of their ACM
+# (tau 1: ACM below its value before training), checked four times per epoch
+SEARCH = {f"freeze≤{stage}": {"tau": 1.0, "gamma": 0.0, "monitor": monitor, "checks_per_epoch": 4}
+          for monitor, stage in enumerate(("stem", "layer1", "layer2", "layer3"), start=1)}
+
 
 def min_ratio(curve: dict[str, Any]) -> dict[str, float]:
     """Per watched stage: the lowest ACM(t) / ACM(t₀) over the checks after t₀."""
@@ -71,6 +82,31 @@ def choose_tau(clean: dict[str, float], protected: dict[str, dict[str, float]], 
         return None, None, separation
     worst = max(rows[stage] for rows in protected.values())
     return stage, round(math.sqrt(clean[stage] * worst), 3), separation
+
+
+def choose_setting(finals: dict[str, dict[str, float]], methods: list[str]) -> tuple[str, dict[str, float]]:
+    """``finals``: data → setting → final accuracy. Returns the setting whose worst accuracy over the
+    protections ``methods`` is highest (ties: the first), and that worst accuracy per setting."""
+    settings = list(finals[methods[0]])
+    worst = {s: min(finals[m][s] for m in methods) for s in settings}
+    return max(settings, key=lambda s: worst[s]), worst
+
+
+def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME=key=value,key=value`` (``--setting``) → (NAME, options); values are numbers."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise argparse.ArgumentTypeError(f"--setting {text!r}: expected NAME=key=value,key=value")
+    options: dict[str, Any] = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"--setting {text!r}: {item!r} is not key=value")
+        try:
+            options[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--setting {text!r}: {key} needs a number, got {value!r}") from None
+    return name, options
 
 
 def stage_count(curve: dict[str, Any], stage: str) -> int:
@@ -102,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="emn,rem", help="protections to calibrate on (default emn,rem)")
     parser.add_argument("--gammas", default="0.1,0", help="learning-rate factors of cut stages to check")
     parser.add_argument("--checks-per-epoch", type=int, default=2)
+    parser.add_argument("--setting", type=parse_setting, action="append", metavar="NAME=K=V,...",
+                        help="a schedule to search in step 4 (repeatable; default: freeze up to stem, layer1, "
+                             "layer2 or layer3 at the first ACM fall)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("UEGUARD_SHARED_DATA", "/work/shared/data")))
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -150,7 +189,13 @@ def main(argv: list[str] | None = None) -> None:
         for name, folder in data.items():
             checks[name][f"staged γ={gamma:g}"] = summary(run_cell(name, folder, folders, cells, scale, args.seed,
                                                                     options, log))
-    settings = [f"staged γ={g:g}" for g in gammas]
+    search = dict(args.setting) if args.setting else dict(SEARCH)
+    for setting, options in search.items():
+        for name, folder in data.items():
+            checks[name][setting] = summary(run_cell(name, folder, folders, cells, scale, args.seed, options, log))
+    chosen, worst = choose_setting({n: {s: checks[n][s]["final"] for s in search} for n in checks}, methods)
+    log(f"search: worst protected accuracy per setting {worst}; chosen {chosen} {search[chosen]}")
+    settings = [f"staged γ={g:g}" for g in gammas] + list(search)
     lines = ["| data | standard | " + " | ".join(settings) + " |", "|---|---:|" + "---:|" * len(settings)]
     for name, row in checks.items():
         lines.append(f"| {name} | {row['none']['final']:.1f} (peak {row['none']['peak']:.1f}) | "
@@ -163,11 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in ratios.items():
         print(f"  {name}: " + ", ".join(f"{s} {v:.3f}" for s, v in r.items()))
     print(f"\ntau {tau} at {stage or 'default stages'} (monitor {monitor})\n\n{table}\n\nstaged ÷ standard: {ratio}")
+    print(f"\nschedule search: chosen {chosen} {search[chosen]} (worst protected accuracy {worst[chosen]:.1f} %)")
     if args.json:
         record = {"bench": "staged", "scale": scale.name, "scale_tag": scale.tag(), "seed": args.seed,
                   "methods": methods, "protections": protections, "acm_min_ratio": ratios,
                   "separation": separation, "stage": stage, "tau": tau, "monitor": monitor,
-                  "checks_per_epoch": args.checks_per_epoch, "gammas": gammas, "results": checks,
+                  "checks_per_epoch": args.checks_per_epoch, "gammas": gammas, "search": search,
+                  "search_worst": worst, "chosen": chosen, "chosen_options": search[chosen], "results": checks,
                   "ratio_staged_over_standard": ratio, "acm_curves": {n: r["acm_curve"] for n, r in watch.items()},
                   "table": table, "environment": reproduce._environment(),
                   "wall_seconds": round(time.perf_counter() - started, 1),

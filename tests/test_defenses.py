@@ -154,6 +154,31 @@ def test_staged_cuts_group_learning_rates_when_acm_falls(monkeypatch):
     assert history[0]["epoch"] == 0 and set(history[0]["acm"]) == {"stem", "layer1", "layer2", "layer3"}
 
 
+def test_staged_defaults_freeze_stem_to_layer2_at_the_first_fall_of_their_acm(monkeypatch):
+    """The defaults (bench/staged.py's choice): tau 1, so a fall of any watched stage below its value before
+    training fires; gamma 0, so the cut stages' weights stop exactly where they were; layer3, not watched,
+    and the head go on training."""
+    snapshots = []
+
+    def fake_acm(model, *args, **kw):
+        snapshots.append({(stage, k): v.detach().clone() for stage, module in model.stages()
+                          for k, v in module.named_parameters()})
+        return {"stem": 1.0, "layer1": 1.0, "layer2": 1.0 if len(snapshots) == 1 else 0.99, "layer3": 0.5}
+
+    monkeypatch.setattr(staged_module, "stage_acm", fake_acm)
+    defense = create_defense("staged", probe_size=8)
+    data = _tiny_set()
+    model = create_model("resnet20_cifar", 3)
+    fit(model, data, data, FitConfig(epochs=2, batch_size=12), defense=defense, paradigm=create_paradigm("scratch"),
+        runtime=CPU, generator=seed_everything(0))
+    cuts = defense.summary()["stage_cuts"]
+    assert [c["stage"] for c in cuts] == ["layer2"] and cuts[0]["groups"] == ["stem", "layer1", "layer2"]
+    final = {(stage, k): v.detach() for stage, module in model.stages() for k, v in module.named_parameters()}
+    for (stage, name), value in snapshots[1].items():  # the weights when the cut was made
+        frozen = stage in ("stem", "layer1", "layer2")
+        assert torch.equal(final[stage, name], value) == frozen, (stage, name)
+
+
 # -- paradigms -------------------------------------------------------------------------------------------------
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -46,3 +46,24 @@ def test_choose_tau_refuses_stages_that_do_not_separate(bench):
 
 def test_stage_count_is_the_monitor_option_that_watches_up_to_the_stage(bench):
     assert bench.stage_count({"monitored": ["stem", "layer1", "layer2"]}, "layer1") == 2
+
+
+def test_choose_setting_takes_the_best_worst_case_over_the_protections(bench):
+    finals = {"clean": {"a": 80.0, "b": 70.0, "c": 75.0},
+              "emn": {"a": 50.0, "b": 67.0, "c": 70.0},
+              "rem": {"a": 60.0, "b": 66.0, "c": 55.0}}
+    chosen, worst = bench.choose_setting(finals, ["emn", "rem"])
+    # c is best on EMN but worst on REM; b's worst case (66) beats a's (50) and c's (55); clean is not scored
+    assert chosen == "b" and worst == {"a": 50.0, "b": 66.0, "c": 55.0}
+
+
+def test_parse_setting_reads_numbers_and_refuses_malformed_text(bench):
+    assert bench.parse_setting("f3=tau=1,gamma=0.0,monitor=3") == ("f3", {"tau": 1, "gamma": 0.0, "monitor": 3})
+    for bad in ("f3", "f3=", "f3=tau", "f3=tau=high"):
+        with pytest.raises(Exception, match="--setting"):
+            bench.parse_setting(bad)
+
+
+def test_the_default_search_freezes_up_to_each_shallow_stage_at_the_first_fall(bench):
+    assert [o["monitor"] for o in bench.SEARCH.values()] == [1, 2, 3, 4]
+    assert all(o["gamma"] == 0 and o["tau"] == 1 for o in bench.SEARCH.values())
