@@ -93,19 +93,20 @@ def choose_setting(finals: dict[str, dict[str, float]], methods: list[str]) -> t
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME=key=value,key=value`` (``--setting``) → (NAME, options); values are numbers."""
+    """``NAME=key=value,key=value`` (``--setting``) → (NAME, options), typed by the CLI's option parser;
+    every staged option is a number."""
+    from ueguard.sdk.options import parse_method_options
+
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise argparse.ArgumentTypeError(f"--setting {text!r}: expected NAME=key=value,key=value")
-    options: dict[str, Any] = {}
-    for item in rest.split(","):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise argparse.ArgumentTypeError(f"--setting {text!r}: {item!r} is not key=value")
-        try:
-            options[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--setting {text!r}: {key} needs a number, got {value!r}") from None
+    try:
+        options = dict(parse_method_options(tuple(rest.split(","))))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--setting {text!r}: {error}") from None
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise argparse.ArgumentTypeError(f"--setting {text!r}: {key} needs a number, got {value!r}")
     return name, options
 
 
@@ -183,19 +184,16 @@ def main(argv: list[str] | None = None) -> None:
         monitor = stage_count(curve, stage)
         log(f"tau {tau} at {stage} (monitor {monitor}); separation {separation}")
 
-    checks: dict[str, dict[str, dict[str, Any]]] = {name: {"none": summary(run)} for name, run in watch.items()}
-    for gamma in gammas:
-        options = {"tau": tau, "gamma": gamma, "monitor": monitor, "checks_per_epoch": args.checks_per_epoch}
-        for name, folder in data.items():
-            checks[name][f"staged γ={gamma:g}"] = summary(run_cell(name, folder, folders, cells, scale, args.seed,
-                                                                    options, log))
     search = dict(args.setting) if args.setting else dict(SEARCH)
-    for setting, options in search.items():
+    runs = {f"staged γ={g:g}": {"tau": tau, "gamma": g, "monitor": monitor, "checks_per_epoch": args.checks_per_epoch}
+            for g in gammas} | search  # step 3's check runs, then step 4's search
+    checks: dict[str, dict[str, dict[str, Any]]] = {name: {"none": summary(run)} for name, run in watch.items()}
+    for setting, options in runs.items():
         for name, folder in data.items():
             checks[name][setting] = summary(run_cell(name, folder, folders, cells, scale, args.seed, options, log))
     chosen, worst = choose_setting({n: {s: checks[n][s]["final"] for s in search} for n in checks}, methods)
     log(f"search: worst protected accuracy per setting {worst}; chosen {chosen} {search[chosen]}")
-    settings = [f"staged γ={g:g}" for g in gammas] + list(search)
+    settings = list(runs)
     lines = ["| data | standard | " + " | ".join(settings) + " |", "|---|---:|" + "---:|" * len(settings)]
     for name, row in checks.items():
         lines.append(f"| {name} | {row['none']['final']:.1f} (peak {row['none']['peak']:.1f}) | "
