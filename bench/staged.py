@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     if stage is None:
         from ueguard.defenses.staged import StagedConfig
 
-        tau, monitor = StagedConfig.tau, 0
-        log(f"no stage separates clean from {', '.join(methods)} by 10 %: checking the default tau {tau}")
+        tau, monitor = StagedConfig.tau, StagedConfig.monitor
+        log(f"no stage separates clean from {', '.join(methods)} by 10 %: checking the default tau {tau} "
+            f"(monitor {monitor})")
     else:
         monitor = stage_count(curve, stage)
         log(f"tau {tau} at {stage} (monitor {monitor}); separation {separation}")
