@@ -12,13 +12,20 @@ for every ``--taus`` value, staged training on the protected *and* on the clean 
 shows whether a threshold fires on protected data (recovering accuracy) without hurting clean learning.
 The printed ratio is staged ÷ standard test accuracy on the protected data, both from this run.
 
+With ``--cifar`` the battery runs on real CIFAR-10 instead (needs ``../shared/data`` or ``--data DIR``):
+bench/reproduce.py's folders, protections and cached verify cells at its ``cpu`` scale (``--quick``: its
+``quick`` scale) — the five task classes, EMN at 8/255, the slim ResNet-18 from scratch — so every run
+here is a cell of reproduce's table too, and the clean baseline is reproduce's clean row.
+
     python bench/defenses.py --quick --json bench/results/defenses-digits-quick.json
+    python bench/defenses.py --cifar --json bench/results/defenses-cifar-cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -83,6 +90,38 @@ def staged_sweep(train: Path, test: Path, protected: Path, taus: list[float], bu
     return rows
 
 
+def cifar_batteries(args, methods: list[str], log) -> dict:
+    """The battery on CIFAR-10 through bench/reproduce.py (its folders, protections and cached cells)."""
+    import reproduce
+    from ueguard.sdk.verify import VerifyOptions, combine_verdicts, verdict
+
+    scale = reproduce.SCALES["quick" if args.quick else "cpu"]
+    defenses = VerifyOptions.resolve(defense=args.defenses).defenses
+    defenses = ["none"] + sorted((d for d in defenses if d != "none"), key=lambda d: d.startswith("at"))  # AT last:
+    folders = reproduce.convert(args.data, args.cache, scale, args.seed)                                   # ~11× dearer
+    cells = args.cache / "cells" / scale.tag()
+    clean = reproduce.verify_cell("clean", "scratch", folders.task_train, folders, None, ["scratch"], ["none"], cells,
+                                  scale, args.seed, log)["runs"][0]
+    out = {"scale": scale.name, "scale_tag": scale.tag(), "train_images": clean["train_images"],
+           "epochs": scale.epochs, "arch": scale.scratch_arch, "methods": {}}
+    for method in methods:
+        folder, record = reproduce.protected_folder(reproduce.Variant(method, method), None, folders, args.cache,
+                                                    scale, args.seed, log)
+        report = reproduce.verify_cell(method, "scratch", folder, folders, None, ["scratch"], defenses, cells, scale,
+                                       args.seed, log)
+        runs = {r["defense"]: summarise(r) for r in report["runs"]}
+        verdicts = [verdict(r["test_accuracy"], clean["test_accuracy"], 1 / len(reproduce.TASK_CLASSES), 0.5)
+                    for r in report["runs"]]
+        worst = max(report["runs"], key=lambda r: r["test_accuracy"])
+        prot = {"method": method, "eps": f"{record['max_linf_255']:.0f}/255 (measured max)",
+                "images": record["ok"], "seconds": record["seconds"]}
+        out["methods"][method] = {"protect": prot, "battery": {
+            "clean_accuracy": clean["test_accuracy"], "runs": runs, "protected": combine_verdicts(verdicts),
+            "worst": {"defense": worst["defense"], "test_accuracy": worst["test_accuracy"]}}}
+        log(f"{method}: " + ", ".join(f"{n} {100 * r['test_accuracy']:.1f} %" for n, r in runs.items()))
+    return out
+
+
 def _cuts(run: dict) -> str:
     cuts = run.get("stage_cuts") or []
     return ", ".join(f"{c['stage']} @ epoch {c['epoch']:.1f}" for c in cuts) or "none"
@@ -121,12 +160,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, help="keep folders and resumable state here (default: temporary)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cifar", action="store_true",
+                        help="run on CIFAR-10 through bench/reproduce.py's cpu scale (quick scale with --quick)")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("UEGUARD_SHARED_DATA", "/work/shared/data")),
+                        help="--cifar: the shared data folder (holds cifar10/cifar-10-batches-py)")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                        / "ueguard-reproduce", help="--cifar: reproduce.py's cache (folders, protections, cells)")
     args = parser.parse_args(argv)
 
+    started = time.perf_counter()
+    if args.cifar:
+        if args.taus != parser.get_default("taus") and args.taus:
+            parser.error("--taus is the digits sweep; on CIFAR-10 the staged constants are bench/staged.py's")
+        results = cifar_batteries(args, args.methods.split(","),
+                                  lambda m: print(f"[{time.perf_counter() - started:6.0f} s] {m}", flush=True))
+        write_report(args.json, results, __file__, started)
+        print(table(results))
+        return 0
     budget = "quick" if args.quick else "standard"
     taus = [float(t) for t in args.taus.split(",") if t.strip()]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ueguard-defenses-"))
-    started = time.perf_counter()
     results: dict = {"methods": {}}
     try:
         train, test = build_digits_folders(work / "digits", seed=args.seed)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -327,36 +328,88 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
     return out, record
 
 
+RECIPE_KEYS = ("arch", "epochs", "budget", "seed", "weights", "size", "batch_size", "lr")  # what a run's result depends on
+                                                                                      # besides its data and defense
+
+
+def defense_constants(defense: str, budget: str, defense_options: dict[str, Any]) -> dict[str, Any]:
+    """The constants ``defense`` runs with now — its defaults at ``budget`` under ``defense_options`` — as a
+    verify run records them (``defense_config``)."""
+    from ueguard.sdk.verify import VerifyOptions
+
+    opts = VerifyOptions.resolve(defense=defense, defense_options=defense_options, budget=budget)
+    return json.loads(json.dumps(dataclasses.asdict(opts.defense_config(defense))))
+
+
+def cached_runs(cells: Path, row: str, seed: int, recipe: dict[str, Any], data: tuple[str, str],
+                constants: dict[str, dict[str, Any]]) -> dict[tuple[str, str], dict]:
+    """Every finished run in this row's cached reports that was trained on ``data`` (train, test folders) with
+    ``recipe`` and with the defense constants that are current now, keyed by ``(paradigm, defense)``.
+
+    A run is found wherever it was made (another column group's battery, bench/staged.py's settings), and a
+    run made under a defense's *former* defaults is not found, so a changed default re-runs only what it
+    changes."""
+    found: dict[tuple[str, str], dict] = {}
+    for path in sorted(cells.glob(f"verify-{glob.escape(row)}-*-s{seed}.json")):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if (report.get("data", {}).get("protected"), report.get("data", {}).get("test")) != data or \
+                {k: report.get("config", {}).get(k) for k in RECIPE_KEYS} != recipe:
+            continue
+        for run in report.get("runs", []):
+            if run.get("defense") in constants and run.get("defense_config") == constants[run["defense"]]:
+                found.setdefault((run["paradigm"], run["defense"]), run)
+    return found
+
+
 def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prior: Prior | None,
                 paradigms: list[str], defenses: list[str], cells: Path, scale: Scale, seed: int, log,
                 defense_options: dict[str, Any] | None = None) -> dict:
-    """``verify`` of one row under one column group (scratch, or the paradigms of one prior), cached;
-    ``defense_options`` as verify's (``{"staged.tau": 0.3}``), part of ``group`` when given."""
+    """``verify`` of one row under one column group (scratch, or the paradigms of one prior), cached run by
+    run: each (paradigm, defense) run already made with the same data, recipe and defense constants is
+    reused (``cached_runs``); the missing ones are trained, one verify battery per defense, and resume
+    when interrupted. ``defense_options`` as verify's (``{"staged.tau": 0.3}``), part of ``group`` when
+    given. A defense that validates on clean images (earlystop) holds out the task's original training
+    images, as an adversary with a few clean labelled images would. Returns ``{"runs": [...]}`` in
+    paradigm × defense order."""
+    from ueguard.defenses import DEFENSES
     from ueguard.sdk import verify
 
-    path = cells / f"verify-{row}-{group}-s{seed}.json"
-    options: dict[str, Any] = {"paradigm": ",".join(paradigms), "defense": ",".join(defenses),
-                               "defense_options": defense_options or {},
-                               "budget": scale.budget, "epochs": scale.epochs, "seed": seed, "size": 32,
-                               "batch_size": scale.batch_size, "lr": scale.prior_lr if prior else None,
-                               "arch": prior.arch if prior else scale.scratch_arch,
-                               "weights": str(prior.weights) if prior else None}
-    if path.is_file():
-        report = json.loads(path.read_text())
-        ran = {(r["paradigm"], r["defense"]) for r in report["runs"]}
-        if ran >= {(p, d) for p in paradigms for d in defenses}:
-            return report
-    state = Path(str(path) + ".state")
-    log(f"verify {row} × {group}: paradigms {', '.join(paradigms)}; defenses {', '.join(defenses)}")
-    try:
-        return verify(train_folder, folders.task_test, json_path=path, resume=(state / "config.json").is_file(),
-                      **options)
-    except Exception as error:  # a resumed battery whose settings changed: start it over
-        from ueguard.errors import UsageError
+    defense_options = defense_options or {}
+    defenses = [DEFENSES.get(d).name for d in defenses]  # as runs record them
+    recipe = {"budget": scale.budget, "epochs": scale.epochs, "seed": seed, "size": 32,
+              "batch_size": scale.batch_size, "lr": scale.prior_lr if prior else None,
+              "arch": prior.arch if prior else scale.scratch_arch,
+              "weights": str(prior.weights) if prior else None}
+    constants = {d: defense_constants(d, scale.budget, defense_options) for d in defenses}
+    data = (str(train_folder), str(folders.task_test))
+    found = cached_runs(cells, row, seed, recipe, data, constants)
+    for defense in defenses:
+        missing = [p for p in paradigms if (p, defense) not in found]
+        if not missing:
+            continue
+        path = cells / f"verify-{row}-{group}-{defense}-{'+'.join(missing)}-s{seed}.json"
+        state = Path(str(path) + ".state")
+        options = recipe | {"paradigm": ",".join(missing), "defense": defense, "defense_options": defense_options}
+        if DEFENSES.get(defense).needs_validation:  # earlystop: the adversary's clean images are the originals
+            options["clean"] = folders.task_train
+        log(f"verify {row} × {group}: paradigms {', '.join(missing)}; defense {defense}")
+        try:
+            report = verify(train_folder, folders.task_test, json_path=path,
+                            resume=(state / "config.json").is_file(), **options)
+        except Exception as error:  # a resumed battery whose settings changed: start it over
+            from ueguard.errors import UsageError
 
-        if not isinstance(error, UsageError) or "--resume" not in str(error):
-            raise
-        return verify(train_folder, folders.task_test, json_path=path, **options)
+            if not isinstance(error, UsageError) or "--resume" not in str(error):
+                raise
+            report = verify(train_folder, folders.task_test, json_path=path, **options)
+        for run in report["runs"]:
+            found[(run["paradigm"], run["defense"])] = run
+        for skipped in report.get("skipped", []):
+            log(f"verify {row} × {group}: skipped {skipped}")
+    return {"runs": [found[(p, d)] for p in paradigms for d in defenses if (p, d) in found]}
 
 
 # --------------------------------------------------------------------------------------------------

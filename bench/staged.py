@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         data[method], protections[method] = reproduce.protected_folder(
             reproduce.Variant(method, method), prior, folders, args.cache, scale, args.seed, log)
 
-    watch_options = {"tau": WATCH_TAU, "checks_per_epoch": args.checks_per_epoch}
+    # every shallow stage watched (monitor 0); gamma is moot for a trigger that never fires, and pinned (as
+    # monitor is) so a watch run does not depend on staged's defaults, which this script chooses
+    watch_options = {"tau": WATCH_TAU, "checks_per_epoch": args.checks_per_epoch, "monitor": 0, "gamma": 0.1}
     watch = {name: run_cell(name, folder, folders, cells, scale, args.seed, watch_options, log)
              for name, folder in data.items()}
     ratios = {name: min_ratio(run["acm_curve"]) for name, run in watch.items()}

@@ -149,3 +149,92 @@ def test_variant_parses_typed_constants_and_refuses_bad_rows(bench):
         with pytest.raises((SystemExit, Exception)) as caught:
             bench.parse_variant(bad)
         assert bad.split("=")[0] in str(caught.value) or "KEY=VALUE" in str(caught.value)
+
+
+def _fake_report(folders, defense: str, paradigm: str, config: dict, *, epochs: int = 3,
+                 train: Path | None = None) -> dict:
+    """A verify report with one run, as verify writes it (only the fields verify_cell reads)."""
+    return {"data": {"protected": str(train or folders.task_train), "test": str(folders.task_test), "clean": None},
+            "config": {"arch": "resnet18_cifar_slim", "epochs": epochs, "budget": "quick", "seed": 0,
+                       "weights": None, "size": 32, "batch_size": 16, "lr": None, "paradigm": paradigm,
+                       "defense": defense},
+            "runs": [{"paradigm": paradigm, "defense": defense, "defense_config": config,
+                      "test_accuracy": 0.5}],
+            "skipped": []}
+
+
+@pytest.fixture
+def cell_setup(bench, tmp_path, monkeypatch):
+    """A scale, folders, an empty cell cache and a fake ``ueguard.sdk.verify`` that records each call and
+    writes its report where the real one would."""
+    import json
+
+    import ueguard.sdk
+
+    scale = bench.Scale("t", train_per_class=4, test_per_class=1, prior_per_class=3, prior_epochs=1, epochs=3,
+                        budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=16)
+    folders = bench.Folders(tmp_path / "train", tmp_path / "test", tmp_path / "ptrain", tmp_path / "ptest")
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    calls = []
+
+    def fake_verify(train, test, *, json_path, resume=False, **options):
+        calls.append({"train": train, "json_path": json_path, **options})
+        opts = {k: v for k, v in options.items() if k not in ("paradigm", "defense", "defense_options", "clean")}
+        runs = []
+        for paradigm in options["paradigm"].split(","):
+            config = bench.defense_constants(options["defense"], "quick", options["defense_options"])
+            runs += _fake_report(folders, options["defense"], paradigm, config, train=train)["runs"]
+        report = {"data": {"protected": str(train), "test": str(test)}, "config": opts, "runs": runs, "skipped": []}
+        json_path.write_text(json.dumps(report))
+        return report
+
+    monkeypatch.setattr(ueguard.sdk, "verify", fake_verify)
+    return scale, folders, cells, calls
+
+
+def test_verify_cell_trains_only_runs_no_cached_report_holds(bench, cell_setup):
+    """A run made elsewhere (bench/staged.py's settings cell) under the constants that are now the defaults
+    is reused; a run made under a defense's former defaults, another recipe or other data is not."""
+    import json
+
+    scale, folders, cells, calls = cell_setup
+    staged_now = bench.defense_constants("staged", "quick", {})
+    staged_before = staged_now | {"tau": 0.6, "gamma": 0.1}
+    reports = {"verify-emn-scratch-s0.json": _fake_report(folders, "none", "scratch", {}),  # reused
+               "verify-emn-scratch-staged-tau=1-s0.json": _fake_report(folders, "staged", "scratch", staged_now),
+               "verify-emn-old-s0.json": _fake_report(folders, "gray", "scratch", {"old": True}),  # former defaults
+               "verify-emn-long-s0.json": _fake_report(folders, "jpeg", "scratch",
+                                                       bench.defense_constants("jpeg", "quick", {}), epochs=9),
+               "verify-emn-other-s0.json": _fake_report(folders, "bdr", "scratch",
+                                                        bench.defense_constants("bdr", "quick", {}),
+                                                        train=folders.prior_train),
+               "verify-clean-scratch-s0.json": _fake_report(folders, "gray", "scratch",  # another row's file
+                                                            bench.defense_constants("gray", "quick", {}))}
+    reports["verify-emn-scratch-s0.json"]["runs"].append(
+        {"paradigm": "scratch", "defense": "staged", "defense_config": staged_before, "test_accuracy": 0.1})
+    for name, report in reports.items():
+        (cells / name).write_text(json.dumps(report))
+
+    out = bench.verify_cell("emn", "scratch", folders.task_train, folders, None, ["scratch"],
+                            ["none", "staged", "gray", "jpeg", "bdr"], cells, scale, 0, lambda m: None)
+    assert [c["defense"] for c in calls] == ["gray", "jpeg", "bdr"]  # one battery per missing defense
+    assert all(c["paradigm"] == "scratch" and c["epochs"] == 3 for c in calls)
+    assert [r["defense"] for r in out["runs"]] == ["none", "staged", "gray", "jpeg", "bdr"]
+    staged = out["runs"][1]  # the settings cell's run, not the stale one beside "none"
+    assert staged["defense_config"] == staged_now and staged["test_accuracy"] == 0.5
+    calls.clear()  # everything is cached now, in files a later call finds
+    again = bench.verify_cell("emn", "scratch", folders.task_train, folders, None, ["scratch"],
+                              ["none", "staged", "gray", "jpeg", "bdr"], cells, scale, 0, lambda m: None)
+    assert calls == [] and [r["defense"] for r in again["runs"]] == ["none", "staged", "gray", "jpeg", "bdr"]
+    bench.verify_cell("emn", "scratch", folders.task_train, folders, None, ["scratch"], ["staged"], cells, scale, 0,
+                      lambda m: None, {"staged.tau": 0.5})  # other constants: a run of its own
+    assert [(c["defense"], c["defense_options"]) for c in calls] == [("staged", {"staged.tau": 0.5})]
+
+
+def test_verify_cell_gives_earlystop_the_original_images_to_validate_on(bench, cell_setup):
+    scale, folders, cells, calls = cell_setup
+    out = bench.verify_cell("emn", "scratch", folders.prior_train, folders, None, ["scratch"], ["none", "earlystop"],
+                            cells, scale, 0, lambda m: None)
+    assert [(c["defense"], c.get("clean")) for c in calls] == [("none", None), ("earlystop", folders.task_train)]
+    assert [r["defense"] for r in out["runs"]] == ["none", "earlystop"]
