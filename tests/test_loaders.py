@@ -4,6 +4,7 @@ the folder listing and reused, and ``verify`` trains end to end through every lo
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,112 @@ def test_ffcv_leaves_torch_threads_alone(mixed, tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("loader", ["torch", pytest.param("ffcv", marks=needs_ffcv)])
+def test_a_spilled_working_set_is_the_memory_one_read_from_its_file(mixed, loader, tmp_path):
+    """``spill``: the images are decoded into a memory-mapped .npy (the corrupt file's row compacted
+    away in place) and read from it — equal to the memory loader's, held by the file, not by RAM."""
+    import numpy as np
+
+    expected, kept, errors = _load(mixed, "memory")
+    spill = tmp_path / "working.npy"
+    got, got_kept = load_working_set(mixed, mixed.images, 16, loader, cache_dir=tmp_path, workers=1, spill=spill)
+    assert got_kept == kept and got.ids == expected.ids and got.backing == spill
+    assert torch.equal(got.images, expected.images)
+    assert torch.equal(got.labels, expected.labels) and torch.equal(got.grayscale, expected.grayscale)
+    on_disk = np.load(spill, mmap_mode="r")
+    assert on_disk.shape[0] == len(mixed.images) > len(kept)  # a row per listed image; the tail is unused
+    np.testing.assert_array_equal(on_disk[:len(kept)], expected.images.numpy())
+    got.images[0, 0, 0, 0] = 255 - int(got.images[0, 0, 0, 0])  # a write through the tensor reaches the file:
+    assert int(np.load(spill, mmap_mode="r")[0, 0, 0, 0]) == int(got.images[0, 0, 0, 0])  # it is the mapping
+    moved = got.to("cpu")
+    assert moved.backing == spill and moved.images.data_ptr() == got.images.data_ptr()
+
+
+@pytest.mark.parametrize("keep", [[0, 1, 2, 3, 4, 5, 6], [1, 2, 5, 6], [6], [0, 3, 4], []])
+def test_compacting_in_place_equals_gathering(keep):
+    images = torch.arange(7 * 3 * 2 * 2, dtype=torch.int32).reshape(7, 3, 2, 2).to(torch.uint8)
+    expected = images[torch.tensor(keep, dtype=torch.long)].clone()
+    loaders._compact(images, torch.tensor(keep, dtype=torch.long), rows=2)
+    assert torch.equal(images[:len(keep)], expected)
+
+
+def test_protect_through_a_streaming_loader_spills_and_matches_memory(tmp_path, monkeypatch):
+    """A folder protected with ``--loader torch`` (what ``auto`` picks when the set does not fit) runs on
+    a spilled working set and writes the same files as the memory loader; the spill file goes with the
+    state folder at the end."""
+    import importlib
+
+    import numpy as np
+    from PIL import Image
+
+    from ueguard.sdk import protect
+
+    root = tmp_path / "photos"
+    write_class_tree(root, n_per_class=6, classes=2, size=20, seed=3)
+    listing = scan_folder(root)
+    (root / listing.images[1].relpath).write_bytes(b"not an image")
+    seen = []
+    real = loaders.load_working_set
+
+    def spying(*args, **kwargs):
+        working, kept = real(*args, **kwargs)
+        seen.append(working.backing)
+        return working, kept
+
+    monkeypatch.setattr(importlib.import_module("ueguard.sdk.protect"), "load_working_set", spying)
+    options = dict(budget="quick", device="cpu", size=16, seed=0, surrogate="resnet18_cifar_slim", format="png",
+                   method_options={"max_rounds": 2, "pgd_steps": 2, "train_steps": 2})
+    results = {name: protect(root, tmp_path / name, "emn", loader=name, **options) for name in ("memory", "torch")}
+    assert seen[0] is None and seen[1] is not None and seen[1].name == "working-set.npy"
+    assert not (tmp_path / "torch" / ".ueguard").exists()
+    for result in results.values():
+        assert result.failed == 1 and result.ok == len(listing.images) - 1
+    files = sorted(p.relative_to(tmp_path / "memory") for p in (tmp_path / "memory").rglob("*.png"))
+    assert len(files) == len(listing.images) - 1
+    for rel in files:
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "memory" / rel)),
+                                      np.asarray(Image.open(tmp_path / "torch" / rel)))
+
+
+PROTECT_AFTER_FFCV = """
+import sys, tempfile
+from pathlib import Path
+import numpy as np, torch
+from PIL import Image
+sys.path.insert(0, "tests")
+from trees import write_class_tree, write_mixed_tree
+from ueguard.data.folder import scan_folder
+from ueguard.data.loaders import load_working_set
+from ueguard.sdk import protect
+torch.set_num_threads(2)
+tmp = Path(tempfile.mkdtemp())
+write_mixed_tree(tmp / "mixed")
+mixed = scan_folder(tmp / "mixed")
+load_working_set(mixed, mixed.images, 16, "ffcv", cache_dir=tmp, workers=1, spill=tmp / "w.npy")
+write_class_tree(tmp / "photos", n_per_class=6, classes=2, size=20, seed=3)
+for loader in ("memory", "torch"):
+    protect(tmp / "photos", tmp / loader, "emn", loader=loader, budget="quick", device="cpu", size=16, seed=0,
+            surrogate="resnet18_cifar_slim", format="png",
+            method_options={"max_rounds": 2, "pgd_steps": 2, "train_steps": 2})
+files = sorted(f.relative_to(tmp / "memory") for f in (tmp / "memory").rglob("*.png"))
+print(torch.get_num_threads(), max(int(np.abs(np.asarray(Image.open(tmp / "memory" / f), dtype=int)
+                                           - np.asarray(Image.open(tmp / "torch" / f), dtype=int)).max()) for f in files))
+"""
+
+
+@needs_ffcv
+def test_after_an_ffcv_pass_protect_keeps_its_threads_and_pixels(tmp_path):
+    """FFCV's epoch thread sets torch's thread count when it starts, after ueguard restored it; then two
+    protects of one folder later in the process (memory and torch loaders) ran at different thread
+    counts and wrote pixels 8 levels apart (2 of 3 runs before the fix; a race, so this test catches
+    a regression most of the time, not every time)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PROTECT_AFTER_FFCV], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1],
+                          env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "2 0"  # threads kept; identical pixels

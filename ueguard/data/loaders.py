@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +62,21 @@ def _torch_threads_kept() -> Iterator[None]:
     try:
         yield
     finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        _restore_threads(threads)
+
+
+def _restore_threads(threads: int) -> None:
+    """Set torch's intra-op thread count back to ``threads``, in this thread and from a fresh one.
+
+    FFCV sets it (torch's and numba's, which share OpenMP) at import, in ``Loader()``, in ``iter()`` and
+    again from its epoch thread when that starts, after ``iter()`` has returned. Restoring once in
+    this thread did not always hold: a later protect in the process ran at 1 thread in 2 of 3 runs
+    (different pixels from the same protect at 2). Restoring at the first batch of a pass, here and
+    from a fresh thread, held in 5 of 5 (``test_after_an_ffcv_pass_protect_keeps_its_threads_and_pixels``)."""
+    torch.set_num_threads(threads)
+    helper = threading.Thread(target=torch.set_num_threads, args=(threads,), name="ueguard-threads")
+    helper.start()
+    helper.join()
 
 
 def ffcv_available() -> bool:
@@ -296,9 +310,14 @@ def ffcv_loader(cache: FFCVCache, batch_size: int, *, indices: Sequence[int] | N
 
 
 def _ffcv_pass(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    threads = torch.get_num_threads()
     with _torch_threads_kept():
         batches = iter(loader)
+    first = True
     for images, labels, gray, ok in batches:
+        if first:  # by the first batch FFCV's epoch thread has set the count: set it back
+            _restore_threads(threads)
+            first = False
         yield images, labels.long().reshape(-1), gray.bool().reshape(-1), ok.bool().reshape(-1)
 
 
@@ -315,9 +334,15 @@ def load_working_set(listing: FolderListing, entries: Sequence[FolderEntry], siz
                      max_pixels: int = DEFAULT_MAX_PIXELS, cache_dir: str | os.PathLike | None = None,
                      workers: int | None = None,
                      on_error: Callable[[FolderEntry, ImageReadError], None] | None = None,
-                     on_progress: Callable[[], None] | None = None) -> tuple[WorkingSet, list[FolderEntry]]:
+                     on_progress: Callable[[], None] | None = None,
+                     spill: str | os.PathLike | None = None) -> tuple[WorkingSet, list[FolderEntry]]:
     """:func:`load_folder_working_set` through ``loader`` (a concrete name: memory, torch or ffcv): the
-    same working set, decoded by a thread pool, DataLoader workers, or read from the FFCV cache."""
+    same working set, decoded by a thread pool, DataLoader workers, or read from the FFCV cache.
+
+    ``spill`` (torch and ffcv only): a ``.npy`` file the images are decoded into instead of memory.
+    The working set's images are then that file, memory-mapped (:attr:`WorkingSet.backing`): the
+    methods read their batches from it by index and the operating system pages them in and out, so a
+    set larger than memory is protected without holding it. Only labels and flags stay in memory."""
     if loader == "memory":
         return load_folder_working_set(listing, entries, size, max_pixels=max_pixels, on_error=on_error,
                                        on_progress=on_progress)
@@ -333,7 +358,11 @@ def load_working_set(listing: FolderListing, entries: Sequence[FolderEntry], siz
                                                    collate_fn=_stack))
     else:
         raise UsageError(f"invalid loader {loader!r}; choose one of {', '.join(LOADERS[1:])}")
-    images = torch.empty(len(entries), 3, size, size, dtype=torch.uint8)
+    if spill is not None:
+        mapped = np.lib.format.open_memmap(spill, mode="w+", dtype=np.uint8, shape=(len(entries), 3, size, size))
+        images = torch.from_numpy(mapped)
+    else:
+        images = torch.empty(len(entries), 3, size, size, dtype=torch.uint8)
     labels = torch.empty(len(entries), dtype=torch.long)
     gray = torch.empty(len(entries), dtype=torch.bool)
     ok = torch.empty(len(entries), dtype=torch.bool)
@@ -352,9 +381,23 @@ def load_working_set(listing: FolderListing, entries: Sequence[FolderEntry], siz
                      and row in failures else dataset.error(row))
             on_error(entries[row], error)
     keep = ok.nonzero().flatten()
-    working = WorkingSet(images[keep].contiguous(), labels[keep], gray[keep], listing.classes,
-                         [str(e.relpath) for e in kept])
+    ids = [str(e.relpath) for e in kept]
+    if spill is None:
+        return WorkingSet(images[keep].contiguous(), labels[keep], gray[keep], listing.classes, ids), kept
+    _compact(images, keep)  # drop the unreadable rows in place: the file is never copied into memory
+    mapped.flush()
+    working = WorkingSet(images[:len(keep)], labels[keep], gray[keep], listing.classes, ids, backing=Path(spill))
     return working, kept
+
+
+def _compact(images: torch.Tensor, keep: torch.Tensor, rows: int = 1024) -> None:
+    """``images[:len(keep)] = images[keep]`` in place, ``rows`` at a time. ``keep`` is increasing, so
+    ``keep[j] >= j``: a chunk's writes land below every row a later chunk reads."""
+    if len(keep) == len(images):
+        return
+    for start in range(0, len(keep), rows):
+        stop = min(start + rows, len(keep))
+        images[start:stop] = images[keep[start:stop]]  # (the gather copies before the write)
 
 
 #: Below this many images the torch loader decodes in-process: starting worker processes (each imports

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,13 +27,19 @@ SIZE_STEPS = (32, 64, 96, 128, 160, 192, 224)
 @dataclass
 class WorkingSet:
     """Images in [0, 255] as uint8 ``N×3×H×W``; ``grayscale[i]`` marks images whose three channels are
-    equal copies of one plane; ``ids[i]`` is the sample id (relative path, or the array index)."""
+    equal copies of one plane; ``ids[i]`` is the sample id (relative path, or the array index).
+
+    ``backing``: the ``.npy`` file the images are memory-mapped from when the set was spilled to disk
+    (it did not fit in memory; see :func:`ueguard.data.loaders.load_working_set`), else None. A spilled
+    set stays on the host: :meth:`to` moves labels and flags, and the loops move each batch of images
+    as they index it."""
 
     images: torch.Tensor
     labels: torch.Tensor
     grayscale: torch.Tensor
     classes: tuple[str, ...]
     ids: list[str]
+    backing: Path | None = None
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -49,6 +56,9 @@ class WorkingSet:
         return len(self.classes)
 
     def to(self, device: torch.device | str) -> "WorkingSet":
+        if self.backing is not None:  # spilled: the images stay in their file
+            return WorkingSet(self.images, self.labels.to(device), self.grayscale.to(device), self.classes, self.ids,
+                              backing=self.backing)
         return WorkingSet(self.images.to(device), self.labels.to(device), self.grayscale.to(device),
                           self.classes, self.ids)
 

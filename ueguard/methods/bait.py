@@ -211,7 +211,8 @@ class _GeneratedNoise(nn.Module):
 
     @torch.no_grad()
     def release(self, data: WorkingSet, to_float, batch: int) -> torch.Tensor:
-        sums = torch.zeros(self.num_classes, *data.images.shape[1:], device=data.images.device)
+        # on the labels' device: the images of a spilled set stay on the host
+        sums = torch.zeros(self.num_classes, *data.images.shape[1:], device=data.labels.device)
         for span in batch_ranges(len(data), batch):
             y = data.labels[span]
             sums.index_add_(0, y, self.net(to_float(data.images[span])).float())
@@ -306,7 +307,7 @@ class BAIT(ProtectionMethod):
 
     def _batch(self, data: WorkingSet, idx: torch.Tensor):
         dev_idx = idx.to(self.runtime.device)
-        x = self.runtime.to_float(data.images[dev_idx])
+        x = self.runtime.to_float(data.images[idx.to(data.images.device)])
         if self.config.augment:
             x = crop_flip(x, self.generator)
         return x, data.labels[dev_idx], data.grayscale[dev_idx]

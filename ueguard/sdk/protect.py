@@ -63,6 +63,7 @@ from ueguard.methods import METHODS, Perturbation, create_method
 from ueguard.sdk.options import SIZE_CAP, ProtectOptions, default_arch
 
 STATE_DIR = ".ueguard"
+WORKING_FILE = "working-set.npy"  # a spilled working set (streaming loaders), in STATE_DIR
 #: Options that must match for ``--resume`` to continue a run (the rest — device, precision, compile — may change).
 RESUME_KEYS = ("method", "eps", "seed", "budget", "size", "surrogate", "weights", "pretrained", "format",
                "quality", "perturbation", "method_options", "keep_metadata", "follow_symlinks",
@@ -583,9 +584,16 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
             def failed_read(entry: FolderEntry, error: ImageReadError) -> None:
                 record(entry, "failed", str(error))
 
-            loader = resolve_loader(opts.loader, len(todo), size, runtime.device)  # the methods hold the set
+            loader = resolve_loader(opts.loader, len(todo), size, runtime.device)
+            # the methods index the whole set round after round: in memory when it fits, else (a streaming
+            # loader) spilled into a memory-mapped file in the state folder, paged in batch by batch
+            spill = None
+            if loader != "memory":
+                (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
+                spill = dst / STATE_DIR / WORKING_FILE
             working, kept = load_working_set(listing, todo, size, loader, max_pixels=opts.max_pixels,
-                                             cache_dir=opts.cache_dir, on_error=failed_read, on_progress=bar.update)
+                                             cache_dir=opts.cache_dir, on_error=failed_read, on_progress=bar.update,
+                                             spill=spill)
         if not kept:
             return ProtectResult(items, None, opts, dst, dst / MANIFEST_NAME)
         if pseudo:
