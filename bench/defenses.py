@@ -130,13 +130,14 @@ def _cuts(run: dict) -> str:
 def table(results: dict) -> str:
     lines = []
     for method, block in results["methods"].items():
-        standard = block["battery"]["runs"]["none"]["test_accuracy"]
+        standard = block["battery"]["runs"].get("none", {}).get("test_accuracy")  # (a battery without none: no ratio)
         lines += [f"**{method}** ({block['protect']['eps']}; clean baseline "
                   f"{100 * block['battery']['clean_accuracy']:.1f} %)", "",
                   "| defense | protected-trained accuracy % | peak % | ÷ standard | s |", "|---|---:|---:|---:|---:|"]
         for name, run in block["battery"]["runs"].items():
+            ratio = f"{run['test_accuracy'] / standard:.2f}" if standard else "—"
             lines.append(f"| {name} | {100 * run['test_accuracy']:.1f} | {100 * run['peak_test_accuracy']:.1f} | "
-                         f"{run['test_accuracy'] / standard:.2f} | {run['seconds']:.0f} |")
+                         f"{ratio} | {run['seconds']:.0f} |")
         if block.get("staged_sweep"):
             lines += ["", "| staged tau | on protected % (cuts) | on clean % (cuts) |", "|---|---:|---:|"]
             for row in block["staged_sweep"]:

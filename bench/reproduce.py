@@ -388,6 +388,9 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
     found = cached_runs(cells, row, seed, recipe, data, constants)
     for defense in defenses:
         missing = [p for p in paradigms if (p, defense) not in found]
+        if missing:  # look again: another process may have made them since (one per defense, in parallel)
+            found.update(cached_runs(cells, row, seed, recipe, data, constants))
+            missing = [p for p in paradigms if (p, defense) not in found]
         if not missing:
             continue
         path = cells / f"verify-{row}-{group}-{defense}-{'+'.join(missing)}-s{seed}.json"
