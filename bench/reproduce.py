@@ -282,6 +282,15 @@ class Variant:
     method: str
     options: tuple[tuple[str, Any], ...] = ()
 
+    def split(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(protect's options, the method's options)``: ``precision`` (fp32, bf16, …) is protect's — how
+        the efficacy of reduced precision is compared — the rest are the method's constants."""
+        options = dict(self.options)
+        return {k: options.pop(k) for k in PROTECT_OPTIONS if k in options}, options
+
+
+PROTECT_OPTIONS = ("precision",)  # variant keys that go to protect() itself, not to the method
+
 
 def parse_variant(text: str) -> Variant:
     from ueguard.sdk.options import parse_method_options
@@ -308,8 +317,9 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
     done = cells / f"{key}-s{seed}.json"
     if done.is_file() and out.is_dir():
         return out, json.loads(done.read_text())
-    options: dict[str, Any] = {"budget": scale.budget, "seed": seed, "size": 32, "format": "png",
-                               "method_options": {**scale.options_for(method), **dict(row.options)}, "resume": out.exists()}
+    protect_options, method_options = row.split()
+    options: dict[str, Any] = {"budget": scale.budget, "seed": seed, "size": 32, "format": "png", **protect_options,
+                               "method_options": {**scale.options_for(method), **method_options}, "resume": out.exists()}
     if REGISTRY.get(method).needs_surrogate:
         options.update(surrogate=prior.arch if needs_prior else scale.scratch_arch,
                        weights=str(prior.weights) if needs_prior else None)

@@ -141,6 +141,8 @@ def test_variant_parses_typed_constants_and_refuses_bad_rows(bench):
     assert variant == bench.Variant("ssc-fresh", "ssc", (("deep_init", "fresh"), ("camouflage_weight", 0),
                                                           ("max_rounds", 4)))
     assert bench.parse_variant("ssc-default=ssc:") == bench.Variant("ssc-default", "ssc", ())
+    bf16 = bench.parse_variant("emn-bf16=emn:precision=bf16,max_rounds=4")
+    assert bf16.split() == ({"precision": "bf16"}, {"max_rounds": 4})  # protect's option, the method's
     for bad in ("ssc=ssc:lr=1",            # shadows a real row
                 "x=nomethod:lr=1",         # unknown method
                 "a/b=ssc:lr=1",            # a character the column keys use
