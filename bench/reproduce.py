@@ -317,6 +317,8 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
     done = cells / f"{key}-s{seed}.json"
     if done.is_file() and out.is_dir():
         return out, json.loads(done.read_text())
+    if CACHED_ONLY:
+        raise SystemExit(f"--cached-only: {key} is not protected yet (in {cells})")
     protect_options, method_options = row.split()
     options: dict[str, Any] = {"budget": scale.budget, "seed": seed, "size": 32, "format": "png", **protect_options,
                                "method_options": {**scale.options_for(method), **method_options}, "resume": out.exists()}
@@ -338,6 +340,7 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
     return out, record
 
 
+CACHED_ONLY = False  # --cached-only: render from the cache, never train or protect (a missing cell is an error)
 RECIPE_KEYS = ("arch", "epochs", "budget", "seed", "weights", "size", "batch_size", "lr")  # what a run's result depends on
                                                                                       # besides its data and defense
 
@@ -403,6 +406,9 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
             missing = [p for p in paradigms if (p, defense) not in found]
         if not missing:
             continue
+        if CACHED_ONLY:
+            raise SystemExit(f"--cached-only: no cached run of {row} × {group}: {defense} / {', '.join(missing)} "
+                             f"(in {cells})")
         path = cells / f"verify-{row}-{group}-{defense}-{'+'.join(missing)}-s{seed}.json"
         state = Path(str(path) + ".state")
         options = recipe | {"paradigm": ",".join(missing), "defense": defense, "defense_options": defense_options}
@@ -574,7 +580,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                         / "ueguard-reproduce", help="cache of converted folders, priors and cells")
     parser.add_argument("--json", type=Path, help="results JSON (default bench/results/reproduce-<scale>.json)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="only render what the cache holds: a missing protection or run is an error, not trained")
     args = parser.parse_args(argv)
+    global CACHED_ONLY
+    CACHED_ONLY = args.cached_only
     scale = SCALES[args.scale or "quick"]
     rows = _split(args.methods, ROWS, ROWS, "methods")
     if "clean" not in rows:

@@ -240,3 +240,12 @@ def test_verify_cell_gives_earlystop_the_original_images_to_validate_on(bench, c
                             cells, scale, 0, lambda m: None)
     assert [(c["defense"], c.get("clean")) for c in calls] == [("none", None), ("earlystop", folders.task_train)]
     assert [r["defense"] for r in out["runs"]] == ["none", "earlystop"]
+
+
+def test_cached_only_refuses_to_train_a_missing_run(bench, cell_setup, monkeypatch):
+    scale, folders, cells, calls = cell_setup
+    monkeypatch.setattr(bench, "CACHED_ONLY", True)
+    with pytest.raises(SystemExit, match="no cached run of emn × scratch: gray"):
+        bench.verify_cell("emn", "scratch", folders.task_train, folders, None, ["scratch"], ["gray"], cells, scale, 0,
+                          lambda m: None)
+    assert calls == []
