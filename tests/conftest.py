@@ -25,3 +25,20 @@ def installed_from_this_checkout() -> bool:
     import ueguard
 
     return Path(ueguard.__file__).resolve().parents[1] == Path(__file__).resolve().parents[1]
+
+
+def load_bench(name: str):
+    """``bench/<name>.py`` as a module (bench/ is not a package; its scripts import each other by name,
+    so bench/ goes on ``sys.path``), registered in ``sys.modules`` for dataclasses to find it."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "bench"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -4,23 +4,16 @@ defenses it asks for and in what order, the verdict over the battery, and the ta
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench
+
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_defenses", ROOT / "bench" / "defenses.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("defenses")
 
 
 def test_cifar_battery_runs_every_defense_at_last_and_judges_the_worst(bench, monkeypatch, tmp_path):

@@ -6,25 +6,20 @@ Fake CIFAR-10 batch files are written here (the python format: a protocol-2 pick
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import load_bench
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_reproduce", ROOT / "bench" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("reproduce")
 
 
 def write_batch(path: Path, images_nhwc: np.ndarray, labels: list[int]) -> None:
