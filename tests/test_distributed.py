@@ -232,3 +232,58 @@ def test_disk_store_under_two_processes_gives_the_single_process_files(tmp_path)
     a = np.stack([np.asarray(Image.open(single[k]), dtype=np.int16) for k in single])
     b = np.stack([np.asarray(Image.open(two[k]), dtype=np.int16) for k in two])
     assert np.abs(a - b).max() <= 1 and (a == b).mean() >= 0.999
+
+
+def _protect_rounds(out: str, src: str, store: str) -> None:
+    """EMN over 3 rounds through ``protect`` (resuming when ``out`` exists), with the BatchNorm-free surrogate."""
+    import importlib
+
+    from ueguard.data import store as store_mod
+    from ueguard.sdk import protect
+
+    torch.set_num_threads(1)
+    store_mod.DEFAULT_ENCODING = "float32"
+    importlib.import_module("ueguard.sdk.protect")._surrogate = lambda opts, size, classes: ("plain", _surrogate())
+    protect(Path(src), Path(out), store=store, size=16, seed=0, budget="quick", device="cpu", resume=Path(out).exists(),
+            method_options=EMN_OPTIONS)
+
+
+def _rank_rounds_main(rank: int, world: int, port: int, out: str, src: str, store: str, kill: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), UEGUARD_DIST_TIMEOUT="120")
+    if kill and rank == 0:
+        os.environ["UEGUARD_TEST_KILL"] = "round_checkpoint:1"  # SIGKILL right after round 1's checkpoint
+    _protect_rounds(out, src, store)
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_an_interrupted_two_process_run_resumes_after_its_last_round(store, tmp_path):
+    """Under torchrun EMN checkpoints every round (rank 0 writes the shared state and each rank's own
+    augmentation generator and RNG); killed after round 1 and resumed with the same command, both ranks
+    continue with round 2 and the files equal those of the uninterrupted 2-process run."""
+    from PIL import Image
+
+    from ueguard.data.manifest import MANIFEST_NAME, read_manifest
+
+    src = tmp_path / "src"
+    write_class_tree(src, n_per_class=12, classes=3, size=16)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _spawn_ranks(_rank_rounds_main, str(whole), str(src), store, False)
+    with pytest.raises(mp.ProcessExitedException):
+        mp.spawn(_rank_rounds_main, args=(2, _free_port(), str(cut), str(src), store, True), nprocs=2)
+    saved = torch.load(cut / ".ueguard" / "rounds.pt", map_location="cpu", weights_only=True)
+    assert saved["world_size"] == 2 and len(saved["history"]) == 1 and len(saved["ranks"]) == 2
+    assert "augment_generator" not in saved["states"]  # per rank, in saved["ranks"]
+    assert not torch.equal(saved["ranks"][0]["augment_generator"], saved["ranks"][1]["augment_generator"])
+    assert not list(cut.rglob("*.png"))  # killed before any file was written
+
+    _spawn_ranks(_rank_rounds_main, str(cut), str(src), store, False)
+    (generation,) = [r for r in read_manifest(cut / MANIFEST_NAME) if r["kind"] == "generation"]
+    assert generation["resumed_after_round"] == 1 and generation["rounds"] == 3
+    (reference,) = [r for r in read_manifest(whole / MANIFEST_NAME) if r["kind"] == "generation"]
+    assert generation["surrogate_train_accuracy"] == reference["surrogate_train_accuracy"]
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*.png"))
+    assert len(files) == 36 and files == sorted(p.relative_to(cut) for p in cut.rglob("*.png"))
+    for rel in files:
+        np.testing.assert_array_equal(np.asarray(Image.open(whole / rel)), np.asarray(Image.open(cut / rel)))
+    assert not (cut / ".ueguard").exists()

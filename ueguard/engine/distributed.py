@@ -21,8 +21,13 @@ How a model-based method splits its work (EMN; see :class:`~ueguard.methods.emn.
 * **Stop criterion**: each rank evaluates its part of the check set; correct counts are all-reduced.
 * **``--store disk``**: rank 0 keeps δ in the on-disk store (it alone writes files), the other ranks in
   memory; the all-gather after each pass writes every block into each rank's δ, store or tensor.
-  Rounds are not checkpointed under torchrun (a resumed run generates again): every rank would have to
-  restore the same state, and the per-rank augmentation generators.
+* **Round checkpoints** (``protect --resume``): after each round every rank sends rank 0 what is its
+  own — the augmentation generator and the global torch RNG — and rank 0 writes one checkpoint with the
+  shared state (surrogate, optimiser, sampler, shared generator, δ, which every rank holds whole after
+  the all-gather) and the per-rank states. On resume rank 0 reads it, decides for every rank whether it
+  applies (same settings and the same number of processes), broadcasts the state, and each rank takes
+  its own part; δ is broadcast from rank 0 in row blocks. The run then continues as the uninterrupted
+  one would have.
 
 Failures: collectives time out after ``UEGUARD_DIST_TIMEOUT`` seconds (default 1800), so a rank that
 died mid-run cannot leave the others waiting forever (torchrun also stops the others when one exits
@@ -107,6 +112,28 @@ class Distributed:
             span = Distributed(r, self.world_size).shard(n)
             rows[span] = block[:span.stop - span.start]
         return rows
+
+    def broadcast_rows(self, rows, chunk: int = 4096):
+        """Make every rank's ``rows`` (a tensor, or rank 0's on-disk store) equal rank 0's, ``chunk`` rows
+        at a time (a resumed run's δ, which only rank 0 read back)."""
+        if not self.enabled:
+            return rows
+        n = rows.shape[0]
+        for start in range(0, n, chunk):
+            span = slice(start, min(n, start + chunk))
+            block = rows[span].contiguous() if self.is_main else torch.empty_like(rows[span])
+            _broadcast_tensor(block)
+            if not self.is_main:
+                rows[span] = block
+        return rows
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
 
     def broadcast(self, obj: Any = None) -> Any:
         """Rank 0's picklable ``obj`` on every rank (tensors inside travel as part of the pickle)."""

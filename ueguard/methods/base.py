@@ -19,6 +19,7 @@ from torch import nn
 
 from ueguard.data.store import PerturbationStore, RoundCheckpoint, StoreError
 from ueguard.data.working_set import WorkingSet
+from ueguard.engine import distributed
 from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.runtime import Runtime
 from ueguard._registry import Registry
@@ -29,6 +30,30 @@ BUDGETS = ("quick", "standard", "thorough")
 #: ``--eps``); ``l2``: the Euclidean length of each image's δ at the working resolution is at most the
 #: method's ``l2_eps``; ``l0``: at most that many pixel positions change.
 NORMS = ("linf", "l2", "l0")
+
+#: Names in a method's checkpointed ``tracked`` states that differ per torchrun rank (each rank's own
+#: augmentation generator); under torchrun they are saved and restored per rank.
+RANK_LOCAL = ("augment_generator",)
+
+
+class RankFollower:
+    """A non-zero torchrun rank's stand-in for rank 0's :class:`RoundCheckpoint`: it reads and writes
+    nothing (rank 0 alone holds the file) but tells the method to take part in checkpointing, whose
+    collectives every rank must join."""
+
+    path = "rank 0's round checkpoint"
+
+    def load(self) -> None:
+        return None
+
+    def save(self, state: dict[str, Any], delta: Any) -> None:  # pragma: no cover - rank 0 writes
+        raise RuntimeError("a non-zero rank does not write the round checkpoint")
+
+    def remove(self) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -231,32 +256,52 @@ class ProtectionMethod(ABC):
                 self._restored = self.round_checkpoint.load()
         return self._restored
 
+    def _layout(self) -> distributed.Distributed:
+        """The processes this method's generation runs over (a method that splits over torchrun's ranks
+        sets ``_dist``; any other generates alone, on rank 0)."""
+        return getattr(self, "_dist", distributed.SINGLE)
+
     def resume_rounds(self, delta: "torch.Tensor | PerturbationStore", tracked: dict[str, Any]) -> list:
         """Continue an interrupted run: load the checkpointed state into ``tracked`` (name → module,
         optimiser, scheduler, :class:`~ueguard.engine.loops.BatchSampler` or ``torch.Generator``) and a
         tensor δ, and return the history of the finished rounds (empty: start with the first round).
-        Call it after everything in ``tracked`` is built, before the first round."""
-        restored = self._restore_point()
-        if restored is None:
-            return []
+        Call it after everything in ``tracked`` is built, before the first round. Under torchrun every
+        rank calls it: rank 0 decides and sends the state; the names in :data:`RANK_LOCAL` and the torch
+        RNG are restored per rank (see :mod:`ueguard.engine.distributed`)."""
+        layout = self._layout()
+        restored = self._restore_point()  # rank 0's file (the other ranks have none)
         problem = None
-        if set(restored["states"]) != set(tracked):
-            problem = f"it holds {', '.join(sorted(restored['states']))}, this run tracks {', '.join(sorted(tracked))}"
-        elif "store" in restored["delta"] and not isinstance(delta, PerturbationStore):
-            problem = "its δ is in an on-disk store, this run keeps δ in memory (--store)"
-        if problem:
-            self.round_checkpoint.log(f"not resuming from {self.round_checkpoint.path}: {problem}; generating "
-                                      "from the first round")
+        if restored is not None:
+            shared = {n for n in tracked if not (layout.enabled and n in RANK_LOCAL)}
+            made_by = restored.get("world_size", 1)
+            if made_by != layout.world_size:
+                problem = f"it was made by {made_by} process(es), this run has {layout.world_size}"
+            elif set(restored["states"]) != shared:
+                problem = f"it holds {', '.join(sorted(restored['states']))}, this run tracks {', '.join(sorted(shared))}"
+            elif "store" in restored["delta"] and not isinstance(delta, PerturbationStore):
+                problem = "its δ is in an on-disk store, this run keeps δ in memory (--store)"
+            if problem:
+                self.round_checkpoint.log(f"not resuming from {self.round_checkpoint.path}: {problem}; generating "
+                                          "from the first round")
+        state = None if restored is None or problem else {k: restored[k] for k in ("history", "states", "torch_rng")}
+        if layout.enabled:  # rank 0's decision and state, with every rank's own part, on every rank
+            if layout.is_main and state is not None:
+                state["ranks"] = restored["ranks"]
+            state = layout.broadcast(state if layout.is_main else None)
+        if state is None:
             return []
+        mine = state["ranks"][layout.rank] if layout.enabled else {}
         for name, thing in tracked.items():
+            saved = mine[name] if layout.enabled and name in RANK_LOCAL else state["states"][name]
             if isinstance(thing, torch.Generator):
-                thing.set_state(restored["states"][name])
+                thing.set_state(saved)
             else:
-                thing.load_state_dict(restored["states"][name])
-        torch.set_rng_state(restored["torch_rng"])
-        if "tensor" in restored["delta"]:
+                thing.load_state_dict(saved)
+        torch.set_rng_state(mine["torch_rng"] if layout.enabled else state["torch_rng"])
+        if layout.is_main and "tensor" in restored["delta"]:
             delta[:] = restored["delta"]["tensor"].to(delta.device)
-        history = list(restored["history"])
+        layout.broadcast_rows(delta)  # the other ranks' δ from rank 0's (a no-op in one process)
+        history = list(state["history"])
         self._resumed_after = len(history)
         self.round_checkpoint.log(f"resuming {self.name} generation after round {len(history)} "
                                   f"(checkpoint {self.round_checkpoint.path})")
@@ -275,12 +320,23 @@ class ProtectionMethod(ABC):
 
     def checkpoint_round(self, history: list, delta: "torch.Tensor | PerturbationStore", tracked: dict[str, Any]) -> None:
         """A round is finished (its δ pass written): save what :meth:`resume_rounds` needs to continue
-        after it. A no-op without a :attr:`round_checkpoint`."""
+        after it. A no-op without a :attr:`round_checkpoint`. Under torchrun every rank calls it: each
+        sends rank 0 its own states (:data:`RANK_LOCAL`, the torch RNG), and rank 0 writes the file."""
         if self.round_checkpoint is None:
             return
-        states = {name: thing.get_state() if isinstance(thing, torch.Generator) else thing.state_dict()
-                  for name, thing in tracked.items()}
-        self.round_checkpoint.save({"history": history, "states": states, "torch_rng": torch.get_rng_state()}, delta)
+        layout = self._layout()
+
+        def state_of(thing):
+            return thing.get_state() if isinstance(thing, torch.Generator) else thing.state_dict()
+
+        payload = {"history": history, "torch_rng": torch.get_rng_state()}
+        if layout.enabled:
+            own = {"torch_rng": payload["torch_rng"], **{n: state_of(t) for n, t in tracked.items() if n in RANK_LOCAL}}
+            payload.update(ranks=layout.all_gather_object(own), world_size=layout.world_size)
+            if not layout.is_main:
+                return
+        payload["states"] = {n: state_of(t) for n, t in tracked.items() if not (layout.enabled and n in RANK_LOCAL)}
+        self.round_checkpoint.save(payload, delta)
 
     @classmethod
     def make_config(cls, budget: str = "standard", **overrides: Any) -> MethodConfig:

@@ -21,7 +21,9 @@ the batches and crops are drawn from with the sampler's permutation and position
 the accuracy history, and δ (in the file for class-wise δ and the memory store; the on-disk store
 commits its rows first, see :mod:`ueguard.data.store`). ``protect --resume`` continues with the next
 round — ``info["resumed_after_round"]`` says after which — and on the same device the final δ and files
-are bit-identical to an uninterrupted run's. Under torchrun rounds are not checkpointed.
+are bit-identical to an uninterrupted run's. Under torchrun as well: every rank takes part, and each
+rank's own augmentation generator and RNG are saved beside the shared state (see
+:mod:`ueguard.engine.distributed`); the resumed files equal the uninterrupted torchrun run's.
 """
 
 from __future__ import annotations

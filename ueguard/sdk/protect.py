@@ -50,7 +50,7 @@ from ueguard.data.folder import FolderEntry, FolderListing, scan_folder
 from ueguard._crash import kill_point
 from ueguard.data.images import (DecodedImage, ImageFileError, ImageReadError, ImageWriteError, load_image, output_path,
                                  quantize, resolve_format, save_image)
-from ueguard.data.manifest import (MANIFEST_NAME, ManifestItems, ManifestWriter, read_manifest, read_manifest_offsets,
+from ueguard.data.manifest import (MANIFEST_NAME, ManifestItems, ManifestWriter, read_manifest_offsets,
                                    sha256_file)
 from ueguard.data.loaders import load_working_set, resolve_loader
 from ueguard.data.store import PerturbationStore, RoundCheckpoint, StoreError
@@ -60,6 +60,7 @@ from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.runtime import Runtime, seed_everything
 from ueguard.errors import FatalError, UsageError
 from ueguard.methods import METHODS, Perturbation, create_method
+from ueguard.methods.base import RankFollower
 from ueguard.sdk.options import SIZE_CAP, ProtectOptions, default_arch
 
 STATE_DIR = ".ueguard"
@@ -495,16 +496,18 @@ def _protect_folder_distributed(src: Path, dst: Path | None, opts: ProtectOption
 
 
 def _hand_over(handoff: distributed.Handoff | None, method: str, working: WorkingSet, size: int, num_classes: int,
-               progress: Progress) -> None:
-    """Send the working set to the other ranks when the method splits its work over them; otherwise
-    release them (rank 0 generates alone)."""
+               progress: Progress, checkpoint: bool = False) -> None:
+    """Send the working set to the other ranks when the method splits its work over them (and whether
+    rank 0 checkpoints its rounds, which every rank then takes part in); otherwise release them (rank 0
+    generates alone)."""
     if handoff is None or handoff.sent:
         return
     if not getattr(METHODS.get(method), "supports_distributed", False):
         progress.log(f"method {method!r} does not split over processes; rank 0 generates alone")
         handoff.stop()
         return
-    handoff.work({"size": size, "num_classes": num_classes, "classes": list(working.classes), "ids": working.ids},
+    handoff.work({"size": size, "num_classes": num_classes, "classes": list(working.classes), "ids": working.ids,
+                  "checkpoint": checkpoint},
                  {"images": working.images, "labels": working.labels, "grayscale": working.grayscale})
 
 
@@ -519,6 +522,8 @@ def _generate_for_rank0(opts: ProtectOptions, ranks: distributed.Distributed) ->
                          list(header["ids"]))
     runtime = make_runtime(opts.device, opts.precision)
     method, _ = _build_method(opts, header["size"], header["num_classes"], runtime, SILENT)
+    if header.get("checkpoint"):
+        method.round_checkpoint = RankFollower()
     perturbation = method(working)
     return ProtectResult([], perturbation, opts, info=dict(perturbation.info))
 
@@ -611,13 +616,13 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
         if perturbation is None:
             if _use_disk_store(opts, len(working), size):
                 method.delta_store = _store_factory(store_dir, working.ids, fingerprint, runtime, store_record, progress)
-            if method.checkpoints_rounds and (handoff is None or not getattr(method, "supports_distributed", False)):
-                # (under torchrun a method that splits over the ranks is not checkpointed: see the README)
+            if method.checkpoints_rounds:  # (under torchrun too: see ueguard.engine.distributed)
                 method.round_checkpoint = RoundCheckpoint(dst / STATE_DIR / ROUND_CHECKPOINT, fingerprint,
                                                           working.ids, log=progress.log)
             progress.log(f"generating {opts.method} perturbations for {len(working)} images at {size}px on {runtime.device}")
             kill_point("generating")
-            _hand_over(handoff, opts.method, working, size, num_classes, progress)
+            _hand_over(handoff, opts.method, working, size, num_classes, progress,
+                       checkpoint=method.round_checkpoint is not None)
             perturbation = method(working)
             _save_state(state_path, perturbation, working.ids)
             if method.round_checkpoint is not None:  # superseded by the complete perturbation
