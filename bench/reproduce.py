@@ -340,7 +340,7 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
     return out, record
 
 
-CACHED_ONLY = False  # --cached-only: render from the cache, never train or protect (a missing cell is an error)
+CACHED_ONLY = False  # --cached-only: render from the cache, never train or protect (a missing run is left empty)
 RECIPE_KEYS = ("arch", "epochs", "budget", "seed", "weights", "size", "batch_size", "lr")  # what a run's result depends on
                                                                                       # besides its data and defense
 
@@ -407,8 +407,8 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
         if not missing:
             continue
         if CACHED_ONLY:
-            raise SystemExit(f"--cached-only: no cached run of {row} × {group}: {defense} / {', '.join(missing)} "
-                             f"(in {cells})")
+            log(f"--cached-only: no cached run of {row} × {group}: {defense} / {', '.join(missing)}; left empty")
+            continue
         path = cells / f"verify-{row}-{group}-{defense}-{'+'.join(missing)}-s{seed}.json"
         state = Path(str(path) + ".state")
         options = recipe | {"paradigm": ",".join(missing), "defense": defense, "defense_options": defense_options}
@@ -581,7 +581,8 @@ def main(argv: list[str] | None = None) -> None:
                         / "ueguard-reproduce", help="cache of converted folders, priors and cells")
     parser.add_argument("--json", type=Path, help="results JSON (default bench/results/reproduce-<scale>.json)")
     parser.add_argument("--cached-only", action="store_true",
-                        help="only render what the cache holds: a missing protection or run is an error, not trained")
+                        help="only render what the cache holds: a missing run is left empty (—), a missing protection "
+                             "is an error; nothing is trained")
     args = parser.parse_args(argv)
     global CACHED_ONLY
     CACHED_ONLY = args.cached_only

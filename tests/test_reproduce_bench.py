@@ -237,10 +237,14 @@ def test_verify_cell_gives_earlystop_the_original_images_to_validate_on(bench, c
     assert [r["defense"] for r in out["runs"]] == ["none", "earlystop"]
 
 
-def test_cached_only_refuses_to_train_a_missing_run(bench, cell_setup, monkeypatch):
+def test_cached_only_leaves_a_missing_run_empty_instead_of_training_it(bench, cell_setup, monkeypatch):
+    import json
+
     scale, folders, cells, calls = cell_setup
+    (cells / "verify-emn-scratch-s0.json").write_text(json.dumps(_fake_report(folders, "none", "scratch", {})))
     monkeypatch.setattr(bench, "CACHED_ONLY", True)
-    with pytest.raises(SystemExit, match="no cached run of emn × scratch: gray"):
-        bench.verify_cell("emn", "scratch", folders.task_train, folders, None, ["scratch"], ["gray"], cells, scale, 0,
-                          lambda m: None)
-    assert calls == []
+    said = []
+    out = bench.verify_cell("emn", "scratch", folders.task_train, folders, None, ["scratch"], ["none", "gray"], cells,
+                            scale, 0, said.append)
+    assert calls == [] and [r["defense"] for r in out["runs"]] == ["none"]
+    assert any("no cached run of emn × scratch: gray" in m for m in said)
