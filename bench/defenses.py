@@ -110,8 +110,8 @@ def cifar_batteries(args, methods: list[str], log) -> dict:
         report = reproduce.verify_cell(method, "scratch", folder, folders, None, ["scratch"], defenses, cells, scale,
                                        args.seed, log)
         runs = {r["defense"]: summarise(r) for r in report["runs"]}
-        verdicts = [verdict(r["test_accuracy"], clean["test_accuracy"], 1 / len(reproduce.TASK_CLASSES), 0.5)
-                    for r in report["runs"]]
+        verdicts = [verdict(r["test_accuracy"], clean["test_accuracy"], 1 / len(reproduce.TASK_CLASSES),
+                            VerifyOptions.threshold) for r in report["runs"]]  # verify's rule at its default τ
         worst = max(report["runs"], key=lambda r: r["test_accuracy"])
         prot = {"method": method, "eps": f"{record['max_linf_255']:.0f}/255 (measured max)",
                 "images": record["ok"], "seconds": record["seconds"]}

@@ -398,12 +398,11 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
               "weights": str(prior.weights) if prior else None}
     constants = {d: defense_constants(d, scale.budget, defense_options) for d in defenses}
     data = (str(train_folder), str(folders.task_test))
-    found = cached_runs(cells, row, seed, recipe, data, constants)
+    found: dict[tuple[str, str], dict] = {}
     for defense in defenses:
+        if any((p, defense) not in found for p in paradigms):  # read the cache (again: another process may
+            found.update(cached_runs(cells, row, seed, recipe, data, constants))  # have made them meanwhile)
         missing = [p for p in paradigms if (p, defense) not in found]
-        if missing:  # look again: another process may have made them since (one per defense, in parallel)
-            found.update(cached_runs(cells, row, seed, recipe, data, constants))
-            missing = [p for p in paradigms if (p, defense) not in found]
         if not missing:
             continue
         if CACHED_ONLY:
