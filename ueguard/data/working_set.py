@@ -31,8 +31,8 @@ class WorkingSet:
 
     ``backing``: the ``.npy`` file the images are memory-mapped from when the set was spilled to disk
     (it did not fit in memory; see :func:`ueguard.data.loaders.load_working_set`), else None. A spilled
-    set stays on the host: :meth:`to` moves labels and flags, and the loops move each batch of images
-    as they index it."""
+    set stays on the host: :meth:`to` moves labels and flags, and the loops gather each batch of images
+    with :meth:`images_at` and move it."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -54,6 +54,11 @@ class WorkingSet:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def images_at(self, index: torch.Tensor) -> torch.Tensor:
+        """The uint8 images of samples ``index``, gathered where the images live (a spilled set's stay on
+        the host; the caller moves the batch to its device)."""
+        return self.images[index.to(self.images.device)]
 
     def to(self, device: torch.device | str) -> "WorkingSet":
         if self.backing is not None:  # spilled: the images stay in their file

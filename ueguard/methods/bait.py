@@ -307,7 +307,7 @@ class BAIT(ProtectionMethod):
 
     def _batch(self, data: WorkingSet, idx: torch.Tensor):
         dev_idx = idx.to(self.runtime.device)
-        x = self.runtime.to_float(data.images[idx.to(data.images.device)])
+        x = self.runtime.to_float(data.images_at(idx))
         if self.config.augment:
             x = crop_flip(x, self.generator)
         return x, data.labels[dev_idx], data.grayscale[dev_idx]

@@ -168,8 +168,8 @@ def gray_project(delta: torch.Tensor, grayscale: torch.Tensor) -> torch.Tensor:
 
 def clean_batch(data: WorkingSet, idx: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clean float images, labels and grayscale flags of samples ``idx`` on the run's device."""
-    dev_idx = idx.to(data.images.device)
-    return (runtime.to_float(data.images[dev_idx]), data.labels[dev_idx].to(runtime.device),
+    dev_idx = idx.to(data.labels.device)
+    return (runtime.to_float(data.images_at(idx)), data.labels[dev_idx].to(runtime.device),
             data.grayscale[dev_idx].to(runtime.device))
 
 

@@ -160,13 +160,13 @@ class EMN(ProtectionMethod):
 
     def _perturbed(self, data: WorkingSet, perturbation: Perturbation, idx: torch.Tensor) -> torch.Tensor:
         dev_idx = idx.to(self.runtime.device)
-        x = self.runtime.to_float(data.images[idx.to(data.images.device)])
+        x = self.runtime.to_float(data.images_at(idx))
         return apply_delta(x, perturbation.for_samples(dev_idx, data.labels, data.grayscale))
 
     def _batch(self, data: WorkingSet, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Clean float images, labels and grayscale flags of samples ``idx`` on the run's device."""
         dev_idx = idx.to(self.runtime.device)
-        return self.runtime.to_float(data.images[idx.to(data.images.device)]), data.labels[dev_idx], data.grayscale[dev_idx]
+        return self.runtime.to_float(data.images_at(idx)), data.labels[dev_idx], data.grayscale[dev_idx]
 
     def _samplewise_pgd(self, model, data: WorkingSet, delta: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``pgd_steps`` signed-gradient steps that descend CE in δ, each projected onto the ε-ball and

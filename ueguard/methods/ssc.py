@@ -280,7 +280,7 @@ class SSC(ProtectionMethod):
         collected: dict[str, list[torch.Tensor]] = {s: [] for s in cfg.stages}
         with torch.no_grad():
             for span in batch_ranges(pick.numel(), cfg.batch_size):
-                feats = prior.forward_stages(rt.to_float(data.images[pick[span].to(data.images.device)]), cfg.stages)
+                feats = prior.forward_stages(rt.to_float(data.images_at(pick[span])), cfg.stages)
                 for s in cfg.stages:
                     collected[s].append(feats[s].float())
         bases, explained = {}, []
@@ -298,7 +298,7 @@ class SSC(ProtectionMethod):
         cfg, rt = self.config, self.runtime
         classwise = cfg.perturbation == "classwise"
         dev_idx = idx.to(rt.device)
-        x, y, gray = rt.to_float(data.images[idx.to(data.images.device)]), data.labels[dev_idx], data.grayscale[dev_idx]
+        x, y, gray = rt.to_float(data.images_at(idx)), data.labels[dev_idx], data.grayscale[dev_idx]
         stages = cfg.stages
         with torch.no_grad():
             clean = prior.forward_stages(x, stages)
@@ -327,7 +327,7 @@ class SSC(ProtectionMethod):
 
     def _perturbed(self, data: WorkingSet, perturbation: Perturbation, idx: torch.Tensor) -> torch.Tensor:
         dev_idx = idx.to(self.runtime.device)
-        x = self.runtime.to_float(data.images[idx.to(data.images.device)])
+        x = self.runtime.to_float(data.images_at(idx))
         return apply_delta(x, perturbation.for_samples(dev_idx, data.labels, data.grayscale))
 
     def _accuracy(self, model, data: WorkingSet, perturbation: Perturbation, index: torch.Tensor) -> float:

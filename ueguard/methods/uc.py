@@ -140,7 +140,7 @@ class UC(ProtectionMethod):
         for _ in range(cfg.epochs):
             order = members[torch.randperm(members.numel(), generator=self.generator)]
             for start in range(0, order.numel(), cfg.batch_size):
-                x = rt.to_float(data.images[order[start:start + cfg.batch_size].to(data.images.device)])
+                x = rt.to_float(data.images_at(order[start:start + cfg.batch_size]))
                 x = crop_flip(x, self.generator)
                 delta = cfg.eps * generator(z)
                 with rt.autocast():
@@ -151,7 +151,7 @@ class UC(ProtectionMethod):
                 optimizer.step()
         with torch.no_grad():
             delta = (cfg.eps * generator(z))[0]
-            x = rt.to_float(data.images[members.to(data.images.device)])
+            x = rt.to_float(data.images_at(members))
             anchors = anchor.expand(x.shape[0], -1)
             before = feature_kl(model.features(x).float(), anchors).item()
             after = feature_kl(model.features((x + delta).clamp(0, 1)).float(), anchors).item()
