@@ -9,20 +9,18 @@ The README's demo table was made with this script, e.g.
 ``--quick`` trains the victim 4 epochs and caps EMN at 4 rounds. The clean baseline is ``--gen none``
 (the ratio printed is protected ÷ clean only when ``--baseline`` is given).
 """
-import sys, time, json, argparse
-import numpy as np, torch, torch.nn.functional as F
+import time, json, argparse
+import numpy as np, torch
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.runtime import Runtime, seed_everything
-from ueguard.engine.loops import Trainer, OptimConfig, BatchSampler, input_gradient, batch_ranges
 from ueguard.engine.fit import fit, FitConfig
 from ueguard.engine.augment import crop_flip
-from ueguard.defenses.base import Defense, create_paradigm
+from ueguard.defenses.base import Defense
 from ueguard import models
 from ueguard.methods import create_method
-from ueguard.methods.base import Perturbation
 
 p = argparse.ArgumentParser()
 p.add_argument("--gen", default="emn_cw")   # emn_cw, emn_sw, rand_cw, none, or any registered method

@@ -127,3 +127,21 @@ def test_any_mode_and_size_survives_protect_within_budget(tmp_path, mode, width,
     else:
         np.testing.assert_array_equal(saved.alpha, image.alpha)
     assert not list(tmp_path.glob(".ueguard-*.tmp"))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_read_only_decoded_image_is_perturbed_without_a_warning_or_a_write(channels):
+    """A decoded image can be a read-only array (``np.asarray`` of a Pillow image); a gray ``H×W×1`` one is
+    already contiguous after the channel transpose, so it used to reach ``torch.from_numpy`` read-only
+    (a UserWarning per file, and a tensor aliasing the caller's buffer)."""
+    import warnings
+
+    planes = np.random.default_rng(0).integers(0, 256, (9, 7, channels), dtype=np.uint8)
+    original = planes.copy()
+    planes.flags.writeable = False
+    delta = torch.full((3, 4, 4), 3 / 255)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = perturb_native(planes, 255, delta)
+    np.testing.assert_array_equal(planes, original)
+    np.testing.assert_array_equal(out.astype(int), np.minimum(original.astype(int) + 3, 255))

@@ -300,7 +300,10 @@ def perturb_native(planes: np.ndarray, max_value: int, delta: torch.Tensor, resa
     else:
         native = resize_float(delta[:channels].float().cpu(), (height, width))
     if max_value == 255:
-        image = torch.from_numpy(np.ascontiguousarray(planes.transpose(2, 0, 1)))
+        chw = planes.transpose(2, 0, 1)  # a gray H×W×1 image is already contiguous, so no copy is made
+        if not (chw.flags.c_contiguous and chw.flags.writeable):  # and a decoded image may be read-only,
+            chw = chw.copy()                                          # which torch.from_numpy warns about
+        image = torch.from_numpy(chw)
         out, _, _ = apply_quantize(image[None], native[None].contiguous())
         return out[0].permute(1, 2, 0).numpy()
     x = torch.from_numpy(planes.astype(np.float32) / max_value).permute(2, 0, 1)
