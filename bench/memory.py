@@ -18,6 +18,11 @@ Two parts, one command:
    ``os.fsync`` by a no-op (durability is tested in tests/; on a shared disk fsync would dominate the
    time) and run with ``OMP_NUM_THREADS=1``.
 
+``--loaders memory torch`` adds, per store, a child with ``--loader torch``: the working set is decoded by a
+DataLoader into a memory-mapped ``.npy`` in the state folder (the spilled set a streaming loader gives)
+instead of a tensor in RAM; its columns are named ``<store>+torch``. (``wait4``'s ``ru_maxrss`` is the largest
+of the child and the DataLoader workers it reaped, not their sum.)
+
 What still grows with N, by design: the working set (N×3×32×32 uint8, 3 KiB per image), the folder
 listing and the sample ids (a few hundred bytes per file). δ (12 KiB per image as float32) lives on
 disk with ``--store disk``; per-file manifest records are streamed to the manifest, not kept.
@@ -25,6 +30,7 @@ disk with ``--store disk``; per-file manifest records are streamed to the manife
     python bench/memory.py --quick --json bench/results/memory-cpu-quick.json
     python bench/memory.py --json bench/results/memory-cpu.json          # 1k / 10k / 100k (about an hour here)
     python bench/memory.py --sizes 1000 10000 --stores disk             # a subset
+    python bench/memory.py --sizes 10000 100000 --stores disk --loaders memory torch --no-encodings  # spilled set
 """
 
 from __future__ import annotations
@@ -53,8 +59,16 @@ def child_protect(argv: list[str]) -> None:
     cli_main(["protect", *argv], standalone_mode=True)
 
 
-def scaling(sizes: list[int], stores: list[str], work: Path, threads: int, partial: Path | None = None) -> list[dict]:
-    """Peak RSS per size and store; with ``partial``, the rows so far are written there after each size."""
+def configurations(stores: list[str], loaders: list[str]) -> list[tuple[str, str, str]]:
+    """(column name, --store, --loader) for every store × loader; the ``memory`` loader's columns keep the
+    store's bare name (``disk``), a streaming loader's add it (``disk+torch``)."""
+    return [(store if loader == "memory" else f"{store}+{loader}", store, loader)
+            for loader in loaders for store in stores]
+
+
+def scaling(sizes: list[int], stores: list[str], work: Path, threads: int, partial: Path | None = None,
+            loaders: tuple[str, ...] = ("memory",)) -> list[dict]:
+    """Peak RSS per size and store × loader; with ``partial``, the rows so far are written there after each size."""
     rows = []
     for n in sizes:
         tree = work / f"tree_{n}"
@@ -63,14 +77,15 @@ def scaling(sizes: list[int], stores: list[str], work: Path, threads: int, parti
         print(f"[memory] {n} files ready ({time.perf_counter() - started:.0f} s)", flush=True)
         row: dict = {"files": n, "working_set_mib": round(n * 3 * SIDE * SIDE / 2**20, 1),
                      "delta_float32_mib": round(n * 3 * SIDE * SIDE * 4 / 2**20, 1)}
-        for store in stores:
-            out = work / f"out_{n}_{store}"
+        for name, store, loader in configurations(stores, list(loaders)):
+            out = work / f"out_{n}_{store}_{loader}"
             shutil.rmtree(out, ignore_errors=True)
             _, rss, seconds = run_child([sys.executable, str(Path(__file__).resolve()), "--child", str(tree),
-                                      "--out", str(out), "--method", "ar", "--size", str(SIDE), "-o", "batch_size=2048", "--store", store,
-                                      "--device", "cpu", "-q"], threads)
-            row[f"{store}_peak_rss_mib"], row[f"{store}_seconds"] = round(rss, 1), round(seconds, 1)
-            print(f"[memory] {n:>7} files --store {store:<6}: peak RSS {rss:8.1f} MiB, {seconds:6.1f} s", flush=True)
+                                         "--out", str(out), "--method", "ar", "--size", str(SIDE), "-o", "batch_size=2048",
+                                         "--store", store, "--loader", loader, "--device", "cpu", "-q"], threads)
+            row[f"{name}_peak_rss_mib"], row[f"{name}_seconds"] = round(rss, 1), round(seconds, 1)
+            print(f"[memory] {n:>7} files --store {store:<6} --loader {loader:<6}: peak RSS {rss:8.1f} MiB, "
+                  f"{seconds:6.1f} s", flush=True)
             shutil.rmtree(out, ignore_errors=True)
         rows.append(row)
         if partial is not None:
@@ -129,6 +144,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1k / 5k / 20k files instead of 1k / 10k / 100k")
     parser.add_argument("--sizes", type=int, nargs="+", help="folder sizes (overrides --quick)")
     parser.add_argument("--stores", nargs="+", default=["memory", "disk"], choices=["memory", "disk", "auto"])
+    parser.add_argument("--loaders", nargs="+", default=["memory"], choices=["memory", "torch", "ffcv"],
+                        help="--loader of the children (default memory; torch/ffcv spill the working set to disk)")
     parser.add_argument("--no-encodings", dest="encodings", action="store_false", help="skip part 1")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the children (default 1)")
     parser.add_argument("--workdir", type=Path, help="where the trees go (default: a temporary folder; reused if given)")
@@ -144,22 +161,23 @@ def main() -> None:
                     "quick": args.quick, "method": "ar (model-free, sample-wise), --size 32", "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="ueguard-memory-") as tmp:
         work = args.workdir or Path(tmp)
-        rows = scaling(sizes, args.stores, work, args.threads, args.json)
+        rows = scaling(sizes, args.stores, work, args.threads, args.json, tuple(args.loaders))
+    columns = [name for name, _, _ in configurations(args.stores, args.loaders)]
     base, top = (rows[-2], rows[-1]) if len(rows) > 1 else (rows[0], rows[0])
-    print(f"{'files':>7}" + "".join(f" {s + ' RSS MiB':>16} {'s':>7}" for s in args.stores))
+    print(f"{'files':>7}" + "".join(f" {s + ' RSS MiB':>18} {'s':>7}" for s in columns))
     for row in rows:
-        print(f"{row['files']:>7}" + "".join(f" {row[f'{s}_peak_rss_mib']:>16.1f} {row[f'{s}_seconds']:>7.1f}"
-                                              for s in args.stores))
+        print(f"{row['files']:>7}" + "".join(f" {row[f'{s}_peak_rss_mib']:>18.1f} {row[f'{s}_seconds']:>7.1f}"
+                                              for s in columns))
     for row in rows[1:]:  # growth per extra file against the smallest size, per store
-        for s in args.stores:
+        for s in columns:
             row[f"{s}_bytes_per_extra_file"] = round((row[f"{s}_peak_rss_mib"] - rows[0][f"{s}_peak_rss_mib"]) * 2**20
                                                      / (row["files"] - rows[0]["files"]))
-            print(f"{row['files']:>7} files --store {s}: {row[f'{s}_bytes_per_extra_file']} B of peak RSS per extra file "
+            print(f"{row['files']:>7} files, {s}: {row[f'{s}_bytes_per_extra_file']} B of peak RSS per extra file "
                   f"(working set alone: {3 * SIDE * SIDE} B, float32 δ: {12 * SIDE * SIDE} B)")
-    ratios = {s: round(top[f"{s}_peak_rss_mib"] / base[f"{s}_peak_rss_mib"], 3) for s in args.stores}
+    ratios = {s: round(top[f"{s}_peak_rss_mib"] / base[f"{s}_peak_rss_mib"], 3) for s in columns}
     for s, ratio in ratios.items():
-        print(f"peak({top['files']}) / peak({base['files']}) with --store {s}: {ratio:.3f} (target ≤ 1.5)")
-    record.update(rows=rows, ratio_files=[base["files"], top["files"]], peak_ratio=ratios, environment=environment())
+        print(f"peak({top['files']}) / peak({base['files']}) with {s}: {ratio:.3f} (target ≤ 1.5)")
+    record.update(rows=rows, loaders=args.loaders, ratio_files=[base["files"], top["files"]], peak_ratio=ratios, environment=environment())
     # Part 1 after part 2: a child's ru_maxrss includes its parent's resident size at fork (Linux copies the
     # pre-exec high-water mark), so the parent must not hold torch and a model while the children run.
     if args.encodings:
