@@ -261,6 +261,20 @@ def test_ssc_classwise_releases_one_delta_per_class_in_budget(digits, prior_stat
         run("ssc", small, prior_state, perturbation="pixelwise")
 
 
+def test_ssc_through_augmentation_stays_in_budget_reproducible_and_changes_delta(digits, prior_state):
+    small = digits.subset(range(32))
+    options = dict(max_rounds=1, train_steps=2, pgd_steps=3, batch_size=16, pca_images=32)
+    plain = run("ssc", small, prior_state, **options)
+    crops = run("ssc", small, prior_state, augment="cropflip", **options)
+    assert_valid(crops.delta, small, classwise=True)
+    assert torch.equal(crops.delta, run("ssc", small, prior_state, augment="cropflip", **options).delta)
+    assert not torch.equal(crops.delta, plain.delta)
+    # The default is no augmentation (the setting the CIFAR-10 tables were measured with).
+    assert torch.equal(plain.delta, run("ssc", small, prior_state, augment="none", **options).delta)
+    with pytest.raises(ValueError, match="augment"):
+        run("ssc", small, prior_state, augment="rotate")
+
+
 def test_ssc_rejects_a_stage_the_model_does_not_have(digits, prior_state):
     with pytest.raises(ValueError, match="layer9"):
         run("ssc", digits.subset(range(8)), prior_state, frozen_stage="layer9")

@@ -30,6 +30,9 @@ The reconstruction (methods spec §1.3):
   the sign of the objective's gradient summed over the class's images, as class-wise EMN does). A class-wise
   δ is one pattern repeated across a class, a label signal of its own that a pretrained model can pick up
   as readily as a fresh one — BAIT's released noise is class-wise too.
+* ``augment``: ``none`` (default), ``crop`` or ``cropflip`` — both paths train on, and δ is optimised
+  through, the victim's random crop (+ flip), an expectation over the augmentation every victim trains
+  with (EMN's option of the same name; BAIT's released loop crops and flips during generation).
 * ``deep_init``: the frozen path's D + head start from the prior (``pretrained``, fine-tuned at ``deep_lr``)
   or re-initialised (``fresh``, trained at ``lr``). A pretrained D fits the labels from the prior's
   semantics in the first round, so the error-minimising term through it soon stops asking anything of δ
@@ -71,11 +74,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ueguard.data.working_set import WorkingSet
+from ueguard.engine.augment import crop_flip
 from ueguard.engine.compiled import frozen_parameters, model_call
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, predict
 from ueguard.kernels import project_step
 from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project
-from ueguard.methods.emn import PERTURBATION_KINDS
+from ueguard.methods.emn import AUGMENT_MODES, PERTURBATION_KINDS
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class SSCConfig(MethodConfig):
     frozen_weight: float = 0.5         # w: frozen-shallow path vs from-scratch path (1 − w)
     deep_init: str = "pretrained"      # D + head of the frozen path: the prior's ("pretrained") or re-initialised ("fresh")
     perturbation: str = "classwise"    # one δ_k per class, or one δ per image ("samplewise"); chosen by measurement
+    augment: str = "none"              # crop / cropflip: both paths train, and δ is optimised, through the victim's
+                                       # random crop (+ flip), as EMN's option and BAIT's released loop do
     pca_images: int = 512              # clean images the subspaces are fitted on
     pca_locations: int = 50_000        # channel vectors sampled per depth for the PCA
     pgd_steps: int = 10
@@ -110,6 +116,8 @@ class SSCConfig(MethodConfig):
             raise ValueError(f"frozen_weight must be in [0, 1], got {self.frozen_weight}")
         if self.perturbation not in PERTURBATION_KINDS:
             raise ValueError(f"perturbation must be one of {', '.join(PERTURBATION_KINDS)}, got {self.perturbation!r}")
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {self.augment!r}")
         if self.deep_init not in ("pretrained", "fresh"):
             raise ValueError(f"deep_init must be 'pretrained' or 'fresh', got {self.deep_init!r}")
         if self.camouflage_weight < 0:
@@ -226,7 +234,7 @@ class SSC(ProtectionMethod):
                 scratch.train()
                 for _ in range(cfg.train_steps):
                     idx = sampler.next()
-                    x, y = self._perturbed(data, perturbation, idx), data.labels[idx.to(rt.device)]
+                    x, y = self._augmented(self._perturbed(data, perturbation, idx)), data.labels[idx.to(rt.device)]
                     deep_trainer.step(x, y)
                     scratch_trainer.step(x, y)
                 frozen.eval()
@@ -313,9 +321,10 @@ class SSC(ProtectionMethod):
                     xa = (x + gray_project(rows[y], gray)).clamp(0, 1)
                 else:
                     rows = xa = (x + delta).detach().requires_grad_(True)
+                seen = self._augmented(xa)  # what the paths see; the camouflage compares un-augmented features
                 with rt.autocast():
-                    loss = cfg.frozen_weight * F.cross_entropy(frozen_fn(xa).float(), y, reduction="none")
-                    loss = loss + (1 - cfg.frozen_weight) * F.cross_entropy(scratch_fn(xa).float(), y, reduction="none")
+                    loss = cfg.frozen_weight * F.cross_entropy(frozen_fn(seen).float(), y, reduction="none")
+                    loss = loss + (1 - cfg.frozen_weight) * F.cross_entropy(scratch_fn(seen).float(), y, reduction="none")
                     feats = prior_fn(xa, stages)
                 ratio = torch.stack([out_of_subspace_ratio((feats[s] - clean[s]).float(), bases[s]) for s in stages]).mean(0)
                 (grad,) = torch.autograd.grad((loss + cfg.camouflage_weight * ratio).sum(), rows)
@@ -324,6 +333,12 @@ class SSC(ProtectionMethod):
                 else:
                     delta = gray_project(project_step(delta, grad, x, alpha, cfg.eps, 1.0), gray)
         return delta, ratio.detach()
+
+    def _augmented(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through a fresh random crop (+ flip) drawn from the method's generator, or as it is."""
+        if self.config.augment == "none":
+            return x
+        return crop_flip(x, self.generator, flip=self.config.augment == "cropflip")
 
     def _perturbed(self, data: WorkingSet, perturbation: Perturbation, idx: torch.Tensor) -> torch.Tensor:
         dev_idx = idx.to(self.runtime.device)
