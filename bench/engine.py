@@ -146,9 +146,10 @@ def make_ssc(rt: Runtime, arch: str, steps: int, batch: int, data: WorkingSet):
     """SSC's networks and subspaces set up as ``SSC.generate`` does (random weights: timing only)."""
     torch.manual_seed(0)
     method = create_method("ssc", runtime=rt, surrogate=create_model(arch, CLASSES), pgd_steps=steps,
-                           step_fraction=0.2, batch_size=batch, pca_images=batch)
+                           step_fraction=0.2, batch_size=batch, pca_images=batch,
+                           perturbation="samplewise")  # the eager loop's δ: one row per image
     frozen = rt.prepare_model(method.surrogate)
-    shallow = method._split(frozen)
+    shallow, _ = method._split(frozen)
     prior = copy.deepcopy(frozen).eval().requires_grad_(False)
     scratch = rt.prepare_model(_reinitialise(frozen, 0))
     for p in shallow.parameters():
