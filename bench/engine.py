@@ -179,58 +179,68 @@ def as_nchw(nets):
 
 def run_case(method_name: str, size: int, batch: int, steps: int, device: str, compile_: str, warmup: int,
              repeat: int, precisions) -> list[dict]:
+    """Records of one (method, size) case, per precision — and per compile setting with ``compile_="both"``,
+    which times the compiled and the eager engine (and bare limits) interleaved in the same run, adding
+    ``compile_speedup`` (eager engine time ÷ compiled engine time) to the compiled records."""
     arch = ARCH[size]
     data = synthetic_set(batch, size)
     dev = torch.device(device)
     images, labels = data.images.to(dev), data.labels.to(dev)
     on_device = data.to(dev)
     idx = torch.arange(batch)
+    both = compile_ == "both"
+    settings = [(prec, c) for prec in precisions for c in (("off", "on") if both else (compile_,))]
+    suffix = {c: ("_compiled" if both and c == "on" else "") for _, c in settings}
     fns, limit_fns, records = {}, {}, []
-    runtimes = {p: Runtime.create(device, p, compile_) for p in precisions}
+    runtimes = {(prec, c): Runtime.create(device, prec, c) for prec, c in settings}
     base_rt = Runtime.create(device, "fp32", "off", channels_last=False)
     if method_name == "emn":
-        for prec, rt in runtimes.items():
+        for (prec, c), rt in runtimes.items():
             method, model = make_emn(rt, arch, steps, batch)
             delta0 = torch.zeros(batch, 3, size, size, device=dev)
-            fns[f"engine_{prec}"] = (lambda m=method, mod=model, d=on_device, z=delta0:
-                                     m._samplewise_pgd(mod, d, z, idx))
+            fns[f"engine_{prec}{suffix[c]}"] = (lambda m=method, mod=model, d=on_device, z=delta0:
+                                                m._samplewise_pgd(mod, d, z, idx))
         eager_model = as_nchw((model,))[0].train(False).requires_grad_(True)
         fns["eager"] = lambda: eager_emn_pass(eager_model, images, labels, steps)
         nets, stages = (model,), None
     else:
-        for prec, rt in runtimes.items():
+        for (prec, c), rt in runtimes.items():
             method, nets, bases = make_ssc(rt, arch, steps, batch, data)
             delta0 = torch.zeros(batch, 3, size, size, device=dev)
-            fns[f"engine_{prec}"] = (lambda m=method, n=nets, b=bases, d=on_device, z=delta0:
-                                     m._pgd(*n, b, d, z, idx))
+            fns[f"engine_{prec}{suffix[c]}"] = (lambda m=method, n=nets, b=bases, d=on_device, z=delta0:
+                                                m._pgd(*n, b, d, z, idx))
         stages = method.config.stages
         eager_nets = as_nchw(nets)
         for net in eager_nets[:2]:
             for p in net.parameters():
                 p.requires_grad_(True)  # the straightforward loop does not freeze the shallow part either
         fns["eager"] = lambda: eager_ssc_pass(eager_nets, images, labels, steps, stages, bases)
-    # the limit: bare forward + input-gradient backward in three configurations
-    x_cl = runtimes[precisions[0]].to_float(images)
-    limit_configs = {"fp32_nchw": (base_rt, as_nchw(nets), images.float().div(255)),
-                     "fp32_cl": (Runtime.create(device, "fp32", compile_), nets, x_cl)}
-    if "bf16" in precisions:
-        limit_configs["bf16_cl"] = (Runtime.create(device, "bf16", compile_), nets, x_cl)
+    # the limit: bare forward + input-gradient backward in three configurations (each compiled too with "both")
+    x_cl = runtimes[settings[0]].to_float(images)
+    limit_configs = {"fp32_nchw": (base_rt, as_nchw(nets), images.float().div(255))}
+    for c in dict.fromkeys(c for _, c in settings):
+        limit_configs[f"fp32_cl{suffix[c]}"] = (Runtime.create(device, "fp32", c), nets, x_cl)
+        if "bf16" in precisions:
+            limit_configs[f"bf16_cl{suffix[c]}"] = (Runtime.create(device, "bf16", c), nets, x_cl)
     for name, (rt, ns, x) in limit_configs.items():
         limit_fns[f"limit_{name}"] = lambda rt=rt, ns=ns, x=x: bare_limit(ns, x, labels, rt, stages)
     timed = interleaved({**fns, **limit_fns}, device=device, warmup=warmup, repeat=repeat)
     limits = {k[len("limit_"):]: v["median_s"] for k, v in timed.items() if k.startswith("limit_")}
     fastest = min(limits, key=limits.get)
     eager_s = timed["eager"]["median_s"]
-    for prec in precisions:
-        engine_s = timed[f"engine_{prec}"]["median_s"]
-        records.append({
+    for prec, c in settings:
+        engine_s = timed[f"engine_{prec}{suffix[c]}"]["median_s"]
+        record = {
             "bench": "pgd", "method": method_name, "size": size, "arch": arch, "batch": batch, "pgd_steps": steps,
-            "device": device, "precision": prec, "compile": runtimes[prec].compile, "channels_last": True,
-            "engine": timed[f"engine_{prec}"], "eager": timed["eager"],
+            "device": device, "precision": prec, "compile": runtimes[prec, c].compile, "channels_last": True,
+            "engine": timed[f"engine_{prec}{suffix[c]}"], "eager": timed["eager"],
             "engine_images_steps_per_s": batch * steps / engine_s, "eager_images_steps_per_s": batch * steps / eager_s,
             "speedup": eager_s / engine_s,
             "limit_step_s": limits, "limit_fastest": fastest,
-            "limit_ratio": (engine_s / steps) / limits[fastest]})
+            "limit_ratio": (engine_s / steps) / limits[fastest]}
+        if both and c == "on":
+            record["compile_speedup"] = timed[f"engine_{prec}"]["median_s"] / engine_s
+        records.append(record)
     return records
 
 
@@ -361,8 +371,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small batches, few repeats")
     parser.add_argument("--json", metavar="FILE", help="write the records to FILE")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--compile", dest="compile_", default="auto", choices=["auto", "on", "off"],
-                        help="the engine's compile setting (auto: off on CPU, on on CUDA)")
+    parser.add_argument("--compile", dest="compile_", default="auto", choices=["auto", "on", "off", "both"],
+                        help="the engine's compile setting (auto: off on CPU, on on CUDA; both: the compiled and "
+                             "the eager engine timed side by side, with compile_speedup)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224], choices=[32, 224])
     parser.add_argument("--methods", nargs="+", default=["emn", "ssc"], choices=["emn", "ssc"])
     parser.add_argument("--skip-efficacy", action="store_true")
@@ -385,19 +396,21 @@ def main(argv=None) -> int:
     records = []
     if args.efficacy_only:
         args.sizes, args.methods = [], []
-    print(f"{'case':22} {'prec':>5} {'engine img·step/s':>18} {'eager img·step/s':>17} {'speedup':>8} "
-          f"{'limit':>9} {'limit_ratio':>11}")
+    print(f"{'case':22} {'prec':>5} {'compile':>7} {'engine img·step/s':>18} {'eager img·step/s':>17} {'speedup':>8} "
+          f"{'limit':>16} {'limit_ratio':>11} {'compile_speedup':>15}")
     for size in args.sizes:
         for method in args.methods:
             for rec in run_case(method, size, batch[size], steps, args.device, args.compile_, warmup, repeat,
                                 precisions):
                 records.append(rec)
                 print(f"{method + ' ' + str(size) + 'px b' + str(rec['batch']):22} {rec['precision']:>5} "
-                      f"{rec['engine_images_steps_per_s']:18.1f} {rec['eager_images_steps_per_s']:17.1f} "
-                      f"{rec['speedup']:8.2f} {rec['limit_fastest']:>9} {rec['limit_ratio']:11.2f}", flush=True)
+                      f"{rec['compile']:>7} {rec['engine_images_steps_per_s']:18.1f} "
+                      f"{rec['eager_images_steps_per_s']:17.1f} {rec['speedup']:8.2f} {rec['limit_fastest']:>16} "
+                      f"{rec['limit_ratio']:11.2f} {rec.get('compile_speedup', float('nan')):15.2f}", flush=True)
     small = min(args.sizes, default=None)
     if small and "emn" in args.methods:
-        wr = whole_run(small, 2 * batch[small], batch[small], args.device, args.compile_, "fp32", steps)
+        wr = whole_run(small, 2 * batch[small], batch[small], args.device,
+                       "on" if args.compile_ == "both" else args.compile_, "fp32", steps)
         records.append(wr)
         print(f"whole run (1 EMN round, {wr['images']} images at {small}px, fp32): {wr['seconds']:.1f} s, "
               f"{wr['images_steps_per_s']:.1f} img·step/s = {wr['whole_run_over_pgd_only']:.2f} of the PGD-only rate")

@@ -30,3 +30,24 @@ def test_the_ssc_case_runs_the_samplewise_pass_the_eager_loop_writes():
     assert method.config.perturbation == "samplewise"
     delta, _ = method._pgd(*nets, bases, data, torch.zeros(2, 3, 32, 32), torch.arange(2))
     assert delta.shape == (2, 3, 32, 32) and 0 < delta.abs().max() <= engine.EPS + 1e-6
+
+
+def test_compile_both_times_the_compiled_and_the_eager_engine_side_by_side(monkeypatch):
+    engine = load_bench("engine")
+    compiled = []
+
+    def fake_compile(target, **options):  # the bookkeeping is under test, not inductor (minutes on this CPU)
+        compiled.append(target)
+        return target
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    records = engine.run_case("emn", 32, batch=2, steps=1, device="cpu", compile_="both", warmup=0, repeat=1,
+                              precisions=["fp32", "bf16"])
+    assert [(r["precision"], r["compile"]) for r in records] == [
+        ("fp32", "off"), ("fp32", "on"), ("bf16", "off"), ("bf16", "on")]
+    assert compiled, "the compiled engine never reached torch.compile"
+    assert set(records[0]["limit_step_s"]) == {"fp32_nchw", "fp32_cl", "bf16_cl", "fp32_cl_compiled",
+                                               "bf16_cl_compiled"}
+    for off, on in (records[0:2], records[2:4]):
+        assert "compile_speedup" not in off
+        assert on["compile_speedup"] == pytest.approx(off["engine"]["median_s"] / on["engine"]["median_s"])
