@@ -168,7 +168,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['files']:>7}" + "".join(f" {row[f'{s}_peak_rss_mib']:>18.1f} {row[f'{s}_seconds']:>7.1f}"
                                               for s in columns))
-    for row in rows[1:]:  # growth per extra file against the smallest size, per store
+    for row in rows[1:]:  # growth per extra file against the smallest size, per store × loader column
         for s in columns:
             row[f"{s}_bytes_per_extra_file"] = round((row[f"{s}_peak_rss_mib"] - rows[0][f"{s}_peak_rss_mib"]) * 2**20
                                                      / (row["files"] - rows[0]["files"]))
@@ -177,7 +177,8 @@ def main() -> None:
     ratios = {s: round(top[f"{s}_peak_rss_mib"] / base[f"{s}_peak_rss_mib"], 3) for s in columns}
     for s, ratio in ratios.items():
         print(f"peak({top['files']}) / peak({base['files']}) with {s}: {ratio:.3f} (target ≤ 1.5)")
-    record.update(rows=rows, loaders=args.loaders, ratio_files=[base["files"], top["files"]], peak_ratio=ratios, environment=environment())
+    record.update(rows=rows, loaders=args.loaders, ratio_files=[base["files"], top["files"]], peak_ratio=ratios,
+                  environment=environment())
     # Part 1 after part 2: a child's ru_maxrss includes its parent's resident size at fork (Linux copies the
     # pre-exec high-water mark), so the parent must not hold torch and a model while the children run.
     if args.encodings:

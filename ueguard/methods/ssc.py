@@ -66,8 +66,8 @@ bench/README.md):
 * **Not robust to a re-run.** The same command on a fresh machine (the prior re-trained: 73.2 % on its
   classes against 72.4 %; generation at one thread) gave class-wise SSC 50.2 / 60.4 / 68.2 / 60.0 against
   clean 85.4 / 80.6 / 76.4 / 63.6 — under fine-tuning no longer protected by verify's rule, and only 1.6–4
-  points below EMN's re-run (53.6 / 64.4 / 69.8 / 63.0). The 23.6 / 40.8 above were one favourable run; several seeds are needed before any SSC
-  constant can be said to matter (bench/README.md, fifth table).
+  points below EMN's re-run (53.6 / 64.4 / 69.8 / 63.0). The 23.6 / 40.8 above were one favourable run;
+  several seeds are needed before any SSC constant can be said to matter (bench/README.md, fifth table).
 """
 
 from __future__ import annotations
