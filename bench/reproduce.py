@@ -460,8 +460,9 @@ def _mean_sd(values: list[float]) -> str:
 
 def render_table(results: dict[str, list[dict[str, dict]]], columns: list[str],
                  published: dict[tuple[str, str], float] = PUBLISHED) -> str:
-    """Markdown: rows = protections (``results[row]`` one cell dict per seed), columns = paradigm × defense;
-    test accuracy % (mean ± sd over seeds), the published number in brackets where there is one."""
+    """Markdown: rows = protections (``results[row]`` one cell dict per seed × victim seed), columns =
+    paradigm × defense; test accuracy % (mean ± sd over those), the published number in brackets where
+    there is one."""
     lines = ["| protection | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for row, per_seed in results.items():
         cells = []
@@ -556,6 +557,16 @@ def _split(text: str | None, default: tuple[str, ...], valid: tuple[str, ...] | 
     return names
 
 
+def _seeds(text: str, what: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in _split(text, (), None, what)]
+    except ValueError:
+        raise SystemExit(f"--{what} {text!r}: write a comma list of integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--{what} {text!r}: give at least one seed, each once")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -573,7 +584,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME=METHOD:K=V,...",
                         help="an extra row: METHOD with these constants on top of the scale's (repeatable; "
                              "e.g. ssc-fresh=ssc:deep_init=fresh); cached under NAME")
-    parser.add_argument("--seeds", default="0", help="comma list of seeds (default 0)")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds (default 0): each seed re-trains the prior "
+                                                      "and every protection, and trains the victims with that seed")
+    parser.add_argument("--victim-seeds", help="comma list of victim seeds trained on each seed's protections "
+                                               "(default: the seed itself): separates the victims' run-to-run "
+                                               "noise from the prior's and the protection's")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("UEGUARD_SHARED_DATA", "/work/shared/data")),
                         help="folder with cifar10/cifar-10-batches-py and weights/ (default /work/shared/data)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -597,7 +612,8 @@ def main(argv: list[str] | None = None) -> None:
     if "none" not in defenses:
         defenses.insert(0, "none")
     defended = _split(args.defended, scale.defended, ROWS + tuple(v.name for v in args.variant), "defended")
-    seeds = [int(s) for s in _split(args.seeds, ("0",), None, "seeds")]
+    seeds = _seeds(args.seeds, "seeds")
+    victim_seeds = _seeds(args.victim_seeds, "victim-seeds") if args.victim_seeds else None
     prior_names = _split(args.priors, ("disjoint", "akamaster") + (("user",) if args.weights else ()),
                          ("disjoint", "akamaster", "user"), "priors")
     if "user" in prior_names and args.weights is None:
@@ -614,11 +630,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - started:7.0f} s] {message}", flush=True)
 
     log(f"scale {scale.tag()}; rows {', '.join(rows)}; paradigms {', '.join(paradigms)}; defenses "
-        f"{', '.join(defenses)} (beyond none on {', '.join(defended)}); seeds {seeds}; cache {args.cache}")
+        f"{', '.join(defenses)} (beyond none on {', '.join(defended)}); seeds {seeds}; victim seeds "
+        f"{victim_seeds or 'as the seeds'}; cache {args.cache}")
     folders = convert(args.data, args.cache, scale)
     log(f"folders: {folders.task_train} …")
     prior_paradigms = [p for p in paradigms if p != "scratch"]
-    results: dict[str, list[dict[str, dict]]] = {row: [] for row in rows}
+    results: dict[str, list[dict[str, dict]]] = {row: [] for row in rows}  # one entry per (seed, victim seed)
+    entry_seeds: dict[str, list[tuple[int, int]]] = {row: [] for row in rows}
     protections: dict[str, dict] = {}
     priors_used: dict[str, dict] = {}
     for seed in seeds:
@@ -640,22 +658,28 @@ def main(argv: list[str] | None = None) -> None:
         disjoint = next((p for p in priors if p.name == "disjoint"), None)
         for row in rows:
             row_defenses = defenses if row in defended else ["none"]
-            reports: list[tuple[str | None, dict]] = []
             groups = ([(None, ["scratch"])] if "scratch" in paradigms else []) + \
                      [(p, prior_paradigms) for p in column_priors]
-            for prior, group_paradigms in groups:
+            folder_of: dict[str | None, Path] = {}
+            for prior, _ in groups:
                 if row == "clean":
-                    folder = folders.task_train
+                    folder_of[prior and prior.name] = folders.task_train
                 else:
                     folder, record = protected_folder(variants[row], prior or disjoint, folders, args.cache, scale,
                                                       seed, log)
+                    folder_of[prior and prior.name] = folder
                     protections[f"{row}@{record['prior']}-s{seed}" if record["prior"] else f"{row}-s{seed}"] = record
-                report = verify_cell(row, prior.name if prior else "scratch", folder, folders, prior,
-                                     group_paradigms, row_defenses, cells, scale, seed, log)
-                reports.append((prior.name if prior else None, report))
-            results[row].append(cells_from_reports(row, reports))
-            summary = ", ".join(f"{c} {v['accuracy']:.1f}" for c, v in results[row][-1].items())
-            log(f"{row}: {summary}")
+            for victim_seed in victim_seeds or [seed]:
+                reports: list[tuple[str | None, dict]] = []
+                for prior, group_paradigms in groups:
+                    report = verify_cell(row, prior.name if prior else "scratch", folder_of[prior and prior.name],
+                                         folders, prior, group_paradigms, row_defenses, cells, scale, victim_seed,
+                                         log)
+                    reports.append((prior.name if prior else None, report))
+                results[row].append(cells_from_reports(row, reports))
+                entry_seeds[row].append((seed, victim_seed))
+                summary = ", ".join(f"{c} {v['accuracy']:.1f}" for c, v in results[row][-1].items())
+                log(f"{row} (seed {seed}, victim seed {victim_seed}): {summary}")
 
     columns = [column_key("scratch", None, d) for d in defenses if "scratch" in paradigms]
     columns += [column_key(p, prior, d) for prior in prior_names for p in prior_paradigms for d in defenses]
@@ -667,7 +691,8 @@ def main(argv: list[str] | None = None) -> None:
               "selection": {"rows": rows, "paradigms": paradigms, "defenses": defenses, "defended": defended,
                             "priors": prior_names},
               "variants": {v.name: {"method": v.method, "options": dict(v.options)} for v in args.variant},
-              "seeds": seeds, "task_classes": [CIFAR10_CLASSES[c] for c in TASK_CLASSES],
+              "seeds": seeds, "victim_seeds": victim_seeds, "entry_seeds": entry_seeds,
+              "task_classes": [CIFAR10_CLASSES[c] for c in TASK_CLASSES],
               "prior_classes": [CIFAR10_CLASSES[c] for c in PRIOR_CLASSES], "priors": priors_used,
               "protections": protections, "results": results, "published": {f"{r}/{d}": v for (r, d), v in
                                                                              PUBLISHED.items()},
@@ -680,7 +705,8 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"Scale `{scale.name}` ({scale.tag()}): {scale.train_per_class} training / {scale.test_per_class} "
               f"test images per class of {', '.join(record['task_classes'])}; victims {scale.epochs} epochs "
               f"(scratch: {scale.scratch_arch}; priors: {prior_archs}); "
-              f"budget `{scale.budget}`; seeds {seeds}.\n"
+              f"budget `{scale.budget}`; seeds {seeds}; victim seeds {victim_seeds or 'as the seeds'} "
+              f"(a cell is the mean ± sd over every seed × victim seed).\n"
               f"Hardware: {environment['cpu']}, {environment['cores']} cores, GPU {environment['gpu'] or 'none'}; "
               f"load average {environment['load_average_start'][0]:.1f} → {environment['load_average_end'][0]:.1f}; "
               f"torch {environment['torch']}. Wall time {wall / 60:.1f} min (cached cells included as loaded).\n"

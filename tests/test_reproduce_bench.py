@@ -248,3 +248,57 @@ def test_cached_only_leaves_a_missing_run_empty_instead_of_training_it(bench, ce
                             scale, 0, said.append)
     assert calls == [] and [r["defense"] for r in out["runs"]] == ["none"]
     assert any("no cached run of emn × scratch: gray" in m for m in said)
+
+
+def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, tmp_path, monkeypatch):
+    """``--victim-seeds 0,1``: the protection (and prior) of seed 0 is made once, a victim is trained on it per
+    victim seed (the verify cell cached under that seed), and the table averages them (mean ± sd)."""
+    import json
+
+    import ueguard.sdk
+
+    root = fake_cifar(tmp_path / "data")
+    tiny = bench.Scale("quick", train_per_class=4, test_per_class=2, prior_per_class=4, prior_epochs=1, epochs=2,
+                       budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=8)
+    monkeypatch.setitem(bench.SCALES, "quick", tiny)
+    prior_path = tmp_path / "prior.pth"
+    monkeypatch.setattr(bench, "pretrain_disjoint_prior",
+                        lambda folders, cache, scale, seed: bench.Prior("disjoint", prior_path, "resnet20_cifar", 0.7))
+    protected = []
+
+    def fake_protected(row, prior, folders, cache, scale, seed, log):
+        protected.append((row.name, prior.name, seed))
+        return folders.prior_train, {"prior": None, "seconds": 1.0}
+
+    monkeypatch.setattr(bench, "protected_folder", fake_protected)
+    trained = []
+
+    def fake_verify(train, test, *, json_path, resume=False, **options):
+        trained.append((Path(train).name, options["paradigm"], options["seed"]))
+        runs = [{"paradigm": p, "defense": options["defense"], "test_accuracy": 0.5 + 0.1 * options["seed"],
+                 "peak_test_accuracy": 0.6, "history": [], "seconds": 1.0,
+                 "defense_config": bench.defense_constants(options["defense"], "quick", {})}
+                for p in options["paradigm"].split(",")]
+        opts = {k: v for k, v in options.items() if k not in ("paradigm", "defense", "defense_options")}
+        report = {"data": {"protected": str(train), "test": str(test)}, "config": opts, "runs": runs}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report))
+        return report
+
+    monkeypatch.setattr(ueguard.sdk, "verify", fake_verify)
+    monkeypatch.setattr(bench, "plot", lambda results, columns, stem: [])
+    out = tmp_path / "r.json"
+    argv = ["--quick", "--methods", "emn", "--priors", "disjoint", "--paradigms", "scratch,finetune",
+            "--defenses", "none", "--victim-seeds", "0,1", "--data", str(root), "--cache", str(tmp_path / "cache"),
+            "--json", str(out)]
+    bench.main(argv)
+    assert protected == [("emn", "disjoint", 0), ("emn", "disjoint", 0)]  # scratch and prior groups, seed 0 only
+    assert sorted(s for _, _, s in trained) == [0, 0, 0, 0, 1, 1, 1, 1]  # clean + emn × two groups × two seeds
+    record = json.loads(out.read_text())
+    assert record["victim_seeds"] == [0, 1] and record["entry_seeds"]["emn"] == [[0, 0], [0, 1]]
+    assert "55.0 ± 7.1" in record["table"]
+    trained.clear()
+    bench.main(argv)  # every victim seed's cell is cached under its own seed
+    assert trained == []
+    with pytest.raises(SystemExit, match="victim-seeds"):
+        bench.main(argv[:-6] + ["--victim-seeds", "0,x"] + argv[-4:])
