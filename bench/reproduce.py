@@ -377,6 +377,15 @@ def cached_runs(cells: Path, row: str, seed: int, recipe: dict[str, Any], data: 
     return found
 
 
+def cell_path(cells: Path, row: str, group: str, defense: str, paradigms: list[str], train_folder: Path,
+              weights: str | None, seed: int) -> Path:
+    """Where one verify battery's report goes. The name carries a digest of the data and the prior it trains
+    on: with ``--victim-seeds`` a victim seed is also another seed's own seed, and the two batteries (seed 1's
+    victim on seed 0's protection and prior, and seed 1's own) must not overwrite each other's report."""
+    digest = hashlib.sha256(json.dumps([str(train_folder), weights]).encode()).hexdigest()[:8]
+    return cells / f"verify-{row}-{group}-{defense}-{'+'.join(paradigms)}-{digest}-s{seed}.json"
+
+
 def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prior: Prior | None,
                 paradigms: list[str], defenses: list[str], cells: Path, scale: Scale, seed: int, log,
                 defense_options: dict[str, Any] | None = None) -> dict:
@@ -408,7 +417,7 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
         if CACHED_ONLY:
             log(f"--cached-only: no cached run of {row} × {group}: {defense} / {', '.join(missing)}; left empty")
             continue
-        path = cells / f"verify-{row}-{group}-{defense}-{'+'.join(missing)}-s{seed}.json"
+        path = cell_path(cells, row, group, defense, missing, train_folder, recipe["weights"], seed)
         state = Path(str(path) + ".state")
         options = recipe | {"paradigm": ",".join(missing), "defense": defense, "defense_options": defense_options}
         if DEFENSES.get(defense).needs_validation:  # earlystop: the adversary's clean images are the originals

@@ -261,14 +261,13 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
     tiny = bench.Scale("quick", train_per_class=4, test_per_class=2, prior_per_class=4, prior_epochs=1, epochs=2,
                        budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=8)
     monkeypatch.setitem(bench.SCALES, "quick", tiny)
-    prior_path = tmp_path / "prior.pth"
-    monkeypatch.setattr(bench, "pretrain_disjoint_prior",
-                        lambda folders, cache, scale, seed: bench.Prior("disjoint", prior_path, "resnet20_cifar", 0.7))
+    monkeypatch.setattr(bench, "pretrain_disjoint_prior", lambda folders, cache, scale, seed: bench.Prior(
+        "disjoint", tmp_path / f"prior-s{seed}.pth", "resnet20_cifar", 0.7))
     protected = []
 
     def fake_protected(row, prior, folders, cache, scale, seed, log):
         protected.append((row.name, prior.name, seed))
-        return folders.prior_train, {"prior": None, "seconds": 1.0}
+        return tmp_path / f"{row.name}-s{seed}", {"prior": None, "seconds": 1.0}
 
     monkeypatch.setattr(bench, "protected_folder", fake_protected)
     trained = []
@@ -288,9 +287,9 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
     monkeypatch.setattr(ueguard.sdk, "verify", fake_verify)
     monkeypatch.setattr(bench, "plot", lambda results, columns, stem: [])
     out = tmp_path / "r.json"
-    argv = ["--quick", "--methods", "emn", "--priors", "disjoint", "--paradigms", "scratch,finetune",
-            "--defenses", "none", "--victim-seeds", "0,1", "--data", str(root), "--cache", str(tmp_path / "cache"),
-            "--json", str(out)]
+    common = ["--quick", "--methods", "emn", "--priors", "disjoint", "--paradigms", "scratch,finetune",
+              "--defenses", "none", "--data", str(root), "--cache", str(tmp_path / "cache"), "--json", str(out)]
+    argv = common + ["--victim-seeds", "0,1"]
     bench.main(argv)
     assert protected == [("emn", "disjoint", 0), ("emn", "disjoint", 0)]  # scratch and prior groups, seed 0 only
     assert sorted(s for _, _, s in trained) == [0, 0, 0, 0, 1, 1, 1, 1]  # clean + emn × two groups × two seeds
@@ -300,5 +299,13 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
     trained.clear()
     bench.main(argv)  # every victim seed's cell is cached under its own seed
     assert trained == []
+    seed_1 = common + ["--seeds", "1"]  # seed 1's own prior, protection and victims
+    bench.main(seed_1)  # clean from scratch at seed 1 is the victim seed 1 run already made: the same run
+    assert sorted(trained) == [("emn-s1", "finetune", 1), ("emn-s1", "scratch", 1),
+                               ("task-train-4pc-s0", "finetune", 1)]
+    trained.clear()
+    bench.main(argv)  # seed 1's batteries wrote beside, not over, the victim seed 1 cells of seed 0
+    bench.main(seed_1)
+    assert trained == []
     with pytest.raises(SystemExit, match="victim-seeds"):
-        bench.main(argv[:-6] + ["--victim-seeds", "0,x"] + argv[-4:])
+        bench.main(common + ["--victim-seeds", "0,x"])
