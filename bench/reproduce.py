@@ -669,21 +669,20 @@ def main(argv: list[str] | None = None) -> None:
             row_defenses = defenses if row in defended else ["none"]
             groups = ([(None, ["scratch"])] if "scratch" in paradigms else []) + \
                      [(p, prior_paradigms) for p in column_priors]
-            folder_of: dict[str | None, Path] = {}
+            group_folders: list[Path] = []  # the training folder of each group, made once for every victim seed
             for prior, _ in groups:
                 if row == "clean":
-                    folder_of[prior and prior.name] = folders.task_train
-                else:
-                    folder, record = protected_folder(variants[row], prior or disjoint, folders, args.cache, scale,
-                                                      seed, log)
-                    folder_of[prior and prior.name] = folder
-                    protections[f"{row}@{record['prior']}-s{seed}" if record["prior"] else f"{row}-s{seed}"] = record
+                    group_folders.append(folders.task_train)
+                    continue
+                folder, record = protected_folder(variants[row], prior or disjoint, folders, args.cache, scale, seed,
+                                                  log)
+                group_folders.append(folder)
+                protections[f"{row}@{record['prior']}-s{seed}" if record["prior"] else f"{row}-s{seed}"] = record
             for victim_seed in victim_seeds or [seed]:
                 reports: list[tuple[str | None, dict]] = []
-                for prior, group_paradigms in groups:
-                    report = verify_cell(row, prior.name if prior else "scratch", folder_of[prior and prior.name],
-                                         folders, prior, group_paradigms, row_defenses, cells, scale, victim_seed,
-                                         log)
+                for (prior, group_paradigms), folder in zip(groups, group_folders):
+                    report = verify_cell(row, prior.name if prior else "scratch", folder, folders, prior,
+                                         group_paradigms, row_defenses, cells, scale, victim_seed, log)
                     reports.append((prior.name if prior else None, report))
                 results[row].append(cells_from_reports(row, reports))
                 entry_seeds[row].append((seed, victim_seed))

@@ -69,9 +69,8 @@ bench/README.md):
   points below EMN's re-run (53.6 / 64.4 / 69.8 / 63.0). The 23.6 / 40.8 above were one favourable run;
   several seeds are needed before any SSC constant can be said to matter (bench/README.md, fifth table).
 * **What varies is the generation, not the victim** (bench/README.md, sixth table): three victims on that
-  re-run's δ agree within 3.3 points fine-tuned (60.5 ± 3.3) and 0.6 under frozen layers (67.9 ± 0.6);
-  a second generation seed (prior re-trained) gave 38.5 ± 2.9 % fine-tuned — protected again — and 69.4 ± 0.2
-  frozen.
+  re-run's δ give 60.5 ± 3.3 fine-tuned and 67.9 ± 0.6 under frozen layers (mean ± sd); a second
+  generation seed (prior re-trained) gave 38.5 ± 2.9 fine-tuned — protected again — and 69.4 ± 0.2 frozen.
   Class-wise SSC holds under fine-tuning in two of three generations so far, and under frozen layers in none.
 """
 
