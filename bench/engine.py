@@ -154,7 +154,7 @@ def make_ssc(rt: Runtime, arch: str, steps: int, batch: int, data: WorkingSet):
     scratch = rt.prepare_model(_reinitialise(frozen, 0))
     for p in shallow.parameters():
         p.requires_grad_(False)
-    bases, _ = method._subspaces(prior, data.to(rt.device))
+    bases, _, _ = method._subspaces(prior, data.to(rt.device))  # no anchors: anchor_weight is 0
     frozen.eval()
     scratch.eval()
     return method, (frozen, scratch, prior), bases
@@ -208,7 +208,7 @@ def run_case(method_name: str, size: int, batch: int, steps: int, device: str, c
             method, nets, bases = make_ssc(rt, arch, steps, batch, data)
             delta0 = torch.zeros(batch, 3, size, size, device=dev)
             fns[f"engine_{prec}{suffix[c]}"] = (lambda m=method, n=nets, b=bases, d=on_device, z=delta0:
-                                                m._pgd(*n, b, d, z, idx))
+                                                m._pgd(*n, b, None, d, z, idx))
         stages = method.config.stages
         eager_nets = as_nchw(nets)
         for net in eager_nets[:2]:

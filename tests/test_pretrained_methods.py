@@ -229,6 +229,40 @@ def test_ssc_camouflage_keeps_the_feature_shift_in_the_semantic_subspace(digits,
     assert kept < 0.7 * free, (kept, free)
 
 
+def test_class_anchors_are_unit_directions_inside_the_subspace_with_their_natural_spread():
+    from ueguard.methods.ssc import anchor_shift, class_anchors
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(40, 8, 4, 4, generator=g) * torch.linspace(3, 0.1, 8).view(1, 8, 1, 1)
+    basis, _ = channel_pca(feats, 0.95)
+    anchors, sigma = class_anchors(feats, basis, 3, torch.Generator().manual_seed(1))
+    assert anchors.shape == (8, 3) and basis.shape[1] >= 3
+    assert torch.allclose(anchors.T @ anchors, torch.eye(3), atol=1e-5)              # orthonormal
+    assert torch.allclose(basis @ (basis.T @ anchors), anchors, atol=1e-5)           # inside span(U)
+    along = feats.permute(0, 2, 3, 1).reshape(-1, 8) @ anchors
+    assert torch.allclose(sigma, along.std(0), rtol=1e-4)
+    # a shift of 2σ along class 1's anchor at every location reads as 2 for a class-1 sample, ~0 for class 0
+    shift = (2 * sigma[1] * anchors[:, 1]).view(1, 8, 1, 1).expand(2, 8, 4, 4)
+    assert torch.allclose(anchor_shift(shift, anchors, sigma, torch.tensor([1, 0])), torch.tensor([2.0, 0.0]), atol=1e-4)
+    fewer, _ = class_anchors(feats, basis[:, :2], 3, torch.Generator().manual_seed(1))  # k < K: unit, in span
+    assert torch.allclose(fewer.norm(dim=0), torch.ones(3)) and torch.allclose(basis[:, :2] @ (basis[:, :2].T @ fewer), fewer, atol=1e-5)
+
+
+def test_ssc_anchor_term_pushes_the_frozen_output_along_the_class_direction(digits, prior_state):
+    small = digits.subset(range(48))
+    options = dict(max_rounds=1, train_steps=2, pgd_steps=5, batch_size=24, pca_images=48)
+    plain = run("ssc", small, prior_state, **options)
+    assert "anchor_shift" not in plain.info["history"][-1]          # off by default, and δ as before
+    weak = run("ssc", small, prior_state, anchor_weight=1e-6, **options)
+    strong = run("ssc", small, prior_state, anchor_weight=50.0, **options)
+    assert_valid(strong.delta, small, classwise=True)
+    weak_shift, strong_shift = (r.info["history"][-1]["anchor_shift"] for r in (weak, strong))
+    assert strong_shift > weak_shift + 0.1 and strong_shift > 0, (weak_shift, strong_shift)
+    assert torch.equal(strong.delta, run("ssc", small, prior_state, anchor_weight=50.0, **options).delta)
+    with pytest.raises(ValueError, match="anchor_weight"):
+        run("ssc", small, prior_state, anchor_weight=-1.0)
+
+
 def test_ssc_fresh_deep_init_resets_exactly_the_layers_after_the_frozen_stage(digits, prior_state):
     from ueguard.methods.ssc import _reset
 

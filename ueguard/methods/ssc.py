@@ -99,6 +99,7 @@ class SSCConfig(MethodConfig):
     subspace_stages: str = "stem,layer1,layer2"  # depths with a semantic channel subspace (comma-separated)
     energy: float = 0.9                # fraction of channel variance the subspace U_l keeps
     camouflage_weight: float = 1.0     # λ on the out-of-subspace ratio
+    anchor_weight: float = 0.0         # κ on the class anchor: the frozen output's shift along its class's direction
     frozen_weight: float = 0.5         # w: frozen-shallow path vs from-scratch path (1 − w)
     deep_init: str = "pretrained"      # D + head of the frozen path: the prior's ("pretrained") or re-initialised ("fresh")
     perturbation: str = "classwise"    # one δ_k per class, or one δ per image ("samplewise"); chosen by measurement
@@ -131,8 +132,9 @@ class SSCConfig(MethodConfig):
             raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {self.augment!r}")
         if self.deep_init not in ("pretrained", "fresh"):
             raise ValueError(f"deep_init must be 'pretrained' or 'fresh', got {self.deep_init!r}")
-        if self.camouflage_weight < 0:
-            raise ValueError(f"camouflage_weight must be ≥ 0, got {self.camouflage_weight}")
+        if self.camouflage_weight < 0 or self.anchor_weight < 0:
+            raise ValueError(f"camouflage_weight and anchor_weight must be ≥ 0, got {self.camouflage_weight}, "
+                             f"{self.anchor_weight}")
         if min(self.pgd_steps, self.max_rounds, self.batch_size, self.pca_images, self.pca_locations) < 1 or self.train_steps < 0:
             raise ValueError("pgd_steps, max_rounds, batch_size, pca_images and pca_locations must be ≥ 1, train_steps ≥ 0")
         if not self.stages:
@@ -172,6 +174,30 @@ def out_of_subspace_ratio(shift: torch.Tensor, basis: torch.Tensor) -> torch.Ten
     total = v.square().sum((1, 2))
     inside = (v @ basis).square().sum((1, 2))
     return (total - inside).clamp(min=0) / (total + 1e-12)
+
+
+def class_anchors(features: torch.Tensor, basis: torch.Tensor, num_classes: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One channel direction per class inside span(U), for N×C×h×w activations and a C×k basis U.
+
+    Returns ``(A, sigma)``: A is C×K with unit columns, random combinations of U's columns (orthonormal
+    when k ≥ K), and ``sigma`` the activations' standard deviation along each, so a shift can be read in
+    units of the natural variation in that direction (:func:`anchor_shift`)."""
+    k = basis.shape[1]
+    mix = torch.randn(k, num_classes, generator=generator, dtype=torch.float64)
+    if k >= num_classes:
+        mix = torch.linalg.qr(mix).Q
+    anchors = basis.double().cpu() @ mix
+    anchors = (anchors / anchors.norm(dim=0, keepdim=True).clamp(min=1e-12)).float().to(basis.device)
+    vectors = features.detach().permute(0, 2, 3, 1).reshape(-1, features.shape[1]).float().to(basis.device)
+    sigma = (vectors @ anchors).std(0).clamp(min=1e-6)
+    return anchors.contiguous(), sigma
+
+
+def anchor_shift(shift: torch.Tensor, anchors: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample, the mean over locations of the shift Δ (N×C×h×w) along its class's anchor, in σ units."""
+    along = torch.einsum("nchw,cn->n", shift, anchors[:, labels]) / (shift.shape[2] * shift.shape[3])
+    return along / sigma[labels]
 
 
 def _reset(modules: list[nn.Module], generator_seed: int) -> None:
@@ -223,7 +249,7 @@ class SSC(ProtectionMethod):
         deep_lr = cfg.lr if cfg.deep_init == "fresh" else cfg.deep_lr
         deep_trainer = Trainer(frozen, rt, OptimConfig(deep_lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         scratch_trainer = Trainer(scratch, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
-        bases, explained = self._subspaces(prior, data)
+        bases, explained, anchors = self._subspaces(prior, data)
         classwise = cfg.perturbation == "classwise"
         delta = (torch.zeros(data.num_classes, *data.images.shape[1:], device=rt.device) if classwise
                  else self.new_delta((n, *data.images.shape[1:])))
@@ -250,17 +276,21 @@ class SSC(ProtectionMethod):
                     scratch_trainer.step(x, y)
                 frozen.eval()
                 scratch.eval()
-                camouflage = []
+                camouflage, anchored = [], []
                 for span in batch_ranges(n, cfg.batch_size):
                     idx = torch.arange(span.start, span.stop)
                     if classwise:  # every batch moves the class rows its samples belong to
-                        delta[:], ratio = self._pgd(frozen, scratch, prior, bases, data, delta, idx)
+                        delta[:], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, data, delta, idx)
                     else:
-                        delta[span], ratio = self._pgd(frozen, scratch, prior, bases, data, delta[span], idx)
+                        delta[span], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, data,
+                                                              delta[span], idx)
                     camouflage.append(ratio)
+                    anchored.append(along)
                 accuracy = {"frozen_path": self._accuracy(frozen, data, perturbation, check),
                             "scratch_path": self._accuracy(scratch, data, perturbation, check),
                             "out_of_subspace": round(torch.cat(camouflage).mean().item(), 4)}
+                if anchors is not None:  # the frozen output's mean shift along the class anchor, in σ
+                    accuracy["anchor_shift"] = round(torch.cat(anchored).mean().item(), 4)
                 history.append(accuracy)
                 self.checkpoint_round(history, delta, tracked)
                 bar.update(1, frozen=f"{accuracy['frozen_path']:.3f}", scratch=f"{accuracy['scratch_path']:.3f}")
@@ -293,36 +323,48 @@ class SSC(ProtectionMethod):
         shallow.eval()  # frozen BatchNorm keeps the prior's statistics
 
     def _subspaces(self, prior: nn.Module, data: WorkingSet):
+        """The semantic channel subspace of every depth in ``subspace_stages``, and with ``anchor_weight``
+        the class anchors of the frozen output (:func:`class_anchors`); ``(bases, explained, anchors)``."""
         cfg, rt = self.config, self.runtime
         n = len(data)
         pick = torch.randperm(n, generator=self.generator)[:cfg.pca_images].sort().values.to(rt.device)
-        collected: dict[str, list[torch.Tensor]] = {s: [] for s in cfg.stages}
+        anchored = cfg.anchor_weight > 0
+        depths = tuple(dict.fromkeys((*cfg.stages, cfg.frozen_stage))) if anchored else cfg.stages
+        collected: dict[str, list[torch.Tensor]] = {s: [] for s in depths}
         with torch.no_grad():
             for span in batch_ranges(pick.numel(), cfg.batch_size):
-                feats = prior.forward_stages(rt.to_float(data.images_at(pick[span])), cfg.stages)
-                for s in cfg.stages:
+                feats = prior.forward_stages(rt.to_float(data.images_at(pick[span])), depths)
+                for s in depths:
                     collected[s].append(feats[s].float())
         bases, explained = {}, []
         for s in cfg.stages:
             basis, share = channel_pca(torch.cat(collected[s]), cfg.energy, cfg.pca_locations, self.generator)
             bases[s] = basis.to(rt.device)
             explained.append(share)
-        return bases, explained
+        anchors = None
+        if anchored:
+            frozen_out = torch.cat(collected[cfg.frozen_stage])
+            basis = (bases[cfg.frozen_stage] if cfg.frozen_stage in bases
+                     else channel_pca(frozen_out, cfg.energy, cfg.pca_locations, self.generator)[0].to(rt.device))
+            anchors = class_anchors(frozen_out, basis, data.num_classes, self.generator)
+        return bases, explained, anchors
 
-    def _pgd(self, frozen, scratch, prior, bases, data: WorkingSet, delta: torch.Tensor, idx: torch.Tensor):
-        """``pgd_steps`` signed steps descending the SSC objective for one batch; returns the new δ and the
-        final per-sample out-of-subspace ratio (mean over depths). Sample-wise, ``delta`` holds the batch's
-        rows; class-wise, the K class rows, each stepped along the sign of its summed gradient over the
-        batch's samples of that class (zero where x + δ is clipped)."""
+    def _pgd(self, frozen, scratch, prior, bases, anchors, data: WorkingSet, delta: torch.Tensor, idx: torch.Tensor):
+        """``pgd_steps`` signed steps descending the SSC objective for one batch; returns the new δ, the
+        final per-sample out-of-subspace ratio (mean over depths) and the shift along the class anchor (0
+        without anchors). Sample-wise, ``delta`` holds the batch's rows; class-wise, the K class rows, each
+        stepped along the sign of its summed gradient over the batch's samples of that class (zero where
+        x + δ is clipped)."""
         cfg, rt = self.config, self.runtime
         classwise = cfg.perturbation == "classwise"
         dev_idx = idx.to(rt.device)
         x, y, gray = rt.to_float(data.images_at(idx)), data.labels[dev_idx], data.grayscale[dev_idx]
         stages = cfg.stages
+        depths = tuple(dict.fromkeys((*stages, cfg.frozen_stage))) if anchors is not None else stages
         with torch.no_grad():
-            clean = prior.forward_stages(x, stages)
+            clean = prior.forward_stages(x, depths)
         alpha = cfg.step_fraction * cfg.eps
-        ratio = torch.zeros(len(idx), device=rt.device)
+        ratio = along = torch.zeros(len(idx), device=rt.device)
         frozen_fn, scratch_fn = model_call(frozen, rt), model_call(scratch, rt)
         prior_fn = model_call(prior, rt, "forward_stages")
         with frozen_parameters(frozen, scratch):  # ∇ in δ only
@@ -336,14 +378,19 @@ class SSC(ProtectionMethod):
                 with rt.autocast():
                     loss = cfg.frozen_weight * F.cross_entropy(frozen_fn(seen).float(), y, reduction="none")
                     loss = loss + (1 - cfg.frozen_weight) * F.cross_entropy(scratch_fn(seen).float(), y, reduction="none")
-                    feats = prior_fn(xa, stages)
+                    feats = prior_fn(xa, depths)
                 ratio = torch.stack([out_of_subspace_ratio((feats[s] - clean[s]).float(), bases[s]) for s in stages]).mean(0)
-                (grad,) = torch.autograd.grad((loss + cfg.camouflage_weight * ratio).sum(), rows)
+                objective = loss + cfg.camouflage_weight * ratio
+                if anchors is not None:  # push the frozen output along the class's anchor direction
+                    shift = (feats[cfg.frozen_stage] - clean[cfg.frozen_stage]).float()
+                    along = anchor_shift(shift, *anchors, y)
+                    objective = objective - cfg.anchor_weight * along
+                (grad,) = torch.autograd.grad(objective.sum(), rows)
                 if classwise:
                     delta = (delta - alpha * grad.sign()).clamp(-cfg.eps, cfg.eps)
                 else:
                     delta = gray_project(project_step(delta, grad, x, alpha, cfg.eps, 1.0), gray)
-        return delta, ratio.detach()
+        return delta, ratio.detach(), along.detach()
 
     def _augmented(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` through a fresh random crop (+ flip) drawn from the method's generator, or as it is."""
