@@ -622,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
         defenses.insert(0, "none")
     defended = _split(args.defended, scale.defended, ROWS + tuple(v.name for v in args.variant), "defended")
     seeds = _seeds(args.seeds, "seeds")
-    victim_seeds = _seeds(args.victim_seeds, "victim-seeds") if args.victim_seeds else None
+    victim_seeds = _seeds(args.victim_seeds, "victim-seeds") if args.victim_seeds is not None else None
     prior_names = _split(args.priors, ("disjoint", "akamaster") + (("user",) if args.weights else ()),
                          ("disjoint", "akamaster", "user"), "priors")
     if "user" in prior_names and args.weights is None:

@@ -307,5 +307,6 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
     bench.main(argv)  # seed 1's batteries wrote beside, not over, the victim seed 1 cells of seed 0
     bench.main(seed_1)
     assert trained == []
-    with pytest.raises(SystemExit, match="victim-seeds"):
-        bench.main(common + ["--victim-seeds", "0,x"])
+    for bad in ("0,x", "", " , "):  # an empty list is an error, not silently the default
+        with pytest.raises(SystemExit, match="victim-seeds"):
+            bench.main(common + ["--victim-seeds", bad])
