@@ -208,7 +208,7 @@ def run_case(method_name: str, size: int, batch: int, steps: int, device: str, c
             method, nets, bases = make_ssc(rt, arch, steps, batch, data)
             delta0 = torch.zeros(batch, 3, size, size, device=dev)
             fns[f"engine_{prec}{suffix[c]}"] = (lambda m=method, n=nets, b=bases, d=on_device, z=delta0:
-                                                m._pgd(*n, b, None, d, z, idx))
+                                                m._pgd(*n, b, None, None, d, z, idx))
         stages = method.config.stages
         eager_nets = as_nchw(nets)
         for net in eager_nets[:2]:

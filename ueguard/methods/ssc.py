@@ -100,6 +100,9 @@ class SSCConfig(MethodConfig):
     energy: float = 0.9                # fraction of channel variance the subspace U_l keeps
     camouflage_weight: float = 1.0     # λ on the out-of-subspace ratio
     anchor_weight: float = 0.0         # κ on the class anchor: the frozen output's shift along its class's direction
+    deception_weight: float = 0.0      # ρ on the deception term: the prior + a clean linear head read class y + shift
+    deception_shift: int = 1           # the deceived class of class y: (y + shift) mod K
+    probe_images: int = 2048           # clean images the deception head is fitted on
     frozen_weight: float = 0.5         # w: frozen-shallow path vs from-scratch path (1 − w)
     deep_init: str = "pretrained"      # D + head of the frozen path: the prior's ("pretrained") or re-initialised ("fresh")
     perturbation: str = "classwise"    # one δ_k per class, or one δ per image ("samplewise"); chosen by measurement
@@ -135,8 +138,13 @@ class SSCConfig(MethodConfig):
         if self.camouflage_weight < 0 or self.anchor_weight < 0:
             raise ValueError(f"camouflage_weight and anchor_weight must be ≥ 0, got {self.camouflage_weight}, "
                              f"{self.anchor_weight}")
-        if min(self.pgd_steps, self.max_rounds, self.batch_size, self.pca_images, self.pca_locations) < 1 or self.train_steps < 0:
-            raise ValueError("pgd_steps, max_rounds, batch_size, pca_images and pca_locations must be ≥ 1, train_steps ≥ 0")
+        if self.deception_weight < 0 or self.deception_shift < 1:
+            raise ValueError(f"deception_weight must be ≥ 0 and deception_shift ≥ 1, got {self.deception_weight}, "
+                             f"{self.deception_shift}")
+        if min(self.pgd_steps, self.max_rounds, self.batch_size, self.pca_images, self.pca_locations,
+               self.probe_images) < 1 or self.train_steps < 0:
+            raise ValueError("pgd_steps, max_rounds, batch_size, pca_images, pca_locations and probe_images must be "
+                             "≥ 1, train_steps ≥ 0")
         if not self.stages:
             raise ValueError("subspace_stages names no stage; give e.g. 'stem,layer1,layer2'")
 
@@ -250,6 +258,7 @@ class SSC(ProtectionMethod):
         deep_trainer = Trainer(frozen, rt, OptimConfig(deep_lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         scratch_trainer = Trainer(scratch, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         bases, explained, anchors = self._subspaces(prior, data)
+        deceiver = self._deceiver(prior, data) if cfg.deception_weight > 0 else None
         classwise = cfg.perturbation == "classwise"
         delta = (torch.zeros(data.num_classes, *data.images.shape[1:], device=rt.device) if classwise
                  else self.new_delta((n, *data.images.shape[1:])))
@@ -280,10 +289,10 @@ class SSC(ProtectionMethod):
                 for span in batch_ranges(n, cfg.batch_size):
                     idx = torch.arange(span.start, span.stop)
                     if classwise:  # every batch moves the class rows its samples belong to
-                        delta[:], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, data, delta, idx)
+                        delta[:], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, deceiver, data, delta, idx)
                     else:
-                        delta[span], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, data,
-                                                              delta[span], idx)
+                        delta[span], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, deceiver,
+                                                              data, delta[span], idx)
                     camouflage.append(ratio)
                     anchored.append(along)
                 accuracy = {"frozen_path": self._accuracy(frozen, data, perturbation, check),
@@ -291,6 +300,8 @@ class SSC(ProtectionMethod):
                             "out_of_subspace": round(torch.cat(camouflage).mean().item(), 4)}
                 if anchors is not None:  # the frozen output's mean shift along the class anchor, in σ
                     accuracy["anchor_shift"] = round(torch.cat(anchored).mean().item(), 4)
+                if deceiver is not None:  # share of x + δ the prior + clean head reads as the deceived class
+                    accuracy["deceived"] = self._deceived(deceiver, data, perturbation, check)
                 history.append(accuracy)
                 self.checkpoint_round(history, delta, tracked)
                 bar.update(1, frozen=f"{accuracy['frozen_path']:.3f}", scratch=f"{accuracy['scratch_path']:.3f}")
@@ -349,7 +360,46 @@ class SSC(ProtectionMethod):
             anchors = class_anchors(frozen_out, basis, data.num_classes, self.generator)
         return bases, explained, anchors
 
-    def _pgd(self, frozen, scratch, prior, bases, anchors, data: WorkingSet, delta: torch.Tensor, idx: torch.Tensor):
+    def _deceiver(self, prior: nn.Module, data: WorkingSet) -> nn.Module:
+        """The prior with a linear head fitted (L-BFGS, frozen body) to read the task's labels from its
+        pooled features of up to ``probe_images`` clean images: what the frozen paradigm's victim starts
+        from. The deception term makes this model read x + δ_y as class (y + ``deception_shift``) mod K."""
+        cfg, rt = self.config, self.runtime
+        if cfg.deception_shift % data.num_classes == 0:
+            raise ValueError(f"deception_shift {cfg.deception_shift} maps every class onto itself with "
+                             f"{data.num_classes} classes; give 1 … {data.num_classes - 1}")
+        n = len(data)
+        pick = torch.randperm(n, generator=self.generator)[:cfg.probe_images].sort().values.to(rt.device)
+        deceiver = copy.deepcopy(prior)
+        deceiver.reset_head(data.num_classes)
+        with torch.no_grad():
+            feats = torch.cat([deceiver.features(rt.to_float(data.images_at(pick[span]))).float()
+                               for span in batch_ranges(pick.numel(), cfg.batch_size)])
+        labels = data.labels[pick]
+        head = deceiver.head.float()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            head.reset_parameters()
+        optimizer = torch.optim.LBFGS(list(head.parameters()), max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(head(feats), labels) + 1e-3 * head.weight.square().sum()
+            loss.backward()
+            return loss
+
+        head.requires_grad_(True)
+        optimizer.step(closure)
+        return deceiver.eval().requires_grad_(False)
+
+    def _deceived(self, deceiver, data: WorkingSet, perturbation: Perturbation, index: torch.Tensor) -> float:
+        spans = (index[s] for s in batch_ranges(index.numel(), 4 * self.config.batch_size))
+        pred = predict(deceiver, (self._perturbed(data, perturbation, idx) for idx in spans), self.runtime)
+        target = (data.labels[index.to(self.runtime.device)] + self.config.deception_shift) % data.num_classes
+        return round((pred == target).float().mean().item(), 4)
+
+    def _pgd(self, frozen, scratch, prior, bases, anchors, deceiver, data: WorkingSet, delta: torch.Tensor,
+             idx: torch.Tensor):
         """``pgd_steps`` signed steps descending the SSC objective for one batch; returns the new δ, the
         final per-sample out-of-subspace ratio (mean over depths) and the shift along the class anchor (0
         without anchors). Sample-wise, ``delta`` holds the batch's rows; class-wise, the K class rows, each
@@ -366,6 +416,8 @@ class SSC(ProtectionMethod):
         alpha = cfg.step_fraction * cfg.eps
         ratio = along = torch.zeros(len(idx), device=rt.device)
         frozen_fn, scratch_fn = model_call(frozen, rt), model_call(scratch, rt)
+        if deceiver is not None:
+            deceiver_fn, deceived = model_call(deceiver, rt), (y + cfg.deception_shift) % data.num_classes
         prior_fn = model_call(prior, rt, "forward_stages")
         with frozen_parameters(frozen, scratch):  # ∇ in δ only
             for _ in range(cfg.pgd_steps):
@@ -379,6 +431,9 @@ class SSC(ProtectionMethod):
                     loss = cfg.frozen_weight * F.cross_entropy(frozen_fn(seen).float(), y, reduction="none")
                     loss = loss + (1 - cfg.frozen_weight) * F.cross_entropy(scratch_fn(seen).float(), y, reduction="none")
                     feats = prior_fn(xa, depths)
+                    if deceiver is not None:  # the prior, as the frozen victim starts, reads the wrong class
+                        loss = loss + cfg.deception_weight * F.cross_entropy(deceiver_fn(xa).float(), deceived,
+                                                                             reduction="none")
                 ratio = torch.stack([out_of_subspace_ratio((feats[s] - clean[s]).float(), bases[s]) for s in stages]).mean(0)
                 objective = loss + cfg.camouflage_weight * ratio
                 if anchors is not None:  # push the frozen output along the class's anchor direction
