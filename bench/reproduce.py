@@ -661,9 +661,10 @@ def main(argv: list[str] | None = None) -> None:
         if "user" in prior_names:
             priors.append(Prior("user", args.weights, args.weights_arch, None, f"--weights {args.weights}"))
         column_priors = [p for p in priors if p.name in prior_names] if prior_paradigms else []
-        for prior in priors:
-            priors_used[prior.name] = {"weights": str(prior.weights), "arch": prior.arch,
-                                       "accuracy": prior.accuracy, "note": prior.note}
+        for prior in priors:  # the disjoint prior is re-trained per seed: one entry each, not the last seed's
+            key = f"{prior.name}, seed {seed}" if prior.name == "disjoint" and len(seeds) > 1 else prior.name
+            priors_used[key] = {"name": prior.name, "weights": str(prior.weights), "arch": prior.arch,
+                                "accuracy": prior.accuracy, "note": prior.note}
         disjoint = next((p for p in priors if p.name == "disjoint"), None)
         for row in rows:
             row_defenses = defenses if row in defended else ["none"]
@@ -709,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     _json_dump(json_path, record)
     plots = plot(results, columns, json_path.with_suffix(""))
-    prior_archs = ", ".join(f"{k} {v['arch']}" for k, v in priors_used.items())
+    prior_archs = ", ".join(f"{k} {a}" for k, a in {v["name"]: v["arch"] for v in priors_used.values()}.items())
     header = (f"Scale `{scale.name}` ({scale.tag()}): {scale.train_per_class} training / {scale.test_per_class} "
               f"test images per class of {', '.join(record['task_classes'])}; victims {scale.epochs} epochs "
               f"(scratch: {scale.scratch_arch}; priors: {prior_archs}); "

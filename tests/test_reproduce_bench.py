@@ -307,6 +307,11 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
     bench.main(argv)  # seed 1's batteries wrote beside, not over, the victim seed 1 cells of seed 0
     bench.main(seed_1)
     assert trained == []
+    bench.main(common + ["--seeds", "0,1"])  # each seed's disjoint prior is listed, not only the last one's
+    record = json.loads(out.read_text())
+    assert sorted(record["priors"]) == ["disjoint, seed 0", "disjoint, seed 1"]
+    assert [v["weights"] for _, v in sorted(record["priors"].items())] == [str(tmp_path / f"prior-s{s}.pth") for s in (0, 1)]
+    assert "priors: disjoint resnet20_cifar)" in out.with_suffix(".md").read_text()
     for bad in ("0,x", "", " , "):  # an empty list is an error, not silently the default
         with pytest.raises(SystemExit, match="victim-seeds"):
             bench.main(common + ["--victim-seeds", bad])
