@@ -303,6 +303,25 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, method, parse_method_options(tuple(p for p in pairs.split(",") if p)))
 
 
+def stale_constants(folder: Path, method: str, budget: str, options: dict[str, Any]) -> None:
+    """Refuse a cached protected folder whose manifest records method constants other than the ones this
+    code resolves now (a default changed since it was made): the folder's cache key holds only the
+    options given, not the defaults. Folders made before protect recorded ``method_config`` pass."""
+    from ueguard.methods import METHODS as REGISTRY
+
+    manifest = folder / "ueguard-manifest.jsonl"
+    with manifest.open() as fh:
+        recorded = json.loads(fh.readline()).get("method_config")
+    if recorded is None:
+        return
+    now = dataclasses.asdict(REGISTRY.get(method).make_config(budget, **options))
+    changed = {k: (recorded[k], v) for k, v in now.items() if k in recorded and recorded[k] != v}
+    if changed:
+        listing = ", ".join(f"{k} {was!r} → {now!r}" for k, (was, now) in sorted(changed.items()))
+        raise SystemExit(f"{folder}: made with other {method} constants than this code's ({listing}); "
+                         f"move it aside to re-make it, or give the old values with --variant")
+
+
 def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache: Path, scale: Scale, seed: int,
                      log) -> tuple[Path, dict]:
     """``protect(task_train, out)`` with the row's method at the scale's budget (resumed when interrupted)."""
@@ -315,11 +334,12 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
     cells = cache / "protected" / scale.protect_tag()
     out = cells / f"{key}-s{seed}"
     done = cells / f"{key}-s{seed}.json"
+    protect_options, method_options = row.split()
     if done.is_file() and out.is_dir():
+        stale_constants(out, method, scale.budget, {**scale.options_for(method), **method_options, "seed": seed})
         return out, json.loads(done.read_text())
     if CACHED_ONLY:
         raise SystemExit(f"--cached-only: {key} is not protected yet (in {cells})")
-    protect_options, method_options = row.split()
     options: dict[str, Any] = {"budget": scale.budget, "seed": seed, "size": 32, "format": "png", **protect_options,
                                "method_options": {**scale.options_for(method), **method_options}, "resume": out.exists()}
     if REGISTRY.get(method).needs_surrogate:

@@ -3,6 +3,8 @@ manifest, exit codes, refusals and resume."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -69,6 +71,12 @@ def test_manifest_has_config_line_and_one_record_per_file(mixed_run):
     assert header["kind"] == "run"
     assert header["options"]["method"] == "emn" and header["options"]["eps_255"] == 8
     assert header["ueguard_version"] and header["torch_version"] and len(header["surrogate_sha256"]) == 64
+    from ueguard.methods import METHODS
+
+    # every constant the run used, the ones left at their defaults too: what a reader needs to re-make it
+    resolved = METHODS.get("emn").make_config(header["options"]["budget"], **header["options"]["method_options"],
+                                              eps=header["options"]["eps"], seed=header["options"]["seed"])
+    assert header["method_config"] == dataclasses.asdict(resolved) and "pgd_steps" in header["method_config"]
     files = file_records(dst / MANIFEST_NAME)
     assert set(files) == set(made)
     for rel, rec in files.items():

@@ -315,3 +315,24 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
     for bad in ("0,x", "", " , "):  # an empty list is an error, not silently the default
         with pytest.raises(SystemExit, match="victim-seeds"):
             bench.main(common + ["--victim-seeds", bad])
+
+
+def test_a_cached_protection_made_with_other_constants_is_refused(bench, tmp_path):
+    """A protected folder is cached under the options *given*; if a default changed since it was made, its
+    manifest's ``method_config`` no longer matches what the code resolves, and the benchmark says so."""
+    import dataclasses
+    import json
+
+    from ueguard.methods import METHODS
+
+    folder = tmp_path / "ssc@disjoint-s0"
+    folder.mkdir()
+    made = dataclasses.asdict(METHODS.get("ssc").make_config("quick", seed=0))
+    (folder / "ueguard-manifest.jsonl").write_text(json.dumps({"kind": "run", "method_config": made}) + "\n")
+    bench.stale_constants(folder, "ssc", "quick", {"seed": 0})  # the same constants: reused
+    with pytest.raises(SystemExit, match=r"anchor_weight 0\.0 → 20.*--variant"):
+        bench.stale_constants(folder, "ssc", "quick", {"seed": 0, "anchor_weight": 20})
+    with pytest.raises(SystemExit, match="seed 0 → 1"):
+        bench.stale_constants(folder, "ssc", "quick", {"seed": 1})
+    (folder / "ueguard-manifest.jsonl").write_text(json.dumps({"kind": "run"}) + "\n")
+    bench.stale_constants(folder, "ssc", "quick", {"seed": 0, "anchor_weight": 20})  # made before the record: passes

@@ -32,6 +32,7 @@ temporary files of a killed run are removed on resume. A full or read-only outpu
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import os
@@ -573,7 +574,9 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
             manifest.write(line)
 
         manifest.write({"kind": "run", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": str(src.resolve()),
-                        "output": str(dst.resolve()), "options": opts.record(), "size": size, "classes": list(listing.classes),
+                        "output": str(dst.resolve()), "options": opts.record(),
+                        "method_config": dataclasses.asdict(method.config),  # every constant, defaults included
+                        "size": size, "classes": list(listing.classes),
                         "linf_units": "1/255", "resumed": bool(done), **surrogate_record, **_environment(runtime)})
         items = ManifestItems(dst / MANIFEST_NAME, manifest.start, done.values())  # streamed, not kept
         for entry in listing.skipped:
