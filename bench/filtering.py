@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train", type=Path, default=None,
                         help="the clean task folder (default: the cache's data/task-train-*-s0)")
     parser.add_argument("--stages", default="layer1,layer2", help="frozen depths to measure (comma list)")
-    parser.add_argument("--rows", default=None, help="only these protected rows (comma list; default all)")
+    parser.add_argument("--rows", default=None,
+                        help="only these protected rows (comma list, e.g. emn,ssc: ssc matches ssc@disjoint; default all)")
     parser.add_argument("--eps", type=float, default=8 / 255)
     parser.add_argument("--arch", default="resnet20_cifar", help="the priors' architecture")
     parser.add_argument("--json", type=Path, default=None)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     wanted = None if args.rows is None else {r.strip() for r in args.rows.split(",")}
     half = torch.arange(len(x)) % 2 == 0
     for row, seed, folder in [("clean", 0, train)] + protected_folders(args.cache, train):
-        if wanted is not None and row not in wanted | {"clean"}:
+        if wanted is not None and row.split("@")[0] not in wanted | {"clean"}:  # ssc@disjoint is row ssc
             continue
         model = prior(seed)
         if model is None:

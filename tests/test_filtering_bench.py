@@ -39,7 +39,7 @@ def cache(tmp_path_factory) -> Path:
     pattern = rng.choice([-8, 8], size=(3, 32, 32, 3))                     # one ±8/255 pattern per class
     write_folder(tag / "classwise-s0", (images + pattern[labels]).astype(np.uint8), labels, train)
     write_folder(tag / "samplewise-s0", (images + rng.choice([-8, 8], size=images.shape)).astype(np.uint8), labels, train)
-    write_folder(tag / "same-s0", images, labels, train)                     # no perturbation at all
+    write_folder(tag / "same@disjoint-s0", images, labels, train)            # no perturbation (a prior's row)
     write_folder(tag / "noprior-s3", images, labels, train)                  # a seed with no cached prior
     write_folder(tag / "other-s0", images[:12], labels[:12], train)          # does not mirror the task folder
     return root
@@ -51,10 +51,12 @@ def test_filtering_measures_every_mirror_of_the_task_folder_and_skips_the_rest(c
     results = bench.main(["--quick", "--cache", str(cache), "--stages", "layer1", "--json", str(out)])
     assert json.loads(out.read_text())["table"] == results["table"]
     rows = {r["row"]: r["stages"]["layer1"] for r in results["folders"]}
-    assert set(rows) == {"clean", "classwise", "samplewise", "same"}
+    assert set(rows) == {"clean", "classwise", "samplewise", "same@disjoint"}
     printed = capsys.readouterr().out
     assert "noprior-s3: no prior of seed 3" in printed and "other-s0" in printed and "do not mirror" in printed
-    assert rows["same"]["shift_rel"] == 0
+    assert rows["same@disjoint"]["shift_rel"] == 0
+    only = bench.main(["--quick", "--cache", str(cache), "--stages", "layer1", "--rows", "same"])
+    assert [r["row"] for r in only["folders"]] == ["clean", "same@disjoint"]  # a row matches its prior's folders
     # a class-wise pattern keeps far more of its shift class-consistent than per-image noise of the same size
     assert rows["classwise"]["class_share"] > 2 * rows["samplewise"]["class_share"]
     assert rows["classwise"]["shift_rel"] > 0 and 0 <= rows["samplewise"]["class_share"] <= 1
