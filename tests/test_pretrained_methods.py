@@ -252,7 +252,7 @@ def test_ssc_anchor_term_pushes_the_frozen_output_along_the_class_direction(digi
     small = digits.subset(range(48))
     options = dict(max_rounds=1, train_steps=2, pgd_steps=5, batch_size=24, pca_images=48)
     plain = run("ssc", small, prior_state, **options)
-    assert "anchor_shift" not in plain.info["history"][-1]          # off by default, and δ as before
+    assert not {"anchor_shift", "deceived"} & set(plain.info["history"][-1])  # both terms off by default
     weak = run("ssc", small, prior_state, anchor_weight=1e-6, **options)
     strong = run("ssc", small, prior_state, anchor_weight=50.0, **options)
     assert_valid(strong.delta, small, classwise=True)
@@ -268,13 +268,11 @@ def test_ssc_deception_term_makes_the_prior_read_the_shifted_class(digits, prior
     # 32/255: at 8/255 a class-wise δ does not flip this tiny prior's reading of a 16-px gray digit
     options = dict(max_rounds=1, train_steps=2, pgd_steps=5, batch_size=24, pca_images=48, probe_images=48,
                    eps=32 / 255)
-    assert "deceived" not in run("ssc", small, prior_state, **options).info["history"][-1]  # off by default
     weak = run("ssc", small, prior_state, deception_weight=1e-6, **options)
     strong = run("ssc", small, prior_state, deception_weight=20.0, **options)
     assert strong.delta.abs().max() <= 32 / 255 + 1e-6
     weak_hit, strong_hit = (r.info["history"][-1]["deceived"] for r in (weak, strong))
     assert strong_hit > weak_hit + 0.2, (weak_hit, strong_hit)
-    assert torch.equal(strong.delta, run("ssc", small, prior_state, deception_weight=20.0, **options).delta)
     with pytest.raises(ValueError, match="deception_shift"):
         run("ssc", small, prior_state, deception_weight=1.0, deception_shift=small.num_classes, **options)
     with pytest.raises(ValueError, match="deception_weight"):
