@@ -111,10 +111,11 @@ def reach(model, x, y, stage: str, num_classes: int, eps: float, steps: int, see
 
 def protected_folders(cache: Path, train: Path) -> list[tuple[str, int, Path]]:
     """``(row, seed, folder)`` of every cached protected folder made from ``train``."""
+    from ueguard.data.manifest import MANIFEST_NAME, first_run
+
     found = []
-    for manifest in sorted(cache.glob("protected/*/*/ueguard-manifest.jsonl")):
-        with manifest.open() as fh:
-            head = json.loads(fh.readline())
+    for manifest in sorted(cache.glob(f"protected/*/*/{MANIFEST_NAME}")):
+        head = first_run(manifest) or {}
         match = re.fullmatch(r"(.+)-s(\d+)", manifest.parent.name)
         if match and Path(head.get("source", "")) == train:
             found.append((match.group(1), int(match.group(2)), manifest.parent))

@@ -309,9 +309,9 @@ def stale_constants(folder: Path, method: str, budget: str, options: dict[str, A
     options given, not the defaults. Folders made before protect recorded ``method_config`` pass."""
     from ueguard.methods import METHODS as REGISTRY
 
-    manifest = folder / "ueguard-manifest.jsonl"
-    with manifest.open() as fh:
-        recorded = json.loads(fh.readline()).get("method_config")
+    from ueguard.data.manifest import MANIFEST_NAME, first_run
+
+    recorded = (first_run(folder / MANIFEST_NAME) or {}).get("method_config")
     if recorded is None:
         return
     now = dataclasses.asdict(REGISTRY.get(method).make_config(budget, **options))

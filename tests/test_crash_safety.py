@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from trees import write_class_tree
 from ueguard.cli import main
-from ueguard.data.manifest import MANIFEST_NAME, ManifestWriter, read_manifest
+from ueguard.data.manifest import MANIFEST_NAME, ManifestWriter, first_run, read_manifest
 from ueguard.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,6 +155,18 @@ def test_manifest_torn_last_line_does_not_swallow_the_next_record(tmp_path):
     with ManifestWriter(path) as writer:
         writer.write({"kind": "file", "source": "b.png"})
     assert list(read_manifest(path)) == [{"kind": "run", "n": 1}, {"kind": "file", "source": "b.png"}]
+
+
+def test_first_run_is_the_invocation_that_made_the_folder(tmp_path):
+    path = tmp_path / MANIFEST_NAME
+    with ManifestWriter(path) as writer:
+        writer.write({"kind": "file", "source": "a.png"})  # a file record before any run line
+    assert first_run(path) is None  # is not taken for one
+    with ManifestWriter(path) as writer:
+        writer.write({"kind": "run", "n": 1})
+    with ManifestWriter(path) as writer:  # a --resume appends a second run line
+        writer.write({"kind": "run", "n": 2})
+    assert first_run(path) == {"kind": "run", "n": 1}
 
 
 def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):

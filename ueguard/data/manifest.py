@@ -98,6 +98,12 @@ def read_manifest(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
         yield record
 
 
+def first_run(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest's first ``run`` record — the invocation that made the folder (a ``--resume`` appends
+    later ones) — or None when it has none; reads only up to it."""
+    return next((r for r in read_manifest(path) if r.get("kind") == "run"), None)
+
+
 def read_manifest_offsets(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(byte offset, record)`` for each record of a manifest, one line in memory at a time."""
     offset = 0
