@@ -175,6 +175,12 @@ class SSCConfig(MethodConfig):
     def stages(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.subspace_stages.split(",") if s.strip())
 
+    @property
+    def read_stages(self) -> tuple[str, ...]:
+        """The depths the prior is read at: the subspace stages, and with the anchor term the frozen
+        stage too (whose output the anchors are measured on)."""
+        return tuple(dict.fromkeys((*self.stages, self.frozen_stage))) if self.anchor_weight > 0 else self.stages
+
 
 def channel_pca(features: torch.Tensor, energy: float, max_vectors: int | None = None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +330,7 @@ class SSC(ProtectionMethod):
                 if anchors is not None:  # the frozen output's mean shift along the class anchor, in σ
                     accuracy["anchor_shift"] = round(torch.cat(anchored).mean().item(), 4)
                 if deceiver is not None:  # share of x + δ the prior + clean head reads as the deceived class
-                    accuracy["deceived"] = self._deceived(deceiver, data, perturbation, check)
+                    accuracy["deceived"] = self._accuracy(deceiver, data, perturbation, check, cfg.deception_shift)
                 history.append(accuracy)
                 self.checkpoint_round(history, delta, tracked)
                 bar.update(1, frozen=f"{accuracy['frozen_path']:.3f}", scratch=f"{accuracy['scratch_path']:.3f}")
@@ -362,8 +368,7 @@ class SSC(ProtectionMethod):
         cfg, rt = self.config, self.runtime
         n = len(data)
         pick = torch.randperm(n, generator=self.generator)[:cfg.pca_images].sort().values.to(rt.device)
-        anchored = cfg.anchor_weight > 0
-        depths = tuple(dict.fromkeys((*cfg.stages, cfg.frozen_stage))) if anchored else cfg.stages
+        anchored, depths = cfg.anchor_weight > 0, cfg.read_stages
         collected: dict[str, list[torch.Tensor]] = {s: [] for s in depths}
         with torch.no_grad():
             for span in batch_ranges(pick.numel(), cfg.batch_size):
@@ -415,12 +420,6 @@ class SSC(ProtectionMethod):
         optimizer.step(closure)
         return deceiver.eval().requires_grad_(False)
 
-    def _deceived(self, deceiver, data: WorkingSet, perturbation: Perturbation, index: torch.Tensor) -> float:
-        spans = (index[s] for s in batch_ranges(index.numel(), 4 * self.config.batch_size))
-        pred = predict(deceiver, (self._perturbed(data, perturbation, idx) for idx in spans), self.runtime)
-        target = (data.labels[index.to(self.runtime.device)] + self.config.deception_shift) % data.num_classes
-        return round((pred == target).float().mean().item(), 4)
-
     def _pgd(self, frozen, scratch, prior, bases, anchors, deceiver, data: WorkingSet, delta: torch.Tensor,
              idx: torch.Tensor):
         """``pgd_steps`` signed steps descending the SSC objective for one batch; returns the new δ, the
@@ -432,16 +431,18 @@ class SSC(ProtectionMethod):
         classwise = cfg.perturbation == "classwise"
         dev_idx = idx.to(rt.device)
         x, y, gray = rt.to_float(data.images_at(idx)), data.labels[dev_idx], data.grayscale[dev_idx]
-        stages = cfg.stages
-        depths = tuple(dict.fromkeys((*stages, cfg.frozen_stage))) if anchors is not None else stages
+        stages, depths = cfg.stages, cfg.read_stages
         with torch.no_grad():
             clean = prior.forward_stages(x, depths)
         alpha = cfg.step_fraction * cfg.eps
         ratio = along = torch.zeros(len(idx), device=rt.device)
         frozen_fn, scratch_fn = model_call(frozen, rt), model_call(scratch, rt)
+        # the deceiver is the prior's body with a fitted head: one pass through it gives the prior's
+        # activations at every depth and, with deception, the head's logits ("head")
+        reader = prior if deceiver is None else deceiver
+        read_fn, reads = model_call(reader, rt, "forward_stages"), depths if deceiver is None else (*depths, "head")
         if deceiver is not None:
-            deceiver_fn, deceived = model_call(deceiver, rt), (y + cfg.deception_shift) % data.num_classes
-        prior_fn = model_call(prior, rt, "forward_stages")
+            deceived = (y + cfg.deception_shift) % data.num_classes
         with frozen_parameters(frozen, scratch):  # ∇ in δ only
             for _ in range(cfg.pgd_steps):
                 if classwise:
@@ -453,9 +454,9 @@ class SSC(ProtectionMethod):
                 with rt.autocast():
                     loss = cfg.frozen_weight * F.cross_entropy(frozen_fn(seen).float(), y, reduction="none")
                     loss = loss + (1 - cfg.frozen_weight) * F.cross_entropy(scratch_fn(seen).float(), y, reduction="none")
-                    feats = prior_fn(xa, depths)
+                    feats = read_fn(xa, reads)
                     if deceiver is not None:  # the prior, as the frozen victim starts, reads the wrong class
-                        loss = loss + cfg.deception_weight * F.cross_entropy(deceiver_fn(xa).float(), deceived,
+                        loss = loss + cfg.deception_weight * F.cross_entropy(feats["head"].float(), deceived,
                                                                              reduction="none")
                 ratio = torch.stack([out_of_subspace_ratio((feats[s] - clean[s]).float(), bases[s]) for s in stages]).mean(0)
                 objective = loss + cfg.camouflage_weight * ratio
@@ -481,7 +482,11 @@ class SSC(ProtectionMethod):
         x = self.runtime.to_float(data.images_at(idx))
         return apply_delta(x, perturbation.for_samples(dev_idx, data.labels, data.grayscale))
 
-    def _accuracy(self, model, data: WorkingSet, perturbation: Perturbation, index: torch.Tensor) -> float:
+    def _accuracy(self, model, data: WorkingSet, perturbation: Perturbation, index: torch.Tensor,
+                  shift: int = 0) -> float:
+        """Share of x + δ at ``index`` that ``model`` reads as class (y + ``shift``) mod K: its accuracy at
+        0, the deceiver's hit rate at ``deception_shift``."""
         spans = (index[s] for s in batch_ranges(index.numel(), 4 * self.config.batch_size))
         pred = predict(model, (self._perturbed(data, perturbation, idx) for idx in spans), self.runtime)
-        return round((pred == data.labels[index.to(self.runtime.device)]).float().mean().item(), 4)
+        target = (data.labels[index.to(self.runtime.device)] + shift) % data.num_classes
+        return round((pred == target).float().mean().item(), 4)
