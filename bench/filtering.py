@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 DEFAULT_CACHE = Path.home() / ".cache" / "ueguard-reproduce"
 DIRECTIONS = ("top", "all", "bottom")
@@ -65,26 +64,23 @@ def class_share(shift: torch.Tensor, labels: torch.Tensor, num_classes: int) -> 
 
 
 def linear_probe(train_x, train_y, test_x, test_y, num_classes: int) -> float:
-    """Accuracy of an L2-regularised multinomial logistic regression (L-BFGS) on standardised features."""
+    """Accuracy of an L2-regularised multinomial logistic regression (L-BFGS, from zero weights) on
+    standardised features — the fit of SSC's deceiver head (:func:`ueguard.engine.loops.fit_linear_head`)."""
+    from ueguard.engine.loops import fit_linear_head
+
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
     a, b = (train_x - mu) / sd, (test_x - mu) / sd
-    w = torch.zeros(a.shape[1], num_classes, requires_grad=True)
-    bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, bias], max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(a @ w + bias, train_y) + 1e-3 * w.square().sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return ((b @ w + bias).argmax(1) == test_y).float().mean().item()
+    head = torch.nn.Linear(a.shape[1], num_classes)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    fit_linear_head(head, a, train_y, max_iter=300)
+    with torch.no_grad():
+        return (head(b).argmax(1) == test_y).float().mean().item()
 
 
 def reach(model, x, y, stage: str, num_classes: int, eps: float, steps: int, seed: int) -> dict[str, float]:
     """Mean pooled shift along each class's direction that a class-wise δ reaches, in pooled σ."""
-    from ueguard.methods.ssc import channel_pca
+    from ueguard.methods.ssc import channel_pca, class_anchors
 
     clean = stage_features(model, x, [stage])[stage]
     full, _ = channel_pca(clean, 1.0)
@@ -93,9 +89,7 @@ def reach(model, x, y, stage: str, num_classes: int, eps: float, steps: int, see
     out = {}
     for kind in DIRECTIONS:
         basis = {"top": full[:, :max(top, num_classes)], "all": full, "bottom": full[:, -max(num_classes, full.shape[1] - top):]}[kind]
-        mix = torch.randn(basis.shape[1], num_classes, generator=generator)
-        directions = basis @ (torch.linalg.qr(mix).Q if basis.shape[1] >= num_classes else mix)
-        directions = directions / directions.norm(dim=0, keepdim=True)
+        directions, _ = class_anchors(clean, basis, num_classes, generator)  # SSC's anchors, σ of the pooled output
         sigma = (clean.mean((2, 3)) @ directions).std(0)
         delta = torch.zeros(num_classes, *x.shape[1:])
         along = torch.zeros(len(y))
@@ -197,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["folders"].append(record)
         print(f"{row} (seed {seed}): {json.dumps(record['stages'])}", flush=True)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    lines = [f"| row | seed | " + " | ".join(f"{s} shift_rel | {s} class_share | {s} probe_self" for s in stages) + " |",
+    lines = ["| row | seed | " + " | ".join(f"{s} shift_rel | {s} class_share | {s} probe_self" for s in stages) + " |",
              "|---|---:|" + "---:|" * (3 * len(stages))]
     for record in results["folders"]:
         cells = []

@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from ueguard.cli import main
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.compiled import frozen_parameters, model_call
-from ueguard.engine.loops import OptimConfig, Trainer, input_gradient, pgd_step
+from ueguard.engine.loops import OptimConfig, Trainer, fit_linear_head, input_gradient, pgd_step
 from ueguard.engine.runtime import Runtime
 from ueguard.errors import UsageError
 from ueguard.methods import create_method
@@ -102,6 +102,25 @@ def test_compiled_callables_are_cached_on_the_model_and_not_copied():
     assert model_call(clone, rt) is not first
     assert "_ueguard_compiled" not in model.state_dict() and not any("compiled" in n for n, _ in model.named_modules())
     assert model_call(model, Runtime.create("cpu", "fp32", "off")) is model
+
+
+def test_fit_linear_head_reaches_scikit_learns_logistic_regression_optimum():
+    """The probe SSC's deceiver and bench/filtering fit: the same convex problem as scikit-learn's
+    multinomial LogisticRegression with C = 1 / (2 N l2) (neither penalises the intercept)."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    d = load_digits()
+    x, y = torch.tensor(d.data[:600] / 16, dtype=torch.float64), torch.tensor(d.target[:600])
+    l2 = 1e-2
+    head = nn.Linear(64, 10).double()
+    assert fit_linear_head(head, x, y, l2=l2, max_iter=500) is head
+    ref = LogisticRegression(C=1 / (2 * len(x) * l2), tol=1e-10, max_iter=5000).fit(x.numpy(), y.numpy())
+    weight, bias = head.weight.detach().numpy(), head.bias.detach().numpy()
+    assert np.abs(weight - ref.coef_).max() < 1e-3 * np.abs(ref.coef_).max()
+    assert np.abs((bias - bias.mean()) - (ref.intercept_ - ref.intercept_.mean())).max() < 1e-2  # up to a constant
+    stronger = fit_linear_head(nn.Linear(64, 10).double(), x, y, l2=10 * l2, max_iter=500)
+    assert stronger.weight.norm() < 0.7 * head.weight.norm()
 
 
 def test_frozen_parameters_restores_only_what_was_trainable():

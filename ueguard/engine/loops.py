@@ -119,6 +119,24 @@ def predict(model: nn.Module, batches, runtime: Runtime) -> torch.Tensor:
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=runtime.device)
 
 
+def fit_linear_head(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, *, l2: float = 1e-3,
+                    max_iter: int = 200) -> nn.Linear:
+    """Fit ``head`` in place, from its current weights, as an L2-regularised multinomial logistic
+    regression on fixed N×D ``features``: full-batch L-BFGS (strong-Wolfe line search) on cross-entropy +
+    ``l2``·‖W‖². A linear probe of a frozen body, on the device the features are on."""
+    head.requires_grad_(True)
+    optimizer = torch.optim.LBFGS(list(head.parameters()), max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(features), labels) + l2 * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return head
+
+
 def batch_ranges(n: int, batch_size: int):
     """Consecutive index ranges covering ``0..n-1``."""
     for start in range(0, n, batch_size):

@@ -110,7 +110,7 @@ from torch import nn
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
 from ueguard.engine.compiled import frozen_parameters, model_call
-from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, predict
+from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, fit_linear_head, predict
 from ueguard.kernels import project_step
 from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project
 from ueguard.methods.emn import AUGMENT_MODES, PERTURBATION_KINDS
@@ -408,16 +408,7 @@ class SSC(ProtectionMethod):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             head.reset_parameters()
-        optimizer = torch.optim.LBFGS(list(head.parameters()), max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            loss = F.cross_entropy(head(feats), labels) + 1e-3 * head.weight.square().sum()
-            loss.backward()
-            return loss
-
-        head.requires_grad_(True)
-        optimizer.step(closure)
+        fit_linear_head(head, feats, labels)
         return deceiver.eval().requires_grad_(False)
 
     def _pgd(self, frozen, scratch, prior, bases, anchors, deceiver, data: WorkingSet, delta: torch.Tensor,
