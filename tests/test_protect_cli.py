@@ -248,6 +248,38 @@ def test_resume_with_different_settings_is_refused(tmp_path):
     assert result.exit_code == 2 and "different settings (eps" in result.output
 
 
+def test_resume_refuses_a_folder_made_under_other_method_defaults(tmp_path, monkeypatch):
+    """A default that changed between two ueguard versions must not mix two kinds of δ in one folder."""
+    from ueguard.methods import METHODS
+
+    write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
+    out = tmp_path / "out"
+    assert run_cli("protect", str(tmp_path / "src"), "--out", str(out), *FAST).exit_code == 0
+    manifest = out / MANIFEST_NAME
+    lines = manifest.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["kind"] == "run" and header["defaults_revision"] == 1 and header["method_config"]["eval_limit"] == 10_000
+
+    def resume():
+        return CliRunner().invoke(main, ["protect", str(tmp_path / "src"), "--out", str(out), *FAST, "--resume"])
+
+    header["method_config"]["eval_limit"] = 500  # recorded: made with another default
+    manifest.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    result = resume()
+    assert result.exit_code == 2 and "defaults differ" in result.output and "eval_limit 500 → 10000" in result.output
+    # a manifest from before method_config was recorded: resolved under its revision's former defaults
+    legacy = {k: v for k, v in header.items() if k not in ("method_config", "defaults_revision")}
+    manifest.write_text("\n".join([json.dumps(legacy), *lines[1:]]) + "\n")
+    assert resume().exit_code == 0  # revision 1 is this code's: nothing changed
+    monkeypatch.setattr(METHODS.get("emn"), "defaults_revision", 2)
+    monkeypatch.setattr(METHODS.get("emn"), "former_defaults", {1: {"eval_limit": 500}})
+    manifest.write_text("\n".join([json.dumps(legacy), *lines[1:]]) + "\n")
+    result = resume()
+    assert result.exit_code == 2 and "eval_limit 500 → 10000" in result.output
+    with pytest.raises(ValueError, match="no defaults revision 3"):
+        METHODS.get("emn").config_at(3, "quick")
+
+
 def test_lossy_format_is_warned_about_and_measured(tmp_path):
     write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
     result = run_cli("protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *FAST, "--format", "jpeg",

@@ -200,6 +200,11 @@ class ProtectionMethod(ABC):
     #: Bi-level methods that checkpoint every round through :meth:`checkpoint_round` (see
     #: :attr:`round_checkpoint`), so that an interrupted run continues with the next round.
     checkpoints_rounds: ClassVar[bool] = False
+    #: Bumped whenever a default constant changes; protect records it in the manifest, so a folder made
+    #: under older defaults can be told apart (``--resume`` refuses to mix them, benchmarks re-make it).
+    defaults_revision: ClassVar[int] = 1
+    #: For each earlier revision, the constants whose default then differs from now's.
+    former_defaults: ClassVar[dict[int, dict[str, Any]]] = {}
 
     def __init__(self, config: MethodConfig, *, runtime: Runtime, surrogate: nn.Module | None = None,
                  progress: Progress = SILENT) -> None:
@@ -350,6 +355,16 @@ class ProtectionMethod(ABC):
             raise ValueError(f"method {cls.name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(valid))}")
         values = {**cls.presets.get(budget, {}), **{k: v for k, v in overrides.items() if v is not None}}
         return cls.config_class(**values)
+
+    @classmethod
+    def config_at(cls, revision: int, budget: str = "standard", **overrides: Any) -> MethodConfig:
+        """The config a run with these options resolved to under defaults revision ``revision`` (a
+        manifest without the record is revision 1) — :meth:`make_config` with that revision's defaults."""
+        if not 1 <= revision <= cls.defaults_revision:
+            raise ValueError(f"method {cls.name!r}: no defaults revision {revision} (this code has 1 … "
+                             f"{cls.defaults_revision}); the folder was made by a newer ueguard")
+        former = cls.former_defaults.get(revision, {}) if revision < cls.defaults_revision else {}
+        return cls.make_config(budget, **{**former, **{k: v for k, v in overrides.items() if v is not None}})
 
     def __call__(self, data: WorkingSet) -> Perturbation:
         if self.needs_labels and bool((data.labels < 0).any()):

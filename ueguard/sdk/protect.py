@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import math
 import os
 import shutil
@@ -348,9 +349,10 @@ def _check_destination(src: Path, dst: Path, resume: bool) -> None:
         raise UsageError(f"the output folder {dst} is not writable")
 
 
-def _previous_run(dst: Path, opts: ProtectOptions) -> dict[str, int]:
+def _previous_run(dst: Path, opts: ProtectOptions, method) -> dict[str, int]:
     """For ``--resume``: the byte offset in the manifest of each finished file's record (by source path),
-    after checking that the earlier run used the same settings. Streams the manifest."""
+    after checking that the earlier run used the same settings and resolved them to the same method
+    constants (a default may have changed in between, :func:`changed_constants`). Streams the manifest."""
     path = dst / MANIFEST_NAME
     if not path.exists():
         return {}
@@ -363,9 +365,28 @@ def _previous_run(dst: Path, opts: ProtectOptions) -> dict[str, int]:
             if changed:
                 raise UsageError(f"--resume: {dst} was made with different settings ({', '.join(changed)}); "
                                  "resume with the same options or choose a new --out")
+            if constants := changed_constants(header, method, opts):
+                raise UsageError(f"--resume: {dst} was made by a ueguard whose {opts.method} defaults differ from "
+                                 f"this one's ({constants}); give the old values with -o to finish it as it was "
+                                 "begun, or choose a new --out")
         elif r.get("kind") == "file" and r.get("status") == "ok":
             finished[r["source"]] = (offset, r["output"], r["output_sha256"])
     return {source: offset for source, (offset, output, sha256) in finished.items() if _intact(dst / output, sha256)}
+
+
+def changed_constants(header: dict[str, Any], method, opts: ProtectOptions) -> str:
+    """The method constants a manifest's ``run`` line resolved to that differ from what ``method`` resolves
+    ``opts`` to now, as ``name old → new`` text ('' when none). A line without ``method_config`` (made
+    before protect recorded it) is resolved anew under its ``defaults_revision`` (1 when absent)."""
+    now = json.loads(json.dumps(dataclasses.asdict(method.config)))
+    recorded = header.get("method_config")
+    if recorded is None:
+        try:
+            then = type(method).config_at(header.get("defaults_revision", 1), opts.budget, **opts.method_overrides())
+        except ValueError as error:
+            return str(error)
+        recorded = json.loads(json.dumps(dataclasses.asdict(then)))
+    return ", ".join(f"{k} {recorded[k]!r} → {v!r}" for k, v in sorted(now.items()) if k in recorded and recorded[k] != v)
 
 
 def _intact(path: Path, sha256: str) -> bool:
@@ -555,7 +576,7 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
     num_classes = max(1, len(listing.classes)) if not pseudo else max(2, opts.clusters or 2)  # a head is needed even label-free
     method, surrogate_record = _build_method(opts, size, num_classes, runtime, progress)
     _check_destination(src, dst, opts.resume)
-    done = _previous_run(dst, opts) if opts.resume else {}
+    done = _previous_run(dst, opts, method) if opts.resume else {}
     common = {"method": opts.method, "eps": opts.eps, "eps_255": round(opts.eps * 255, 4), "seed": opts.seed}
     pseudo_names: dict[str, str] = {}
 
@@ -576,6 +597,7 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
         manifest.write({"kind": "run", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": str(src.resolve()),
                         "output": str(dst.resolve()), "options": opts.record(),
                         "method_config": dataclasses.asdict(method.config),  # every constant, defaults included
+                        "defaults_revision": type(method).defaults_revision,
                         "size": size, "classes": list(listing.classes),
                         "linf_units": "1/255", "resumed": bool(done), **surrogate_record, **_environment(runtime)})
         items = ManifestItems(dst / MANIFEST_NAME, manifest.start, done.values())  # streamed, not kept
