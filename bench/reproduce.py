@@ -303,23 +303,34 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, method, parse_method_options(tuple(p for p in pairs.split(",") if p)))
 
 
-def stale_constants(folder: Path, method: str, budget: str, options: dict[str, Any]) -> None:
-    """Refuse a cached protected folder whose manifest records method constants other than the ones this
-    code resolves now (a default changed since it was made): the folder's cache key holds only the
-    options given, not the defaults. Folders made before protect recorded ``method_config`` pass."""
-    from ueguard.methods import METHODS as REGISTRY
-
+def cached_protection(cells: Path, preferred: Path, method: str, options: dict[str, Any], config) -> Path | None:
+    """A finished protected folder in ``cells`` made with ``options`` (protect's options as the benchmark
+    records them) whose run resolved to ``config``'s constants — ``preferred`` (the row's own name) first,
+    then any other row's: a default that changed is re-made, and a variant whose constants the defaults have
+    since become is reused. Folders made before protect recorded ``method_config`` are resolved under their
+    defaults revision (see :func:`ueguard.sdk.protect.recorded_constants`)."""
     from ueguard.data.manifest import MANIFEST_NAME, first_run
+    from ueguard.methods import METHODS as REGISTRY
+    from ueguard.sdk.protect import changed_constants, recorded_constants
 
-    recorded = (first_run(folder / MANIFEST_NAME) or {}).get("method_config")
-    if recorded is None:
-        return
-    now = dataclasses.asdict(REGISTRY.get(method).make_config(budget, **options))
-    changed = {k: (recorded[k], v) for k, v in now.items() if k in recorded and recorded[k] != v}
-    if changed:
-        listing = ", ".join(f"{k} {was!r} → {now!r}" for k, (was, now) in sorted(changed.items()))
-        raise SystemExit(f"{folder}: made with other {method} constants than this code's ({listing}); "
-                         f"move it aside to re-make it, or give the old values with --variant")
+    def settings(o: dict[str, Any]) -> dict[str, Any]:  # all but the method constants, which are compared resolved
+        return json.loads(json.dumps({k: v for k, v in o.items() if k not in ("method_options", "resume")}, default=str))
+
+    wanted = settings(options)
+    for done in [preferred.with_name(preferred.name + ".json")] + sorted(cells.glob("*.json")):
+        folder = done.with_name(done.name[:-len(".json")])
+        try:
+            record, header = json.loads(done.read_text()), first_run(folder / MANIFEST_NAME)
+        except (OSError, ValueError):
+            continue
+        if record.get("method") != method or header is None or settings(record.get("options", {})) != wanted:
+            continue
+        try:
+            if not changed_constants(recorded_constants(header, REGISTRY.get(method)), config):
+                return folder
+        except (ValueError, KeyError):
+            continue
+    return None
 
 
 def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache: Path, scale: Scale, seed: int,
@@ -333,18 +344,25 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
     key = f"{row.name}@{prior.name}" if needs_prior else row.name
     cells = cache / "protected" / scale.protect_tag()
     out = cells / f"{key}-s{seed}"
-    done = cells / f"{key}-s{seed}.json"
     protect_options, method_options = row.split()
-    if done.is_file() and out.is_dir():
-        stale_constants(out, method, scale.budget, {**scale.options_for(method), **method_options, "seed": seed})
-        return out, json.loads(done.read_text())
-    if CACHED_ONLY:
-        raise SystemExit(f"--cached-only: {key} is not protected yet (in {cells})")
     options: dict[str, Any] = {"budget": scale.budget, "seed": seed, "size": 32, "format": "png", **protect_options,
-                               "method_options": {**scale.options_for(method), **method_options}, "resume": out.exists()}
+                               "method_options": {**scale.options_for(method), **method_options}}
     if REGISTRY.get(method).needs_surrogate:
         options.update(surrogate=prior.arch if needs_prior else scale.scratch_arch,
                        weights=str(prior.weights) if needs_prior else None)
+    from ueguard.sdk.options import ProtectOptions
+
+    resolved = ProtectOptions.resolve(method=method, **{k: v for k, v in options.items() if v is not None})
+    config = REGISTRY.get(method).make_config(resolved.budget, **resolved.method_overrides())
+    if (found := cached_protection(cells, out, method, options, config)) is not None:
+        return found, {**json.loads(found.with_name(found.name + ".json").read_text()), "folder": str(found)}
+    if out.with_name(out.name + ".json").is_file():  # the row's name holds a folder made with other constants
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:8]
+        out = cells / f"{key}-{digest}-s{seed}"
+    done = out.with_name(out.name + ".json")
+    if CACHED_ONLY:
+        raise SystemExit(f"--cached-only: {key} is not protected yet with this code's constants (in {cells})")
+    options["resume"] = out.exists()
     log(f"protect {key}: {json.dumps({k: v for k, v in options.items() if v is not None}, default=str)}")
     started = time.perf_counter()
     result = protect(folders.task_train, out, method, **options)
@@ -376,14 +394,16 @@ def defense_constants(defense: str, budget: str, defense_options: dict[str, Any]
 
 def cached_runs(cells: Path, row: str, seed: int, recipe: dict[str, Any], data: tuple[str, str],
                 constants: dict[str, dict[str, Any]]) -> dict[tuple[str, str], dict]:
-    """Every finished run in this row's cached reports that was trained on ``data`` (train, test folders) with
-    ``recipe`` and with the defense constants that are current now, keyed by ``(paradigm, defense)``.
+    """Every finished run in the cached reports that was trained on ``data`` (train, test folders) with
+    ``recipe`` and with the defense constants that are current now, keyed by ``(paradigm, defense)``; this
+    row's own reports first.
 
-    A run is found wherever it was made (another column group's battery, bench/staged.py's settings), and a
-    run made under a defense's *former* defaults is not found, so a changed default re-runs only what it
-    changes."""
+    A run is found wherever it was made (another column group's battery, bench/staged.py's settings, another
+    row's report on the same protected folder — a variant the defaults have become), and a run made under a
+    defense's *former* defaults is not found, so a changed default re-runs only what it changes."""
     found: dict[tuple[str, str], dict] = {}
-    for path in sorted(cells.glob(f"verify-{glob.escape(row)}-*-s{seed}.json")):
+    own = sorted(cells.glob(f"verify-{glob.escape(row)}-*-s{seed}.json"))
+    for path in own + sorted(set(cells.glob(f"verify-*-s{seed}.json")) - set(own)):
         try:
             report = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -191,8 +191,9 @@ def cell_setup(bench, tmp_path, monkeypatch):
 
 
 def test_verify_cell_trains_only_runs_no_cached_report_holds(bench, cell_setup):
-    """A run made elsewhere (bench/staged.py's settings cell) under the constants that are now the defaults
-    is reused; a run made under a defense's former defaults, another recipe or other data is not."""
+    """A run made elsewhere (bench/staged.py's settings cell, another row's report on the same data) under
+    the constants that are now the defaults is reused; a run made under a defense's former defaults, another
+    recipe or other data is not."""
     import json
 
     scale, folders, cells, calls = cell_setup
@@ -206,8 +207,8 @@ def test_verify_cell_trains_only_runs_no_cached_report_holds(bench, cell_setup):
                "verify-emn-other-s0.json": _fake_report(folders, "bdr", "scratch",
                                                         bench.defense_constants("bdr", "quick", {}),
                                                         train=folders.prior_train),
-               "verify-clean-scratch-s0.json": _fake_report(folders, "gray", "scratch",  # another row's file
-                                                            bench.defense_constants("gray", "quick", {}))}
+               "verify-clean-scratch-s0.json": _fake_report(folders, "gray", "scratch",  # another row's report on
+                                                            bench.defense_constants("gray", "quick", {}))}  # the same data
     reports["verify-emn-scratch-s0.json"]["runs"].append(
         {"paradigm": "scratch", "defense": "staged", "defense_config": staged_before, "test_accuracy": 0.1})
     for name, report in reports.items():
@@ -215,7 +216,8 @@ def test_verify_cell_trains_only_runs_no_cached_report_holds(bench, cell_setup):
 
     out = bench.verify_cell("emn", "scratch", folders.task_train, folders, None, ["scratch"],
                             ["none", "staged", "gray", "jpeg", "bdr"], cells, scale, 0, lambda m: None)
-    assert [c["defense"] for c in calls] == ["gray", "jpeg", "bdr"]  # one battery per missing defense
+    assert [c["defense"] for c in calls] == ["jpeg", "bdr"]  # one battery per missing defense; gray is the
+                                                             # same run as the other row's: reused
     assert all(c["paradigm"] == "scratch" and c["epochs"] == 3 for c in calls)
     assert [r["defense"] for r in out["runs"]] == ["none", "staged", "gray", "jpeg", "bdr"]
     staged = out["runs"][1]  # the settings cell's run, not the stale one beside "none"
@@ -317,22 +319,40 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
             bench.main(common + ["--victim-seeds", bad])
 
 
-def test_a_cached_protection_made_with_other_constants_is_refused(bench, tmp_path):
-    """A protected folder is cached under the options *given*; if a default changed since it was made, its
-    manifest's ``method_config`` no longer matches what the code resolves, and the benchmark says so."""
+def test_a_cached_protection_is_found_by_its_resolved_constants(bench, tmp_path, monkeypatch):
+    """A protected folder is reused only when its run resolved to the constants this code resolves now —
+    under the row's own name first, else under any row's (a variant the defaults have become); a changed
+    default is not found, so it is made anew."""
     import dataclasses
     import json
 
     from ueguard.methods import METHODS
+    from ueguard.sdk.options import ProtectOptions
 
-    folder = tmp_path / "ssc@disjoint-s0"
-    folder.mkdir()
-    made = dataclasses.asdict(METHODS.get("ssc").make_config("quick", seed=0))
-    (folder / "ueguard-manifest.jsonl").write_text(json.dumps({"kind": "run", "method_config": made}) + "\n")
-    bench.stale_constants(folder, "ssc", "quick", {"seed": 0})  # the same constants: reused
-    with pytest.raises(SystemExit, match=r"anchor_weight 0\.0 → 20.*--variant"):
-        bench.stale_constants(folder, "ssc", "quick", {"seed": 0, "anchor_weight": 20})
-    with pytest.raises(SystemExit, match="seed 0 → 1"):
-        bench.stale_constants(folder, "ssc", "quick", {"seed": 1})
-    (folder / "ueguard-manifest.jsonl").write_text(json.dumps({"kind": "run"}) + "\n")
-    bench.stale_constants(folder, "ssc", "quick", {"seed": 0, "anchor_weight": 20})  # made before the record: passes
+    ssc = METHODS.get("ssc")
+    options = {"budget": "quick", "seed": 0, "size": 32, "format": "png", "method_options": {}}
+
+    def made(name: str, method_options: dict, recorded: bool) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        given = {**options, "method_options": method_options}
+        header = {"kind": "run", "options": ProtectOptions.resolve(method="ssc", **given).record()}
+        if recorded:
+            config = ssc.make_config("quick", seed=0, **method_options)
+            header["method_config"] = json.loads(json.dumps(dataclasses.asdict(config)))
+        (folder / "ueguard-manifest.jsonl").write_text(json.dumps(header) + "\n")
+        (tmp_path / f"{name}.json").write_text(json.dumps({"method": "ssc", "options": given}))
+        return folder
+
+    plain = made("ssc@disjoint-s0", {}, recorded=False)  # made before method_config was recorded
+    deceive = made("ssc-deceive@disjoint-s0", {"deception_weight": 1}, recorded=True)
+    find = lambda config, wanted=options: bench.cached_protection(tmp_path, plain, "ssc", wanted, config)  # noqa: E731
+    assert find(ssc.make_config("quick", seed=0)) == plain
+    assert find(ssc.make_config("quick", seed=0, deception_weight=1)) == deceive  # another row's folder
+    assert find(ssc.make_config("quick", seed=0, anchor_weight=20)) is None  # nothing made with these
+    assert find(ssc.make_config("quick", seed=0), {**options, "seed": 1}) is None  # other settings
+    # a default changed: the folder without a record resolves under revision 1's former defaults
+    monkeypatch.setattr(ssc, "defaults_revision", 2)
+    monkeypatch.setattr(ssc, "former_defaults", {1: {"anchor_weight": 20.0}})
+    assert find(ssc.make_config("quick", seed=0)) is None
+    assert find(ssc.make_config("quick", seed=0, anchor_weight=20)) == plain

@@ -365,7 +365,11 @@ def _previous_run(dst: Path, opts: ProtectOptions, method) -> dict[str, int]:
             if changed:
                 raise UsageError(f"--resume: {dst} was made with different settings ({', '.join(changed)}); "
                                  "resume with the same options or choose a new --out")
-            if constants := changed_constants(header, method, opts):
+            try:
+                constants = changed_constants(recorded_constants(header, type(method)), method.config)
+            except ValueError as error:
+                constants = str(error)
+            if constants:
                 raise UsageError(f"--resume: {dst} was made by a ueguard whose {opts.method} defaults differ from "
                                  f"this one's ({constants}); give the old values with -o to finish it as it was "
                                  "begun, or choose a new --out")
@@ -374,18 +378,21 @@ def _previous_run(dst: Path, opts: ProtectOptions, method) -> dict[str, int]:
     return {source: offset for source, (offset, output, sha256) in finished.items() if _intact(dst / output, sha256)}
 
 
-def changed_constants(header: dict[str, Any], method, opts: ProtectOptions) -> str:
-    """The method constants a manifest's ``run`` line resolved to that differ from what ``method`` resolves
-    ``opts`` to now, as ``name old → new`` text ('' when none). A line without ``method_config`` (made
-    before protect recorded it) is resolved anew under its ``defaults_revision`` (1 when absent)."""
-    now = json.loads(json.dumps(dataclasses.asdict(method.config)))
-    recorded = header.get("method_config")
-    if recorded is None:
-        try:
-            then = type(method).config_at(header.get("defaults_revision", 1), opts.budget, **opts.method_overrides())
-        except ValueError as error:
-            return str(error)
-        recorded = json.loads(json.dumps(dataclasses.asdict(then)))
+def recorded_constants(header: dict[str, Any], method_cls) -> dict[str, Any]:
+    """The method constants (JSON form) the run of a manifest's ``run`` line resolved to: its
+    ``method_config``, or for a line made before protect recorded that, its options resolved anew under its
+    ``defaults_revision`` (1 when absent; ValueError for a revision newer than this code's)."""
+    if header.get("method_config") is not None:
+        return header["method_config"]
+    recorded = ProtectOptions.resolve(**{k: v for k, v in header["options"].items() if k != "eps_255"})
+    then = method_cls.config_at(header.get("defaults_revision", 1), recorded.budget, **recorded.method_overrides())
+    return json.loads(json.dumps(dataclasses.asdict(then)))
+
+
+def changed_constants(recorded: dict[str, Any], config) -> str:
+    """The constants of ``recorded`` (see :func:`recorded_constants`) that differ from ``config``'s, as
+    ``name old → new`` text; '' when none (a constant only one side has is not compared)."""
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
     return ", ".join(f"{k} {recorded[k]!r} → {v!r}" for k, v in sorted(now.items()) if k in recorded and recorded[k] != v)
 
 
