@@ -253,8 +253,10 @@ def test_ssc_anchor_term_pushes_the_frozen_output_along_the_class_direction(digi
     # 32/255: at 8/255 the margin on this tiny prior is 0.06–0.10 σ and moves with the thread count (the
     # prior's 30 SGD steps differ between 1 and 2 threads); at 32/255 it is 0.27–0.34 at both
     options = dict(max_rounds=1, train_steps=2, pgd_steps=5, batch_size=24, pca_images=48, eps=32 / 255)
-    plain = run("ssc", small, prior_state, **options)
-    assert not {"anchor_shift", "deceived"} & set(plain.info["history"][-1])  # both terms off by default
+    default = run("ssc", small, prior_state, **options)
+    assert "deceived" in default.info["history"][-1] and "anchor_shift" not in default.info["history"][-1]  # ρ 1, κ 0
+    plain = run("ssc", small, prior_state, deception_weight=0, **options)
+    assert not {"anchor_shift", "deceived"} & set(plain.info["history"][-1])  # both terms off
     weak = run("ssc", small, prior_state, anchor_weight=1e-6, **options)
     strong = run("ssc", small, prior_state, anchor_weight=50.0, **options)
     assert strong.delta.abs().max() <= 32 / 255 + 1e-6

@@ -280,6 +280,24 @@ def test_resume_refuses_a_folder_made_under_other_method_defaults(tmp_path, monk
         METHODS.get("emn").config_at(3, "quick")
 
 
+def test_an_ssc_folder_made_before_defaults_revision_2_resolves_to_plain_ssc():
+    """What the README promises: a folder protected before SSC's deception term became the default (its run
+    line has neither method_config nor defaults_revision) differs from today's default and is refused by
+    --resume, but not when resumed with -o deception_weight=0."""
+    from ueguard.methods import METHODS
+    from ueguard.sdk.options import ProtectOptions
+    from ueguard.sdk.protect import changed_constants, recorded_constants
+
+    ssc = METHODS.get("ssc")
+    for given, then in (({}, 0.0), ({"deception_weight": 0}, 0.0), ({"deception_weight": 2}, 2.0)):
+        header = {"kind": "run", "options": ProtectOptions.resolve(method="ssc", budget="quick",
+                                                                    method_options=given).record()}
+        assert recorded_constants(header, ssc)["deception_weight"] == then
+    legacy = {"kind": "run", "options": ProtectOptions.resolve(method="ssc", budget="quick").record()}
+    assert changed_constants(recorded_constants(legacy, ssc), ssc.make_config("quick")) == "deception_weight 0.0 → 1.0"
+    assert changed_constants(recorded_constants(legacy, ssc), ssc.make_config("quick", deception_weight=0)) == ""
+
+
 def test_lossy_format_is_warned_about_and_measured(tmp_path):
     write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
     result = run_cli("protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *FAST, "--format", "jpeg",

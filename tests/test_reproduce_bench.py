@@ -344,15 +344,18 @@ def test_a_cached_protection_is_found_by_its_resolved_constants(bench, tmp_path,
         (tmp_path / f"{name}.json").write_text(json.dumps({"method": "ssc", "options": given}))
         return folder
 
-    plain = made("ssc@disjoint-s0", {}, recorded=False)  # made before method_config was recorded
+    plain = made("ssc@disjoint-s0", {}, recorded=False)  # made before method_config was recorded: revision 1
     deceive = made("ssc-deceive@disjoint-s0", {"deception_weight": 1}, recorded=True)
     find = lambda config, wanted=options: bench.cached_protection(tmp_path, plain, "ssc", wanted, config)  # noqa: E731
-    assert find(ssc.make_config("quick", seed=0)) == plain
-    assert find(ssc.make_config("quick", seed=0, deception_weight=1)) == deceive  # another row's folder
+    assert find(ssc.make_config("quick", seed=0, deception_weight=0)) == plain  # revision 1's default: ρ 0
+    assert find(ssc.make_config("quick", seed=0)) == deceive  # today's default is what that variant was made with
     assert find(ssc.make_config("quick", seed=0, anchor_weight=20)) is None  # nothing made with these
     assert find(ssc.make_config("quick", seed=0), {**options, "seed": 1}) is None  # other settings
-    # a default changed: the folder without a record resolves under revision 1's former defaults
-    monkeypatch.setattr(ssc, "defaults_revision", 2)
-    monkeypatch.setattr(ssc, "former_defaults", {1: {"anchor_weight": 20.0}})
-    assert find(ssc.make_config("quick", seed=0)) is None
-    assert find(ssc.make_config("quick", seed=0, anchor_weight=20)) == plain
+    # another default changes: the folder without a record resolves under its revision's former defaults,
+    # the one with a record keeps what it recorded
+    monkeypatch.setattr(ssc, "defaults_revision", 3)
+    monkeypatch.setattr(ssc, "former_defaults", {1: {"deception_weight": 0.0, "anchor_weight": 20.0},
+                                                 2: {"anchor_weight": 20.0}})
+    assert find(ssc.make_config("quick", seed=0, deception_weight=0)) is None
+    assert find(ssc.make_config("quick", seed=0, deception_weight=0, anchor_weight=20)) == plain
+    assert find(ssc.make_config("quick", seed=0)) == deceive
