@@ -371,8 +371,8 @@ def _previous_run(dst: Path, opts: ProtectOptions, method) -> dict[str, int]:
                 constants = str(error)
             if constants:
                 raise UsageError(f"--resume: {dst} was made by a ueguard whose {opts.method} defaults differ from "
-                                 f"this one's ({constants}); give the old values with -o to finish it as it was "
-                                 "begun, or choose a new --out")
+                                 f"this one's ({constants}); finish it with the ueguard version that began it, or "
+                                 "choose a new --out")
         elif r.get("kind") == "file" and r.get("status") == "ok":
             finished[r["source"]] = (offset, r["output"], r["output_sha256"])
     return {source: offset for source, (offset, output, sha256) in finished.items() if _intact(dst / output, sha256)}
