@@ -296,7 +296,7 @@ class SSC(ProtectionMethod):
         deep_trainer = Trainer(frozen, rt, OptimConfig(deep_lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         scratch_trainer = Trainer(scratch, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, grad_clip=cfg.grad_clip))
         bases, explained, anchors = self._subspaces(prior, data)
-        deceiver = self._deceiver(prior, data) if cfg.deception_weight > 0 else None
+        deceiver = self._deceiver(prior, data) if cfg.deception_weight > 0 else None  # the prior, its head fitted
         classwise = cfg.perturbation == "classwise"
         delta = (torch.zeros(data.num_classes, *data.images.shape[1:], device=rt.device) if classwise
                  else self.new_delta((n, *data.images.shape[1:])))
@@ -327,10 +327,10 @@ class SSC(ProtectionMethod):
                 for span in batch_ranges(n, cfg.batch_size):
                     idx = torch.arange(span.start, span.stop)
                     if classwise:  # every batch moves the class rows its samples belong to
-                        delta[:], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, deceiver, data, delta, idx)
+                        delta[:], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, data, delta, idx)
                     else:
-                        delta[span], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, deceiver,
-                                                              data, delta[span], idx)
+                        delta[span], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, data,
+                                                              delta[span], idx)
                     camouflage.append(ratio)
                     anchored.append(along)
                 accuracy = {"frozen_path": self._accuracy(frozen, data, perturbation, check),
@@ -398,8 +398,9 @@ class SSC(ProtectionMethod):
         return bases, explained, anchors
 
     def _deceiver(self, prior: nn.Module, data: WorkingSet) -> nn.Module:
-        """The prior with a linear head fitted (L-BFGS, frozen body) to read the task's labels from its
-        pooled features of up to ``probe_images`` clean images: what the frozen paradigm's victim starts
+        """``prior`` itself, its head (which nothing else reads: the subspaces and the camouflage use only
+        body stages) replaced by a linear head fitted (L-BFGS, frozen body) to read the task's labels from
+        its pooled features of up to ``probe_images`` clean images: what the frozen paradigm's victim starts
         from. The deception term makes this model read x + δ_y as class (y + ``deception_shift``) mod K."""
         cfg, rt = self.config, self.runtime
         if cfg.deception_shift % data.num_classes == 0:
@@ -407,21 +408,19 @@ class SSC(ProtectionMethod):
                              f"{data.num_classes} classes; give 1 … {data.num_classes - 1}")
         n = len(data)
         pick = torch.randperm(n, generator=self.generator)[:cfg.probe_images].sort().values.to(rt.device)
-        deceiver = copy.deepcopy(prior)
-        deceiver.reset_head(data.num_classes)
+        prior.reset_head(data.num_classes)
         with torch.no_grad():
-            feats = torch.cat([deceiver.features(rt.to_float(data.images_at(pick[span]))).float()
+            feats = torch.cat([prior.features(rt.to_float(data.images_at(pick[span]))).float()
                                for span in batch_ranges(pick.numel(), cfg.batch_size)])
         labels = data.labels[pick]
-        head = deceiver.head.float()
+        head = prior.head.float()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             head.reset_parameters()
         fit_linear_head(head, feats, labels)
-        return deceiver.eval().requires_grad_(False)
+        return prior.eval().requires_grad_(False)
 
-    def _pgd(self, frozen, scratch, prior, bases, anchors, deceiver, data: WorkingSet, delta: torch.Tensor,
-             idx: torch.Tensor):
+    def _pgd(self, frozen, scratch, prior, bases, anchors, data: WorkingSet, delta: torch.Tensor, idx: torch.Tensor):
         """``pgd_steps`` signed steps descending the SSC objective for one batch; returns the new δ, the
         final per-sample out-of-subspace ratio (mean over depths) and the shift along the class anchor (0
         without anchors). Sample-wise, ``delta`` holds the batch's rows; class-wise, the K class rows, each
@@ -437,12 +436,11 @@ class SSC(ProtectionMethod):
         alpha = cfg.step_fraction * cfg.eps
         ratio = along = torch.zeros(len(idx), device=rt.device)
         frozen_fn, scratch_fn = model_call(frozen, rt), model_call(scratch, rt)
-        # the deceiver is the prior's body with a fitted head: one pass through it gives the prior's
-        # activations at every depth and, with deception, the head's logits ("head")
-        reader = prior if deceiver is None else deceiver
-        read_fn, reads = model_call(reader, rt, "forward_stages"), depths if deceiver is None else (*depths, "head")
-        if deceiver is not None:
-            deceived = (y + cfg.deception_shift) % data.num_classes
+        # with deception the prior's head is the fitted one (_deceiver): one pass gives its activations at
+        # every depth and the logits that should read the deceived class
+        deceive = cfg.deception_weight > 0
+        read_fn, reads = model_call(prior, rt, "forward_stages"), (*depths, "head") if deceive else depths
+        deceived = (y + cfg.deception_shift) % data.num_classes
         with frozen_parameters(frozen, scratch):  # ∇ in δ only
             for _ in range(cfg.pgd_steps):
                 if classwise:
@@ -455,7 +453,7 @@ class SSC(ProtectionMethod):
                     loss = cfg.frozen_weight * F.cross_entropy(frozen_fn(seen).float(), y, reduction="none")
                     loss = loss + (1 - cfg.frozen_weight) * F.cross_entropy(scratch_fn(seen).float(), y, reduction="none")
                     feats = read_fn(xa, reads)
-                    if deceiver is not None:  # the prior, as the frozen victim starts, reads the wrong class
+                    if deceive:  # the prior, as the frozen victim starts, reads the wrong class
                         loss = loss + cfg.deception_weight * F.cross_entropy(feats["head"].float(), deceived,
                                                                              reduction="none")
                 ratio = torch.stack([out_of_subspace_ratio((feats[s] - clean[s]).float(), bases[s]) for s in stages]).mean(0)
