@@ -316,19 +316,17 @@ def cached_protection(cells: Path, preferred: Path, method: str, options: dict[s
     def settings(o: dict[str, Any]) -> dict[str, Any]:  # all but the method constants, which are compared resolved
         return json.loads(json.dumps({k: v for k, v in o.items() if k not in ("method_options", "resume")}, default=str))
 
-    wanted = settings(options)
-    for done in [preferred.with_name(preferred.name + ".json")] + sorted(cells.glob("*.json")):
+    wanted, first = settings(options), preferred.with_name(preferred.name + ".json")
+    for done in [first] + [p for p in sorted(cells.glob("*.json")) if p != first]:
         folder = done.with_name(done.name[:-len(".json")])
         try:
-            record, header = json.loads(done.read_text()), first_run(folder / MANIFEST_NAME)
-        except (OSError, ValueError):
-            continue
-        if record.get("method") != method or header is None or settings(record.get("options", {})) != wanted:
-            continue
-        try:
-            if not changed_constants(recorded_constants(header, REGISTRY.get(method)), config):
+            record = json.loads(done.read_text())
+            if record.get("method") != method or settings(record.get("options", {})) != wanted:
+                continue  # only a folder of the same method and settings has its manifest read
+            header = first_run(folder / MANIFEST_NAME)
+            if header is not None and not changed_constants(recorded_constants(header, REGISTRY.get(method)), config):
                 return folder
-        except (ValueError, KeyError):
+        except (OSError, ValueError, KeyError):  # unreadable, or a manifest this code cannot resolve
             continue
     return None
 
@@ -352,8 +350,7 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
                        weights=str(prior.weights) if needs_prior else None)
     from ueguard.sdk.options import ProtectOptions
 
-    resolved = ProtectOptions.resolve(method=method, **{k: v for k, v in options.items() if v is not None})
-    config = REGISTRY.get(method).make_config(resolved.budget, **resolved.method_overrides())
+    config = ProtectOptions.resolve(method=method, **{k: v for k, v in options.items() if v is not None}).method_config()
     if (found := cached_protection(cells, out, method, options, config)) is not None:
         return found, {**json.loads(found.with_name(found.name + ".json").read_text()), "folder": str(found)}
     if out.with_name(out.name + ".json").is_file():  # the row's name holds a folder made with other constants

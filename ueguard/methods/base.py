@@ -363,7 +363,7 @@ class ProtectionMethod(ABC):
         if not 1 <= revision <= cls.defaults_revision:
             raise ValueError(f"method {cls.name!r}: no defaults revision {revision} (this code has 1 … "
                              f"{cls.defaults_revision}); the folder was made by a newer ueguard")
-        former = cls.former_defaults.get(revision, {}) if revision < cls.defaults_revision else {}
+        former = cls.former_defaults.get(revision, {})
         return cls.make_config(budget, **{**former, **{k: v for k, v in overrides.items() if v is not None}})
 
     def __call__(self, data: WorkingSet) -> Perturbation:

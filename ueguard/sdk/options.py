@@ -141,6 +141,13 @@ class ProtectOptions:
             overrides["perturbation"] = self.perturbation
         return overrides
 
+    def method_config(self, revision: int | None = None):
+        """The constants these options resolve to for the method: under today's defaults, or under those of
+        an earlier defaults ``revision`` (see :meth:`ueguard.methods.base.ProtectionMethod.config_at`)."""
+        cls = METHODS.get(self.method)
+        return cls.config_at(cls.defaults_revision if revision is None else revision, self.budget,
+                             **self.method_overrides())
+
     def record(self) -> dict[str, Any]:
         """JSON-ready form for the manifest (ε also as ``k/255`` text)."""
         out = dataclasses.asdict(self)

@@ -385,8 +385,7 @@ def recorded_constants(header: dict[str, Any], method_cls) -> dict[str, Any]:
     if header.get("method_config") is not None:
         return header["method_config"]
     recorded = ProtectOptions.resolve(**{k: v for k, v in header["options"].items() if k != "eps_255"})
-    then = method_cls.config_at(header.get("defaults_revision", 1), recorded.budget, **recorded.method_overrides())
-    return json.loads(json.dumps(dataclasses.asdict(then)))
+    return json.loads(json.dumps(dataclasses.asdict(recorded.method_config(header.get("defaults_revision", 1)))))
 
 
 def changed_constants(recorded: dict[str, Any], config) -> str:
