@@ -147,7 +147,8 @@ def make_ssc(rt: Runtime, arch: str, steps: int, batch: int, data: WorkingSet):
     torch.manual_seed(0)
     method = create_method("ssc", runtime=rt, surrogate=create_model(arch, CLASSES), pgd_steps=steps,
                            step_fraction=0.2, batch_size=batch, pca_images=batch,
-                           perturbation="samplewise")  # the eager loop's δ: one row per image
+                           perturbation="samplewise",  # the eager loop's δ: one row per image
+                           deception_weight=0)  # the eager loop is plain SSC: no fitted deception head
     frozen = rt.prepare_model(method.surrogate)
     shallow, _ = method._split(frozen)
     prior = copy.deepcopy(frozen).eval().requires_grad_(False)
@@ -208,7 +209,7 @@ def run_case(method_name: str, size: int, batch: int, steps: int, device: str, c
             method, nets, bases = make_ssc(rt, arch, steps, batch, data)
             delta0 = torch.zeros(batch, 3, size, size, device=dev)
             fns[f"engine_{prec}{suffix[c]}"] = (lambda m=method, n=nets, b=bases, d=on_device, z=delta0:
-                                                m._pgd(*n, b, None, None, d, z, idx))
+                                                m._pgd(*n, b, None, d, z, idx))
         stages = method.config.stages
         eager_nets = as_nchw(nets)
         for net in eager_nets[:2]:

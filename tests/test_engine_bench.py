@@ -27,8 +27,8 @@ def test_the_ssc_case_runs_the_samplewise_pass_the_eager_loop_writes():
     rt = Runtime.create("cpu", "fp32", "off")
     data = engine.synthetic_set(2, 32)
     method, nets, bases = engine.make_ssc(rt, "resnet18_cifar", 1, 2, data)
-    assert method.config.perturbation == "samplewise"
-    delta, _, _ = method._pgd(*nets, bases, None, None, data, torch.zeros(2, 3, 32, 32), torch.arange(2))
+    assert method.config.perturbation == "samplewise" and method.config.deception_weight == 0  # plain, as eager
+    delta, _, _ = method._pgd(*nets, bases, None, data, torch.zeros(2, 3, 32, 32), torch.arange(2))
     assert delta.shape == (2, 3, 32, 32) and 0 < delta.abs().max() <= engine.EPS + 1e-6
 
 
