@@ -267,6 +267,13 @@ def test_resume_refuses_a_folder_made_under_other_method_defaults(tmp_path, monk
     manifest.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
     result = resume()
     assert result.exit_code == 2 and "defaults differ" in result.output and "eval_limit 500 → 10000" in result.output
+    assert "pass -o eval_limit=500 to finish it with the constants it began with" in result.output
+    result = CliRunner().invoke(main, ["protect", str(tmp_path / "src"), "--out", str(out), *FAST, "--resume",
+                                       "-o", "eval_limit=500"])  # as the message says: the constants it began with
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["protect", str(tmp_path / "src"), "--out", str(out), *FAST, "--resume",
+                                       "-o", "eval_limit=700"])
+    assert result.exit_code == 2 and "made with other method constants (eval_limit 500 → 700)" in result.output
     # a manifest from before method_config was recorded: resolved under its revision's former defaults
     legacy = {k: v for k, v in header.items() if k not in ("method_config", "defaults_revision")}
     manifest.write_text("\n".join([json.dumps(legacy), *lines[1:]]) + "\n")

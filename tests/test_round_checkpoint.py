@@ -99,6 +99,21 @@ def test_interrupted_emn_resumes_after_the_last_round(tree, uninterrupted, tmp_p
     _check_resumed(tree, out, uninterrupted(perturbation, store), perturbation, store, after=2)
 
 
+def test_resume_compares_method_options_by_the_constants_they_resolve_to(tree, uninterrupted, tmp_path, monkeypatch):
+    """A run begun with the default left implicit, resumed with it spelt out (``-o eval_limit=10000``): the
+    same constants, so it continues after its last round from its disk store and round checkpoint (both
+    fingerprinted with the options it began with), and ends with the uninterrupted run's files."""
+    out = tmp_path / "out"
+    _stop_after_round(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        protect(tree, out, store="disk", perturbation="samplewise", method_options=OPTIONS, **COMMON)
+    monkeypatch.undo()
+    spelt = {**OPTIONS, "eval_limit": METHODS.get("emn").make_config("quick").eval_limit}
+    result = protect(tree, out, store="disk", perturbation="samplewise", method_options=spelt, resume=True, **COMMON)
+    assert result.ok == 12 and _generation(out)["resumed_after_round"] == 2
+    assert _outputs(out) == _outputs(uninterrupted("samplewise", "disk"))
+
+
 def test_sigkill_in_the_round_after_a_checkpoint_then_resume(tree, uninterrupted, tmp_path):
     """SIGKILL right after round 1's checkpoint (disk store: round 2 then writes its rows to the second data
     file, which the resumed run discards); the rounds continue from round 2."""

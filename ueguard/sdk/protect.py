@@ -349,33 +349,41 @@ def _check_destination(src: Path, dst: Path, resume: bool) -> None:
         raise UsageError(f"the output folder {dst} is not writable")
 
 
-def _previous_run(dst: Path, opts: ProtectOptions, method) -> dict[str, int]:
-    """For ``--resume``: the byte offset in the manifest of each finished file's record (by source path),
-    after checking that the earlier run used the same settings and resolved them to the same method
-    constants (a default may have changed in between, :func:`changed_constants`). Streams the manifest."""
+def _previous_run(dst: Path, opts: ProtectOptions, method) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """For ``--resume``: the byte offset in the manifest of each finished file's record (by source path), and
+    the ``method_options`` the run began with (None when DST has no manifest yet), after checking that the
+    earlier run used the same settings. Method options are compared by the constants they resolve to, not
+    as given: ``-o eval_limit=10000`` finishes a folder begun without it when 10000 is the default, and a
+    folder begun under other defaults (:func:`changed_constants`) is finished by passing the constants it
+    began with. Streams the manifest."""
     path = dst / MANIFEST_NAME
     if not path.exists():
-        return {}
+        return {}, None
     header, finished = None, {}
     for offset, r in read_manifest_offsets(path):
         if header is None and r.get("kind") == "run":
             header = r
             before, now, defaults = header["options"], opts.record(), ProtectOptions().record()
-            changed = [k for k in RESUME_KEYS if before.get(k, defaults[k]) != now[k]]
+            changed = [k for k in RESUME_KEYS if k != "method_options" and before.get(k, defaults[k]) != now[k]]
             if changed:
                 raise UsageError(f"--resume: {dst} was made with different settings ({', '.join(changed)}); "
                                  "resume with the same options or choose a new --out")
             try:
-                constants = changed_constants(recorded_constants(header, type(method)), method.config)
+                recorded = recorded_constants(header, type(method))
             except ValueError as error:
-                constants = str(error)
+                raise UsageError(f"--resume: {dst}: {error}; finish it with the ueguard version that began it, "
+                                 "or choose a new --out") from error
+            constants = changed_constants(recorded, method.config)
             if constants:
-                raise UsageError(f"--resume: {dst} was made by a ueguard whose {opts.method} defaults differ from "
-                                 f"this one's ({constants}); finish it with the ueguard version that began it, or "
-                                 "choose a new --out")
+                again = " ".join(f"-o {k}={_option_text(recorded[k])}" for k in _changed_names(recorded, method.config))
+                why = ("with other method constants" if before.get("method_options") != now["method_options"] else
+                       f"by a ueguard whose {opts.method} defaults differ from this one's")
+                raise UsageError(f"--resume: {dst} was made {why} ({constants}); pass {again} to finish it with "
+                                 "the constants it began with, or choose a new --out")
         elif r.get("kind") == "file" and r.get("status") == "ok":
             finished[r["source"]] = (offset, r["output"], r["output_sha256"])
-    return {source: offset for source, (offset, output, sha256) in finished.items() if _intact(dst / output, sha256)}
+    done = {source: offset for source, (offset, output, sha256) in finished.items() if _intact(dst / output, sha256)}
+    return done, (header["options"].get("method_options") or {}) if header is not None else None
 
 
 def recorded_constants(header: dict[str, Any], method_cls) -> dict[str, Any]:
@@ -392,7 +400,17 @@ def changed_constants(recorded: dict[str, Any], config) -> str:
     """The constants of ``recorded`` (see :func:`recorded_constants`) that differ from ``config``'s, as
     ``name old → new`` text; '' when none (a constant only one side has is not compared)."""
     now = json.loads(json.dumps(dataclasses.asdict(config)))
-    return ", ".join(f"{k} {recorded[k]!r} → {v!r}" for k, v in sorted(now.items()) if k in recorded and recorded[k] != v)
+    return ", ".join(f"{k} {recorded[k]!r} → {now[k]!r}" for k in _changed_names(recorded, config))
+
+
+def _option_text(value: Any) -> str:
+    """A constant as ``-o KEY=VALUE`` spells it (see ``parse_method_options``)."""
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _changed_names(recorded: dict[str, Any], config) -> list[str]:
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    return [k for k in sorted(now) if k in recorded and recorded[k] != now[k]]
 
 
 def _intact(path: Path, sha256: str) -> bool:
@@ -441,9 +459,13 @@ def _plan_outputs(listing: FolderListing, fmt: str) -> tuple[dict[PurePosixPath,
     return planned, refused
 
 
-def _store_fingerprint(opts: ProtectOptions) -> dict[str, Any]:
-    """What must match for a perturbation store to be reused (the settings ``--resume`` compares)."""
+def _store_fingerprint(opts: ProtectOptions, began_with: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What must match for a perturbation store or round checkpoint to be reused (the settings ``--resume``
+    compares). ``began_with``: on resume, the method options the run began with, which ``_previous_run``
+    found to resolve to this run's constants — the state that run left was fingerprinted with them."""
     record = opts.record()
+    if began_with is not None:
+        record["method_options"] = began_with
     return {key: record[key] for key in RESUME_KEYS}
 
 
@@ -582,7 +604,7 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
     num_classes = max(1, len(listing.classes)) if not pseudo else max(2, opts.clusters or 2)  # a head is needed even label-free
     method, surrogate_record = _build_method(opts, size, num_classes, runtime, progress)
     _check_destination(src, dst, opts.resume)
-    done = _previous_run(dst, opts, method) if opts.resume else {}
+    done, began_with = _previous_run(dst, opts, method) if opts.resume else ({}, None)
     common = {"method": opts.method, "eps": opts.eps, "eps_255": round(opts.eps * 255, 4), "seed": opts.seed}
     pseudo_names: dict[str, str] = {}
 
@@ -644,7 +666,7 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
             method, _ = _build_method(opts, size, num_classes, runtime, progress)
 
         state_path, store_dir = dst / STATE_DIR / "perturbation.pt", dst / STATE_DIR / "perturbation"
-        fingerprint = _store_fingerprint(opts)
+        fingerprint = _store_fingerprint(opts, began_with)
         perturbation = _load_state(state_path, working.ids, store_dir, fingerprint, runtime.device, progress)
         store_record: dict[str, Any] = {}
         if perturbation is None:
