@@ -162,6 +162,9 @@ def test_eps_forms_are_accepted(tmp_path, eps):
     (["--method", "nope"], "valid methods: ar, bait, emn"),
     (["-o", "pgd_steps"], "KEY=VALUE"),
     (["-o", "no_such_constant=1"], "has no option"),
+    # a misspelt constant is named before the missing prior, so one fix is not followed by another refusal
+    (["--method", "ssc", "-o", "deception_wieght=1"], "has no option deception_wieght"),
+    (["--method", "ssc", "-o", "deception_weight=-1"], "deception_weight"),
 ])
 def test_bad_options_are_usage_errors(tmp_path, args, message):
     write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)

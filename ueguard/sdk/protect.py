@@ -61,7 +61,7 @@ from ueguard.engine import distributed
 from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.runtime import Runtime, seed_everything
 from ueguard.errors import FatalError, UsageError
-from ueguard.methods import METHODS, Perturbation, create_method
+from ueguard.methods import METHODS, Perturbation
 from ueguard.methods.base import RankFollower
 from ueguard.sdk.options import SIZE_CAP, ProtectOptions, default_arch
 
@@ -189,6 +189,10 @@ def _build_method(opts: ProtectOptions, size: int, num_classes: int, runtime: Ru
     from ueguard import models
 
     cls = METHODS.get(opts.method)
+    try:  # the method's options first: a misspelt -o is named before a missing surrogate
+        config = cls.make_config(opts.budget, **opts.method_overrides())
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     seed_everything(opts.seed)
     record: dict[str, Any] = {}
     surrogate = None
@@ -199,8 +203,7 @@ def _build_method(opts: ProtectOptions, size: int, num_classes: int, runtime: Ru
         record = {"surrogate": name, "surrogate_sha256": models.state_dict_sha256(surrogate),
                   "weights_sha256": models.weights_sha256(opts.weights) if opts.weights else None}
     try:
-        method = create_method(opts.method, budget=opts.budget, runtime=runtime, surrogate=surrogate,
-                               progress=progress, **opts.method_overrides())
+        method = cls(config, runtime=runtime, surrogate=surrogate, progress=progress)
     except ValueError as error:
         raise UsageError(str(error)) from None
     return method, record
