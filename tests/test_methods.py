@@ -83,6 +83,21 @@ def test_registry_has_every_method_and_the_alias():
 
 
 @pytest.mark.parametrize("name", CANONICAL)
+def test_former_defaults_name_only_constants_no_preset_sets(name):
+    """config_at applies a revision's former defaults above the budget presets (one value for every budget):
+    right only while no preset sets those constants. Also: every listed revision is an earlier one, and each
+    former value differs from today's default, or the listing would claim a change that is not there."""
+    cls = METHODS.get(name)
+    defaults = cls.config_class()
+    for revision, former in cls.former_defaults.items():
+        assert 1 <= revision < cls.defaults_revision
+        for key, value in former.items():
+            assert getattr(defaults, key) != value, (revision, key)
+            assert all(key not in preset for preset in cls.presets.values()), (revision, key)
+            assert getattr(cls.config_at(revision, "quick"), key) == value
+
+
+@pytest.mark.parametrize("name", CANONICAL)
 def test_budget_range_and_shape(name, results, digits):
     method, p = results(name)
     assert p.norm == type(method).norm

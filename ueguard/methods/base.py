@@ -203,7 +203,9 @@ class ProtectionMethod(ABC):
     #: Bumped whenever a default constant changes; protect records it in the manifest, so a folder made
     #: under older defaults can be told apart (``--resume`` refuses to mix them, benchmarks re-make it).
     defaults_revision: ClassVar[int] = 1
-    #: For each earlier revision, the constants whose default then differs from now's.
+    #: For each earlier revision, the constants whose default then differs from now's. They apply above the
+    #: budget presets (one value for every budget), so a constant a preset sets cannot be listed here — a
+    #: test holds every method to that; such a change would need per-budget former values.
     former_defaults: ClassVar[dict[int, dict[str, Any]]] = {}
 
     def __init__(self, config: MethodConfig, *, runtime: Runtime, surrogate: nn.Module | None = None,
