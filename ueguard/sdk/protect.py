@@ -378,7 +378,7 @@ def _previous_run(dst: Path, opts: ProtectOptions, method) -> tuple[dict[str, in
                                  "or choose a new --out") from error
             constants = changed_constants(recorded, method.config)
             if constants:
-                again = " ".join(f"-o {k}={_option_text(recorded[k])}" for k in _changed_names(recorded, method.config))
+                again = " ".join(f"-o {k}={_option_text(old)}" for k, old, _ in _differences(recorded, method.config))
                 why = ("with other method constants" if before.get("method_options") != now["method_options"] else
                        f"by a ueguard whose {opts.method} defaults differ from this one's")
                 raise UsageError(f"--resume: {dst} was made {why} ({constants}); pass {again} to finish it with "
@@ -402,8 +402,7 @@ def recorded_constants(header: dict[str, Any], method_cls) -> dict[str, Any]:
 def changed_constants(recorded: dict[str, Any], config) -> str:
     """The constants of ``recorded`` (see :func:`recorded_constants`) that differ from ``config``'s, as
     ``name old → new`` text; '' when none (a constant only one side has is not compared)."""
-    now = json.loads(json.dumps(dataclasses.asdict(config)))
-    return ", ".join(f"{k} {recorded[k]!r} → {now[k]!r}" for k in _changed_names(recorded, config))
+    return ", ".join(f"{k} {old!r} → {new!r}" for k, old, new in _differences(recorded, config))
 
 
 def _option_text(value: Any) -> str:
@@ -411,9 +410,10 @@ def _option_text(value: Any) -> str:
     return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _changed_names(recorded: dict[str, Any], config) -> list[str]:
+def _differences(recorded: dict[str, Any], config) -> list[tuple[str, Any, Any]]:
+    """``(name, recorded value, config's value)`` for each constant both have that differs (JSON forms)."""
     now = json.loads(json.dumps(dataclasses.asdict(config)))
-    return [k for k in sorted(now) if k in recorded and recorded[k] != now[k]]
+    return [(k, recorded[k], now[k]) for k in sorted(now) if k in recorded and recorded[k] != now[k]]
 
 
 def _intact(path: Path, sha256: str) -> bool:
