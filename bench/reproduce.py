@@ -32,7 +32,9 @@ a Markdown table beside it (``.md``) and PNG plots (``-accuracy.png``, ``-curves
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import json
@@ -179,6 +181,31 @@ def balanced_indices(labels: np.ndarray, classes: tuple[int, ...], per_class: in
     return np.sort(np.concatenate(picked)) if picked else np.empty(0, dtype=np.int64)
 
 
+@contextlib.contextmanager
+def exclusive(cache: Path, name: str, log=None):
+    """Hold ``cache/locks/<name>.lock`` exclusively while the body runs: a second reproduce process that
+    needs the same cell (the prior, a protected folder, a verify battery) waits here, then finds the first
+    one's result in the cache instead of making it again beside it — or racing it on one resume state.
+    The lock is the kernel's (``flock``): a process that dies holds nothing, and no stale lock is left to clear."""
+    path = cache / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"waiting for another reproduce process that holds {path}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def write_image_folder(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, root: Path,
                        class_names: tuple[str, ...] = CIFAR10_CLASSES) -> Path:
     """Write ``images[indices]`` as ``root/<class name>/<index:05d>.png`` (ImageFolder layout, lossless).
@@ -212,6 +239,11 @@ class Folders:
 
 def convert(data: Path, cache: Path, scale: Scale, seed: int = 0) -> Folders:
     """The scale's four folders (task and prior, train and test), converted once into ``cache/data``."""
+    with exclusive(cache, f"convert-{_digest([str(data), dataclasses.asdict(scale), seed])}"):
+        return _convert(data, cache, scale, seed)
+
+
+def _convert(data: Path, cache: Path, scale: Scale, seed: int) -> Folders:
     out = cache / "data"
     splits = {}
     for train in (True, False):
@@ -249,8 +281,9 @@ def pretrain_disjoint_prior(folders: Folders, cache: Path, scale: Scale, seed: i
 
     path = cache / "priors" / (f"disjoint-{scale.prior_arch}-{scale.prior_per_class}pc-{scale.prior_epochs}ep-"
                                f"s{seed}.pth")
-    accuracy, note = train_prior(folders.prior_train, folders.prior_test, scale.prior_arch, scale.prior_epochs,
-                                 seed, path)
+    with exclusive(cache, f"prior-{path.stem}"):
+        accuracy, note = train_prior(folders.prior_train, folders.prior_test, scale.prior_arch, scale.prior_epochs,
+                                     seed, path)
     return Prior("disjoint", path, scale.prior_arch, accuracy, note)
 
 
@@ -335,7 +368,6 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
                      log) -> tuple[Path, dict]:
     """``protect(task_train, out)`` with the row's method at the scale's budget (resumed when interrupted)."""
     from ueguard.methods import METHODS as REGISTRY
-    from ueguard.sdk import protect
 
     method = row.method
     needs_prior = REGISTRY.get(method).needs_pretrained
@@ -351,6 +383,19 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
     from ueguard.sdk.options import ProtectOptions
 
     config = ProtectOptions.resolve(method=method, **{k: v for k, v in options.items() if v is not None}).method_config()
+    lock = contextlib.nullcontext() if CACHED_ONLY else \
+        exclusive(cells, f"protect-{method}-{_digest([options, dataclasses.asdict(config)])}", log)
+    with lock:  # another process making the same folder is waited for, and its folder found
+        return _protect_once(row, prior, folders, key, out, options, config, seed, log)
+
+
+def _protect_once(row: Variant, prior: Prior | None, folders: Folders, key: str, out: Path,
+                  options: dict[str, Any], config, seed: int, log) -> tuple[Path, dict]:
+    from ueguard.methods import METHODS as REGISTRY
+    from ueguard.sdk import protect
+
+    method, cells = row.method, out.parent
+    needs_prior = REGISTRY.get(method).needs_pretrained
     if (found := cached_protection(cells, out, method, options, config)) is not None:
         return found, {**json.loads(found.with_name(found.name + ".json").read_text()), "folder": str(found)}
     if out.with_name(out.name + ".json").is_file():  # the row's name holds a folder made with other constants
@@ -434,7 +479,6 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
     images, as an adversary with a few clean labelled images would. Returns ``{"runs": [...]}`` in
     paradigm × defense order."""
     from ueguard.defenses import DEFENSES
-    from ueguard.sdk import verify
 
     defense_options = defense_options or {}
     defenses = [DEFENSES.get(d).name for d in defenses]  # as runs record them
@@ -446,14 +490,31 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
     data = (str(train_folder), str(folders.task_test))
     found: dict[tuple[str, str], dict] = {}
     for defense in defenses:
-        if any((p, defense) not in found for p in paradigms):  # read the cache (again: another process may
-            found.update(cached_runs(cells, row, seed, recipe, data, constants))  # have made them meanwhile)
-        missing = [p for p in paradigms if (p, defense) not in found]
-        if not missing:
+        if all((p, defense) in found for p in paradigms):
             continue
         if CACHED_ONLY:
-            log(f"--cached-only: no cached run of {row} × {group}: {defense} / {', '.join(missing)}; left empty")
+            found.update(cached_runs(cells, row, seed, recipe, data, constants))
+            if missing := [p for p in paradigms if (p, defense) not in found]:
+                log(f"--cached-only: no cached run of {row} × {group}: {defense} / {', '.join(missing)}; left empty")
             continue
+        with exclusive(cells, f"verify-{_digest([data, recipe, defense, constants[defense]])}", log):
+            found.update(_train_missing(row, group, train_folder, folders, paradigms, defense, recipe, data,
+                                        constants, defense_options, cells, seed, log, found))
+    return {"runs": [found[(p, d)] for p in paradigms for d in defenses if (p, d) in found]}
+
+
+def _train_missing(row: str, group: str, train_folder: Path, folders: Folders, paradigms: list[str], defense: str,
+                   recipe: dict[str, Any], data: tuple[str, str], constants: dict[str, dict[str, Any]],
+                   defense_options: dict[str, Any], cells: Path, seed: int, log,
+                   found: dict[tuple[str, str], dict]) -> dict[tuple[str, str], dict]:
+    """Under the battery's lock: read the cache again (another process may have made the runs while this one
+    waited) and train the paradigms that are still missing, as one verify battery that resumes."""
+    from ueguard.defenses import DEFENSES
+    from ueguard.sdk import verify
+
+    found = {**found, **cached_runs(cells, row, seed, recipe, data, constants)}
+    missing = [p for p in paradigms if (p, defense) not in found]
+    if missing:
         path = cell_path(cells, row, group, defense, missing, train_folder, recipe["weights"], seed)
         state = Path(str(path) + ".state")
         options = recipe | {"paradigm": ",".join(missing), "defense": defense, "defense_options": defense_options}
@@ -473,7 +534,7 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
             found[(run["paradigm"], run["defense"])] = run
         for skipped in report.get("skipped", []):
             log(f"verify {row} × {group}: skipped {skipped}")
-    return {"runs": [found[(p, d)] for p in paradigms for d in defenses if (p, d) in found]}
+    return found
 
 
 # --------------------------------------------------------------------------------------------------

@@ -359,3 +359,85 @@ def test_a_cached_protection_is_found_by_its_resolved_constants(bench, tmp_path,
     assert find(ssc.make_config("quick", seed=0, deception_weight=0)) is None
     assert find(ssc.make_config("quick", seed=0, deception_weight=0, anchor_weight=20)) == plain
     assert find(ssc.make_config("quick", seed=0)) == deceive
+
+
+def _race(*calls):
+    """Run the callables in threads started together; their results in order (an exception is re-raised)."""
+    import threading
+
+    results, errors, start = [None] * len(calls), [], threading.Barrier(len(calls))
+
+    def run(i, call):
+        start.wait()
+        try:
+            results[i] = call()
+        except BaseException as error:  # noqa: BLE001 - handed back to the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_two_processes_on_one_battery_train_it_once(bench, cell_setup, monkeypatch):
+    """Two reproduce runs that need the same verify battery (every invocation adds clean and `none`): the
+    second waits for the first's lock, then reuses its runs instead of training them again on the same
+    resume state. (flock locks are per open file, so two threads contend as two processes do.)"""
+    import time
+
+    import ueguard.sdk
+
+    scale, folders, cells, calls = cell_setup
+    fake = ueguard.sdk.verify
+
+    def slow_verify(*args, **kwargs):
+        time.sleep(0.5)  # long enough for the other caller to reach the cache before this one writes
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(ueguard.sdk, "verify", slow_verify)
+    said = []
+    cell = lambda: bench.verify_cell("emn", "scratch", folders.task_train, folders, None,  # noqa: E731
+                                     ["scratch"], ["none"], cells, scale, 0, said.append)
+    first, second = _race(cell, cell)
+    assert len(calls) == 1 and first == second and [r["defense"] for r in first["runs"]] == ["none"]
+    assert any("waiting for another reproduce process" in m for m in said)
+    _race(lambda: bench.verify_cell("emn", "scratch", folders.task_train, folders, None, ["scratch"], ["gray"],
+                                    cells, scale, 0, said.append),
+          lambda: bench.verify_cell("emn", "scratch", folders.task_train, folders, None, ["scratch"], ["jpeg"],
+                                    cells, scale, 0, said.append))
+    assert sorted(c["defense"] for c in calls[1:]) == ["gray", "jpeg"]  # other batteries do not wait or merge
+
+
+def test_two_processes_on_one_protection_make_it_once(bench, tmp_path, monkeypatch):
+    """The same for a protected folder: real `protect` (LSP on a tiny converted task) runs once, and the
+    waiting caller gets the folder the first one made."""
+    import time
+
+    import ueguard.sdk
+
+    tiny = bench.Scale("t", train_per_class=2, test_per_class=1, prior_per_class=2, prior_epochs=1, epochs=1,
+                       budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=8)
+    cache = tmp_path / "cache"
+    data = fake_cifar(tmp_path / "data")
+    folders = _race(*[lambda: bench.convert(data, cache, tiny)] * 2)  # one converts, the other waits for it
+    assert folders[0] == folders[1] and len(list(folders[0].task_train.rglob("*.png"))) == 10
+    real, made = ueguard.sdk.protect, []
+
+    def slow_protect(*args, **kwargs):
+        made.append(args[1])
+        result = real(*args, **kwargs)
+        time.sleep(0.5)  # the record beside the folder is written after protect returns
+        return result
+
+    monkeypatch.setattr(ueguard.sdk, "protect", slow_protect)
+    said = []
+    row = bench.Variant("lsp", "lsp")
+    first, second = _race(*[lambda: bench.protected_folder(row, None, folders[0], cache, tiny, 0, said.append)] * 2)
+    assert len(made) == 1 and first[0] == second[0] == made[0]
+    assert first[1]["ok"] == second[1]["ok"] == 10
+    assert any("waiting for another reproduce process" in m for m in said)
