@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -434,6 +435,13 @@ def defense_constants(defense: str, budget: str, defense_options: dict[str, Any]
     return json.loads(json.dumps(dataclasses.asdict(opts.defense_config(defense))))
 
 
+@functools.lru_cache(maxsize=None)
+def _read_report(path: str, mtime_ns: int, size: int) -> dict:
+    """A verify report, parsed once per version of the file (the key's mtime and size): a render asks
+    every cell's reports of every file, and a large cache held hundreds of them, each with its histories."""
+    return json.loads(Path(path).read_text())
+
+
 def cached_runs(cells: Path, row: str, seed: int, recipe: dict[str, Any], data: tuple[str, str],
                 constants: dict[str, dict[str, Any]]) -> dict[tuple[str, str], dict]:
     """Every finished run in the cached reports that was trained on ``data`` (train, test folders) with
@@ -447,7 +455,8 @@ def cached_runs(cells: Path, row: str, seed: int, recipe: dict[str, Any], data: 
     own = sorted(cells.glob(f"verify-{glob.escape(row)}-*-s{seed}.json"))
     for path in own + sorted(set(cells.glob(f"verify-*-s{seed}.json")) - set(own)):
         try:
-            report = json.loads(path.read_text())
+            stat = path.stat()
+            report = _read_report(str(path), stat.st_mtime_ns, stat.st_size)
         except (OSError, ValueError):
             continue
         if (report.get("data", {}).get("protected"), report.get("data", {}).get("test")) != data or \

@@ -441,3 +441,28 @@ def test_two_processes_on_one_protection_make_it_once(bench, tmp_path, monkeypat
     assert len(made) == 1 and first[0] == second[0] == made[0]
     assert first[1]["ok"] == second[1]["ok"] == 10
     assert any("waiting for another reproduce process" in m for m in said)
+
+
+def test_cached_reports_are_parsed_once_per_version_of_the_file(bench, cell_setup):
+    """A render asks every cell's question of every report; each file is parsed once until it changes,
+    and a rewritten report (another battery finished into it) is read again, not served stale."""
+    import json
+
+    scale, folders, cells, _ = cell_setup
+    recipe = {"arch": "resnet18_cifar_slim", "epochs": 3, "budget": "quick", "seed": 0, "weights": None,
+              "size": 32, "batch_size": 16, "lr": None}
+    constants = {d: bench.defense_constants(d, "quick", {}) for d in ("none", "gray")}
+    for name in ("a", "b", "c"):
+        (cells / f"verify-emn-{name}-s0.json").write_text(json.dumps(_fake_report(folders, "none", "scratch", {})))
+    data = (str(folders.task_train), str(folders.task_test))
+    bench._read_report.cache_clear()
+    for _ in range(4):
+        assert list(bench.cached_runs(cells, "emn", 0, recipe, data, constants)) == [("scratch", "none")]
+    assert bench._read_report.cache_info().misses == 3
+    grown = _fake_report(folders, "none", "scratch", {})
+    grown["runs"].append({"paradigm": "scratch", "defense": "gray", "defense_config": constants["gray"],
+                          "test_accuracy": 0.25})
+    (cells / "verify-emn-b-s0.json").write_text(json.dumps(grown))
+    found = bench.cached_runs(cells, "emn", 0, recipe, data, constants)
+    assert sorted(found) == [("scratch", "gray"), ("scratch", "none")] and found[("scratch", "gray")]["test_accuracy"] == 0.25
+    assert bench._read_report.cache_info().misses == 4
