@@ -231,7 +231,7 @@ def test_tap_targets_a_wrong_class_and_skips_training_a_fitted_surrogate():
     torch.manual_seed(0)
     surrogate = create_model(SURROGATE, 3)
     tap = create_method("tap", budget="quick", runtime=RUNTIME, surrogate=surrogate, train_epochs=20,
-                        fit_accuracy=0.6, steps=30, step_fraction=0.15, restarts=1, batch_size=10)
+                        fit_accuracy=0.6, eps=32 / 255, steps=30, step_fraction=0.15, restarts=1, batch_size=10)
     p = tap(data)
     fitted = p.info["surrogate_clean_accuracy"]
     assert p.info["clean_train_epochs"] >= 1 and fitted > p.info["surrogate_clean_accuracy_before"]
@@ -242,9 +242,11 @@ def test_tap_targets_a_wrong_class_and_skips_training_a_fitted_surrogate():
     with torch.no_grad():
         on_target = (model(apply_delta(x, p.delta)).argmax(1) == targets).float().mean().item()
         clean_on_target = (model(x).argmax(1) == targets).float().mean().item()
-    # Measured: 47 % of the protected images land on their target class vs 7 % of the clean ones (16-px
-    # digits, a barely fitted ResNet-20, ε = 8/255; more steps do not raise it: the attack is at its bound).
-    assert on_target >= 0.4 and on_target > clean_on_target + 0.3, (on_target, clean_on_target)
+    # At ε = 8/255 how many images reach their target depended on how far the surrogate's fit happened to
+    # get on a CPU model (47 % on an AMD EPYC with a barely fitted ResNet-20; 7 % on an Intel Xeon, where the
+    # same seed fitted it to 97 %). At 32/255 on these 16-px digits the attack has room on either: measured
+    # 97 % of the protected images on target against 0 % of the clean ones (Intel Xeon).
+    assert on_target >= 0.6 and on_target > clean_on_target + 0.5, (on_target, clean_on_target)
     assert p.info["target_success"] == pytest.approx(on_target, abs=1e-4)  # recorded to 4 decimals
     # The now clean-trained surrogate (as if loaded with --weights) is used as is.
     again = create_method("tap", budget="quick", runtime=RUNTIME, surrogate=model, fit_accuracy=fitted - 1e-3, steps=1,
