@@ -112,8 +112,7 @@ class Scale:
 
     def _tag(self, leave_out: tuple[str, ...]) -> str:
         record = {k: v for k, v in dataclasses.asdict(self).items() if k not in leave_out}
-        digest = hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:8]
-        return f"{self.name}-{digest}"
+        return f"{self.name}-{_digest(record, 8)}"
 
 
 SCALES = {
@@ -203,8 +202,9 @@ def exclusive(cache: Path, name: str, log=None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def _digest(obj: Any, length: int = 12) -> str:
+    """A short sha256 of ``obj`` as sorted JSON (non-JSON values by ``str``): the cache's names and locks."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def write_image_folder(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, root: Path,
@@ -387,38 +387,35 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
     lock = contextlib.nullcontext() if CACHED_ONLY else \
         exclusive(cells, f"protect-{method}-{_digest([options, dataclasses.asdict(config)])}", log)
     with lock:  # another process making the same folder is waited for, and its folder found
-        return _protect_once(row, prior, folders, key, out, options, config, seed, log)
+        if (found := cached_protection(cells, out, method, options, config)) is not None:
+            return found, {**json.loads(found.with_name(found.name + ".json").read_text()), "folder": str(found)}
+        if out.with_name(out.name + ".json").is_file():  # the row's name holds a folder made with other constants
+            out = cells / f"{key}-{_digest(dataclasses.asdict(config), 8)}-s{seed}"
+        if CACHED_ONLY:
+            raise SystemExit(f"--cached-only: {key} is not protected yet with this code's constants (in {cells})")
+        return out, _protect(row, prior if needs_prior else None, folders.task_train, out, options, log)
 
 
-def _protect_once(row: Variant, prior: Prior | None, folders: Folders, key: str, out: Path,
-                  options: dict[str, Any], config, seed: int, log) -> tuple[Path, dict]:
-    from ueguard.methods import METHODS as REGISTRY
+def _protect(row: Variant, prior: Prior | None, train: Path, out: Path, options: dict[str, Any],
+             log) -> dict:
+    """``protect(train, out)`` (resumed when ``out`` exists), its record written beside ``out``."""
     from ueguard.sdk import protect
 
-    method, cells = row.method, out.parent
-    needs_prior = REGISTRY.get(method).needs_pretrained
-    if (found := cached_protection(cells, out, method, options, config)) is not None:
-        return found, {**json.loads(found.with_name(found.name + ".json").read_text()), "folder": str(found)}
-    if out.with_name(out.name + ".json").is_file():  # the row's name holds a folder made with other constants
-        digest = hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:8]
-        out = cells / f"{key}-{digest}-s{seed}"
-    done = out.with_name(out.name + ".json")
-    if CACHED_ONLY:
-        raise SystemExit(f"--cached-only: {key} is not protected yet with this code's constants (in {cells})")
+    key, method = out.name, row.method
     options["resume"] = out.exists()
     log(f"protect {key}: {json.dumps({k: v for k, v in options.items() if v is not None}, default=str)}")
     started = time.perf_counter()
-    result = protect(folders.task_train, out, method, **options)
+    result = protect(train, out, method, **options)
     linf = [item.get("linf") for item in result.items if item.get("linf") is not None]
-    record = {"method": method, "row": row.name, "prior": prior.name if needs_prior else None, "ok": result.ok,
+    record = {"method": method, "row": row.name, "prior": prior.name if prior else None, "ok": result.ok,
               "failed": result.failed, "seconds": round(time.perf_counter() - started, 1),
               "max_linf_255": max(linf) if linf else None, "mean_linf_255": float(np.mean(linf)) if linf else None,
               "within_budget": all(item.get("within_budget", True) for item in result.items),
               "options": {k: v for k, v in options.items() if k != "resume"}}
     if result.failed:
         raise SystemExit(f"protect {key}: {result.failed} image(s) failed; see {result.manifest_path}")
-    _json_dump(done, record)
-    return out, record
+    _json_dump(out.with_name(out.name + ".json"), record)
+    return record
 
 
 CACHED_ONLY = False  # --cached-only: render from the cache, never train or protect (a missing run is left empty)
@@ -473,7 +470,7 @@ def cell_path(cells: Path, row: str, group: str, defense: str, paradigms: list[s
     """Where one verify battery's report goes. The name carries a digest of the data and the prior it trains
     on: with ``--victim-seeds`` a victim seed is also another seed's own seed, and the two batteries (seed 1's
     victim on seed 0's protection and prior, and seed 1's own) must not overwrite each other's report."""
-    digest = hashlib.sha256(json.dumps([str(train_folder), weights]).encode()).hexdigest()[:8]
+    digest = _digest([str(train_folder), weights], 8)
     return cells / f"verify-{row}-{group}-{defense}-{'+'.join(paradigms)}-{digest}-s{seed}.json"
 
 
@@ -501,49 +498,40 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
     for defense in defenses:
         if all((p, defense) in found for p in paradigms):
             continue
-        if CACHED_ONLY:
+        lock = contextlib.nullcontext() if CACHED_ONLY else \
+            exclusive(cells, f"verify-{_digest([data, recipe, defense, constants[defense]])}", log)
+        with lock:  # read the cache under the lock: another process may have made the runs while this one waited
             found.update(cached_runs(cells, row, seed, recipe, data, constants))
-            if missing := [p for p in paradigms if (p, defense) not in found]:
+            if not (missing := [p for p in paradigms if (p, defense) not in found]):
+                continue
+            if CACHED_ONLY:
                 log(f"--cached-only: no cached run of {row} × {group}: {defense} / {', '.join(missing)}; left empty")
-            continue
-        with exclusive(cells, f"verify-{_digest([data, recipe, defense, constants[defense]])}", log):
-            found.update(_train_missing(row, group, train_folder, folders, paradigms, defense, recipe, data,
-                                        constants, defense_options, cells, seed, log, found))
+                continue
+            path = cell_path(cells, row, group, defense, missing, train_folder, recipe["weights"], seed)
+            options = recipe | {"paradigm": ",".join(missing), "defense": defense, "defense_options": defense_options}
+            if DEFENSES.get(defense).needs_validation:  # earlystop: the adversary's clean images are the originals
+                options["clean"] = folders.task_train
+            log(f"verify {row} × {group}: paradigms {', '.join(missing)}; defense {defense}")
+            report = _verify_resumed(train_folder, folders.task_test, path, options)
+            for run in report["runs"]:
+                found[(run["paradigm"], run["defense"])] = run
+            for skipped in report.get("skipped", []):
+                log(f"verify {row} × {group}: skipped {skipped}")
     return {"runs": [found[(p, d)] for p in paradigms for d in defenses if (p, d) in found]}
 
 
-def _train_missing(row: str, group: str, train_folder: Path, folders: Folders, paradigms: list[str], defense: str,
-                   recipe: dict[str, Any], data: tuple[str, str], constants: dict[str, dict[str, Any]],
-                   defense_options: dict[str, Any], cells: Path, seed: int, log,
-                   found: dict[tuple[str, str], dict]) -> dict[tuple[str, str], dict]:
-    """Under the battery's lock: read the cache again (another process may have made the runs while this one
-    waited) and train the paradigms that are still missing, as one verify battery that resumes."""
-    from ueguard.defenses import DEFENSES
+def _verify_resumed(train: Path, test: Path, path: Path, options: dict[str, Any]) -> dict:
+    """``verify`` writing ``path``, resuming its battery; a battery whose settings changed starts over."""
+    from ueguard.errors import UsageError
     from ueguard.sdk import verify
 
-    found = {**found, **cached_runs(cells, row, seed, recipe, data, constants)}
-    missing = [p for p in paradigms if (p, defense) not in found]
-    if missing:
-        path = cell_path(cells, row, group, defense, missing, train_folder, recipe["weights"], seed)
-        state = Path(str(path) + ".state")
-        options = recipe | {"paradigm": ",".join(missing), "defense": defense, "defense_options": defense_options}
-        if DEFENSES.get(defense).needs_validation:  # earlystop: the adversary's clean images are the originals
-            options["clean"] = folders.task_train
-        log(f"verify {row} × {group}: paradigms {', '.join(missing)}; defense {defense}")
-        try:
-            report = verify(train_folder, folders.task_test, json_path=path,
-                            resume=(state / "config.json").is_file(), **options)
-        except Exception as error:  # a resumed battery whose settings changed: start it over
-            from ueguard.errors import UsageError
-
-            if not isinstance(error, UsageError) or "--resume" not in str(error):
-                raise
-            report = verify(train_folder, folders.task_test, json_path=path, **options)
-        for run in report["runs"]:
-            found[(run["paradigm"], run["defense"])] = run
-        for skipped in report.get("skipped", []):
-            log(f"verify {row} × {group}: skipped {skipped}")
-    return found
+    try:
+        return verify(train, test, json_path=path, resume=(Path(str(path) + ".state") / "config.json").is_file(),
+                      **options)
+    except UsageError as error:
+        if "--resume" not in str(error):
+            raise
+        return verify(train, test, json_path=path, **options)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -757,7 +745,9 @@ def main(argv: list[str] | None = None) -> None:
     priors_used: dict[str, dict] = {}
     for seed in seeds:
         priors: list[Prior] = []
-        needs_disjoint = "disjoint" in prior_names or any(v.method in ("ssc", "bait") for v in variants.values())
+        # SSC and BAIT protect the scratch column against the disjoint prior too (they need a pretrained one)
+        needs_disjoint = "disjoint" in prior_names or \
+            "scratch" in paradigms and any(v.method in ("ssc", "bait") for v in variants.values())
         if needs_disjoint:
             priors.append(pretrain_disjoint_prior(folders, args.cache, scale, seed))
             log(f"prior: {priors[-1].note}")

@@ -466,3 +466,52 @@ def test_cached_reports_are_parsed_once_per_version_of_the_file(bench, cell_setu
     found = bench.cached_runs(cells, "emn", 0, recipe, data, constants)
     assert sorted(found) == [("scratch", "gray"), ("scratch", "none")] and found[("scratch", "gray")]["test_accuracy"] == 0.25
     assert bench._read_report.cache_info().misses == 4
+
+
+def test_the_disjoint_prior_is_trained_only_where_a_column_needs_it(bench, tmp_path, monkeypatch):
+    """SSC's scratch column is protected against the disjoint prior, so an SSC row with ``scratch`` trains it
+    even under ``--priors user``; without ``scratch`` and without the disjoint column nothing needs it."""
+    import json
+
+    import ueguard.sdk
+
+    root = fake_cifar(tmp_path / "data")
+    tiny = bench.Scale("quick", train_per_class=4, test_per_class=2, prior_per_class=4, prior_epochs=1, epochs=2,
+                       budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=8)
+    monkeypatch.setitem(bench.SCALES, "quick", tiny)
+    pretrained = []
+
+    def fake_prior(folders, cache, scale, seed):
+        pretrained.append(seed)
+        return bench.Prior("disjoint", tmp_path / f"prior-s{seed}.pth", "resnet20_cifar", 0.7)
+
+    monkeypatch.setattr(bench, "pretrain_disjoint_prior", fake_prior)
+    protected = []
+
+    def fake_protected(row, prior, folders, cache, scale, seed, log):
+        protected.append((row.name, prior.name))
+        return tmp_path / f"{row.name}-{prior.name}", {"prior": prior.name, "seconds": 1.0}
+
+    monkeypatch.setattr(bench, "protected_folder", fake_protected)
+
+    def fake_verify(train, test, *, json_path, resume=False, **options):
+        runs = [{"paradigm": p, "defense": options["defense"], "test_accuracy": 0.5, "peak_test_accuracy": 0.5,
+                 "history": [], "seconds": 1.0, "defense_config": bench.defense_constants(options["defense"], "quick", {})}
+                for p in options["paradigm"].split(",")]
+        opts = {k: v for k, v in options.items() if k not in ("paradigm", "defense", "defense_options")}
+        report = {"data": {"protected": str(train), "test": str(test)}, "config": opts, "runs": runs}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report))
+        return report
+
+    monkeypatch.setattr(ueguard.sdk, "verify", fake_verify)
+    monkeypatch.setattr(bench, "plot", lambda results, columns, stem: [])
+    weights = tmp_path / "user.pth"
+    weights.write_bytes(b"")
+    common = ["--quick", "--methods", "ssc", "--priors", "user", "--weights", str(weights), "--weights-arch",
+              "resnet20_cifar", "--defenses", "none", "--data", str(root), "--cache", str(tmp_path / "cache"),
+              "--json", str(tmp_path / "r.json")]
+    bench.main(common + ["--paradigms", "finetune"])
+    assert pretrained == [] and protected == [("ssc", "user")]
+    bench.main(common + ["--paradigms", "scratch,finetune"])
+    assert pretrained == [0] and protected[1:] == [("ssc", "disjoint"), ("ssc", "user")]
