@@ -252,6 +252,21 @@ def test_cached_only_leaves_a_missing_run_empty_instead_of_training_it(bench, ce
     assert any("no cached run of emn × scratch: gray" in m for m in said)
 
 
+def write_fake_report(bench, train, test, json_path: Path, options: dict, accuracy: float) -> dict:
+    """What ``ueguard.sdk.verify`` writes, for a stand-in that trains nothing: one run per paradigm at
+    ``accuracy``, under the defense's current constants (so ``cached_runs`` finds it again)."""
+    import json
+
+    runs = [{"paradigm": p, "defense": options["defense"], "test_accuracy": accuracy, "peak_test_accuracy": 0.6,
+             "history": [], "seconds": 1.0, "defense_config": bench.defense_constants(options["defense"], "quick", {})}
+            for p in options["paradigm"].split(",")]
+    opts = {k: v for k, v in options.items() if k not in ("paradigm", "defense", "defense_options")}
+    report = {"data": {"protected": str(train), "test": str(test)}, "config": opts, "runs": runs}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report))
+    return report
+
+
 def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, tmp_path, monkeypatch):
     """``--victim-seeds 0,1``: the protection (and prior) of seed 0 is made once, a victim is trained on it per
     victim seed (the verify cell cached under that seed), and the table averages them (mean ± sd)."""
@@ -276,15 +291,7 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
 
     def fake_verify(train, test, *, json_path, resume=False, **options):
         trained.append((Path(train).name, options["paradigm"], options["seed"]))
-        runs = [{"paradigm": p, "defense": options["defense"], "test_accuracy": 0.5 + 0.1 * options["seed"],
-                 "peak_test_accuracy": 0.6, "history": [], "seconds": 1.0,
-                 "defense_config": bench.defense_constants(options["defense"], "quick", {})}
-                for p in options["paradigm"].split(",")]
-        opts = {k: v for k, v in options.items() if k not in ("paradigm", "defense", "defense_options")}
-        report = {"data": {"protected": str(train), "test": str(test)}, "config": opts, "runs": runs}
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report))
-        return report
+        return write_fake_report(bench, train, test, json_path, options, 0.5 + 0.1 * options["seed"])
 
     monkeypatch.setattr(ueguard.sdk, "verify", fake_verify)
     monkeypatch.setattr(bench, "plot", lambda results, columns, stem: [])
@@ -471,8 +478,6 @@ def test_cached_reports_are_parsed_once_per_version_of_the_file(bench, cell_setu
 def test_the_disjoint_prior_is_trained_only_where_a_column_needs_it(bench, tmp_path, monkeypatch):
     """SSC's scratch column is protected against the disjoint prior, so an SSC row with ``scratch`` trains it
     even under ``--priors user``; without ``scratch`` and without the disjoint column nothing needs it."""
-    import json
-
     import ueguard.sdk
 
     root = fake_cifar(tmp_path / "data")
@@ -495,14 +500,7 @@ def test_the_disjoint_prior_is_trained_only_where_a_column_needs_it(bench, tmp_p
     monkeypatch.setattr(bench, "protected_folder", fake_protected)
 
     def fake_verify(train, test, *, json_path, resume=False, **options):
-        runs = [{"paradigm": p, "defense": options["defense"], "test_accuracy": 0.5, "peak_test_accuracy": 0.5,
-                 "history": [], "seconds": 1.0, "defense_config": bench.defense_constants(options["defense"], "quick", {})}
-                for p in options["paradigm"].split(",")]
-        opts = {k: v for k, v in options.items() if k not in ("paradigm", "defense", "defense_options")}
-        report = {"data": {"protected": str(train), "test": str(test)}, "config": opts, "runs": runs}
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report))
-        return report
+        return write_fake_report(bench, train, test, json_path, options, 0.5)
 
     monkeypatch.setattr(ueguard.sdk, "verify", fake_verify)
     monkeypatch.setattr(bench, "plot", lambda results, columns, stem: [])
