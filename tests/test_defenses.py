@@ -154,6 +154,17 @@ def test_staged_cuts_group_learning_rates_when_acm_falls(monkeypatch):
     assert history[0]["epoch"] == 0 and set(history[0]["acm"]) == {"stem", "layer1", "layer2", "layer3"}
 
 
+def test_reported_learning_rate_is_the_one_each_epoch_last_stepped_with():
+    """One-cycle's value after the run's final step is extrapolated past the schedule's end (below zero for
+    a linear anneal); the history reports the rate the last step used: the schedule's floor, lr/10/100."""
+    data = _tiny_set()
+    history = fit(create_model("resnet20_cifar", 3), data, data, FitConfig(epochs=3, batch_size=12, lr=0.01),
+                  defense=create_defense("none"), runtime=CPU, generator=seed_everything(0))
+    lrs = [h["lr"] for h in history if h["epoch"] >= 1]
+    assert lrs[-1] == pytest.approx(0.01 / 10 / 100) and all(lr > 0 for lr in lrs)
+    assert lrs[0] > lrs[1] > lrs[2]                              # two steps an epoch: the peak is in epoch 1
+
+
 def test_staged_defaults_freeze_stem_to_layer2_at_the_first_fall_of_their_acm(monkeypatch):
     """The defaults (bench/staged.py's choice): tau 1, so a fall of any watched stage below its value before
     training fires; gamma 0, so the cut stages' weights stop exactly where they were; layer3, not watched,

@@ -195,7 +195,8 @@ class Staged(Defense):
 
     def end_epoch(self, state: FitState, epoch: int) -> dict[str, Any]:
         latest = {name: values[-1] for name, values in self.curve.items()}
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(state.trainer.optimizer.param_groups)}
+        lrs = {g.get("name", str(i)): lr for i, (g, lr) in
+               enumerate(zip(state.trainer.optimizer.param_groups, state.trainer.step_lrs))}
         return {"acm": latest, "group_lr": lrs}
 
     def summary(self) -> dict[str, Any]:

@@ -101,7 +101,7 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
                       "test_accuracy": round(accuracy(model, test, runtime), 5)}
             if validation is not None:
                 record["val_accuracy"] = round(accuracy(model, validation, runtime), 5)
-            record.update(lr=trainer.optimizer.param_groups[-1]["lr"], **defense.end_epoch(state, epoch),
+            record.update(lr=trainer.step_lrs[-1], **defense.end_epoch(state, epoch),
                           seconds=round(time.perf_counter() - started, 3))
             history.append(record)
             bar.update(1, test_acc=f"{record['test_accuracy']:.3f}")

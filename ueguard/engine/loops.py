@@ -50,6 +50,9 @@ class Trainer:
             self.optimizer, max_lr=optim.lr, total_steps=total_steps, pct_start=0.15,
             anneal_strategy="linear", div_factor=10, final_div_factor=100)
             if total_steps else None)
+        #: The learning rate of every group in the last step taken (the schedule's value after the run's
+        #: final step lies past its end, extrapolated below zero: never used, so never reported).
+        self.step_lrs = [g["lr"] for g in self.optimizer.param_groups]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One SGD step on a batch; returns (loss, number correct) as device tensors, so the loop never
@@ -62,6 +65,7 @@ class Trainer:
         if self.optim.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
         self.optimizer.step()
+        self.step_lrs = [g["lr"] for g in self.optimizer.param_groups]
         if self.scheduler is not None:
             self.scheduler.step()
         return loss.detach(), (logits.argmax(1) == y).sum()
