@@ -543,14 +543,17 @@ def column_key(paradigm: str, prior: str | None, defense: str) -> str:
 
 
 def cells_from_reports(row: str, reports: list[tuple[str | None, dict]]) -> dict[str, dict]:
-    """``{column: {"accuracy", "peak", "history", "seconds"}}`` of one row's verify reports (accuracy %)."""
+    """``{column: {"accuracy", "peak", "history", "seconds", "stalled"}}`` of one row's verify reports
+    (accuracy %; ``stalled``: verify's rule, applied here too to reports cached before it had one)."""
+    from ueguard.sdk.verify import stalled
+
     out = {}
     for prior, report in reports:
         for run in report["runs"]:
             out[column_key(run["paradigm"], prior, run["defense"])] = {
                 "accuracy": round(100 * run["test_accuracy"], 2), "peak": round(100 * run["peak_test_accuracy"], 2),
                 "history": [round(100 * h["test_accuracy"], 2) for h in run["history"] if h["epoch"] >= 1],
-                "seconds": run["seconds"]}
+                "seconds": run["seconds"], "stalled": stalled(run["history"], run["chance"])}
     return out
 
 
@@ -566,13 +569,16 @@ def render_table(results: dict[str, list[dict[str, dict]]], columns: list[str],
                  published: dict[tuple[str, str], float] = PUBLISHED) -> str:
     """Markdown: rows = protections (``results[row]`` one cell dict per seed × victim seed), columns =
     paradigm × defense; test accuracy % (mean ± sd over those), the published number in brackets where
-    there is one."""
+    there is one, and ``stalled`` where a seed's run never left the constant predictor (verify gives it no
+    verdict: its accuracy is the recipe failing, not the protection holding)."""
     lines = ["| protection | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for row, per_seed in results.items():
         cells = []
         for column in columns:
             values = [seed_cells[column]["accuracy"] for seed_cells in per_seed if column in seed_cells]
             text = _mean_sd(values)
+            if any(seed_cells[column].get("stalled") for seed_cells in per_seed if column in seed_cells):
+                text += " stalled"
             paradigm, _, defense = column.partition("/")
             if paradigm == "scratch" and (row, defense) in published:
                 text += f" [{published[(row, defense)]:.1f}]"

@@ -112,7 +112,8 @@ def test_table_has_a_column_per_paradigm_defense_and_the_published_number(bench)
     results = {"clean": [{"scratch/none": cell(80.0), "finetune·disjoint/none": cell(85.0)}],
                "emn": [{"scratch/none": cell(30.0), "finetune·disjoint/none": cell(60.0)},
                        {"scratch/none": cell(34.0)}],
-               "ssc": [{"finetune·disjoint/none": cell(40.0)}]}
+               "ssc": [{"finetune·disjoint/none": cell(40.0)}],
+               "bait": [{"finetune·disjoint/none": {**cell(20.0), "stalled": True}}]}
     columns = ["scratch/none", "finetune·disjoint/none"]
     lines = bench.render_table(results, columns).splitlines()
     assert lines[0] == "| protection | scratch/none | finetune·disjoint/none |"
@@ -120,6 +121,7 @@ def test_table_has_a_column_per_paradigm_defense_and_the_published_number(bench)
     assert lines[2] == "| clean | 80.0 [94.7] | 85.0 |"
     assert lines[3] == "| emn | 32.0 ± 2.8 [21.1] | 60.0 |"  # two seeds: mean ± sample sd
     assert lines[4] == "| ssc | — | 40.0 |"  # no scratch cell, and no published number for SSC
+    assert lines[5] == "| bait | — | 20.0 stalled |"  # verify's stall rule: no evidence either way
 
 
 def test_scale_tag_changes_with_settings_not_with_selections(bench):
@@ -258,7 +260,8 @@ def write_fake_report(bench, train, test, json_path: Path, options: dict, accura
     import json
 
     runs = [{"paradigm": p, "defense": options["defense"], "test_accuracy": accuracy, "peak_test_accuracy": 0.6,
-             "history": [], "seconds": 1.0, "defense_config": bench.defense_constants(options["defense"], "quick", {})}
+             "history": [{"epoch": 1, "train_loss": 0.5, "train_accuracy": 0.9, "test_accuracy": accuracy}],
+             "chance": 0.2, "seconds": 1.0, "defense_config": bench.defense_constants(options["defense"], "quick", {})}
             for p in options["paradigm"].split(",")]
     opts = {k: v for k, v in options.items() if k not in ("paradigm", "defense", "defense_options")}
     report = {"data": {"protected": str(train), "test": str(test)}, "config": opts, "runs": runs}

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
 
 from trees import write_class_tree
-from ueguard.cli import main
+from ueguard.cli import format_report, main
 from ueguard.errors import UsageError
 from ueguard.models import create_model, save_checkpoint
 from ueguard.sdk import protect, verify
-from ueguard.sdk.verify import verdict
+from ueguard.sdk.verify import stalled, verdict
 
 TINY = dict(budget="quick", epochs=2, device="cpu", size=16, batch_size=16)
 
@@ -62,6 +64,56 @@ def test_verdict_rule():
     assert verdict(0.80, 0.95, 0.1, 0.5) is False      # close to clean
     assert verdict(0.30, None, 0.1, 0.5) is None       # no baseline
     assert verdict(0.12, 0.15, 0.1, 0.5) is None       # clean model did not learn
+    assert verdict(0.10, 0.95, 0.1, 0.5, stalled=True) is None    # chance from a failed recipe: no evidence
+    assert verdict(0.90, 0.95, 0.1, 0.5, stalled=True) is False   # stalled, yet it learned the task: broken
+
+
+#: (final train loss, final train accuracy) of the eleven adversarial-training batteries of
+#: ``bench/reproduce.py --cpu`` (5 classes, 2,500 images, 15 epochs): the two from the akamaster prior fell to
+#: the uniform predictor (test accuracy 20.0 % for clean and SSC data alike); the nine others trained.
+MEASURED_AT = {"clean/akamaster/finetune": (1.61091, 0.17188), "ssc/akamaster/finetune": (1.61092, 0.15986),
+               "clean/disjoint/finetune": (1.37577, 0.38902), "clean/disjoint/frozen": (1.54293, 0.28606),
+               "emn/disjoint/finetune": (1.31732, 0.42468), "emn/disjoint/frozen": (1.51455, 0.31611),
+               "ssc/disjoint/finetune": (1.35846, 0.39904), "ssc/disjoint/frozen": (1.53049, 0.30288),
+               "bait/disjoint/finetune": (1.29567, 0.42508), "clean/scratch": (1.18791, 0.49359),
+               "ssc/scratch": (1.17327, 0.49639)}
+
+
+def test_stall_rule_flags_exactly_the_collapsed_adversarial_runs():
+    flagged = {name for name, (loss, acc) in MEASURED_AT.items()
+               if stalled([{"epoch": 0, "train_loss": 9.0, "train_accuracy": 0.0},
+                           {"epoch": 1, "train_loss": loss, "train_accuracy": acc}], 0.2)}
+    assert flagged == {"clean/akamaster/finetune", "ssc/akamaster/finetune"}
+    assert not stalled([{"epoch": 1, "train_loss": 1.61, "train_accuracy": 0.0},     # stalled once, then learned
+                        {"epoch": 2, "train_loss": 0.4, "train_accuracy": 0.9}], 0.2)
+    assert not stalled([{"epoch": 1, "train_loss": 0.05, "train_accuracy": 0.2}], 0.2)  # fits noise: protected, not stalled
+
+
+def test_a_stalled_run_has_no_verdict_and_the_report_says_why(folders, monkeypatch, tmp_path):
+    """The adversarial run's last epoch is replaced by the akamaster collapse (at K = 3: train loss ln 3,
+    accuracy 0): whatever its test accuracy, it must not count as protected; the standard run keeps its verdict."""
+    module = importlib.import_module("ueguard.sdk.verify")
+    real_fit = module.fit
+
+    def collapsing(model, data, test, cfg, *, defense, **kwargs):
+        history = real_fit(model, data, test, cfg, defense=defense, **kwargs)
+        if defense.name == "at":
+            history[-1].update(train_loss=round(math.log(3), 5), train_accuracy=0.0)
+        return history
+
+    monkeypatch.setattr(module, "fit", collapsing)
+    report = verify(folders / "protected", folders / "test", clean=folders / "train", defense="none,at",
+                    defense_options={"at.steps": 1}, report_dir=tmp_path / "report", **TINY)
+    runs = {r["defense"]: r for r in report["runs"]}
+    assert runs["at"]["stalled"] and not runs["none"]["stalled"]
+    for run in runs.values():
+        assert run["protected"] is verdict(run["test_accuracy"], run["clean_accuracy"], report["chance"], 0.5,
+                                           run["stalled"])
+    assert runs["at"]["protected"] is not True
+    assert report["stalled"] == [{"defense": "at", "paradigm": "scratch"}] and report["protected"] is not True
+    assert "stalled" in report["rule"]
+    assert "stalled: at/scratch never got past chance" in format_report(report)
+    assert "Stalled: `at` / `scratch`" in (tmp_path / "report" / "summary.md").read_text()
 
 
 def test_finetune_needs_weights_and_uses_them(folders, tmp_path):

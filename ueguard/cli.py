@@ -248,6 +248,11 @@ def format_report(report: dict) -> str:
             None: "no verdict: pass --clean ORIGINALS for a baseline (or train longer if the clean model did not learn)"}
     worst = report["worst"]
     lines = ["", f"{text[verdict]}"]
+    for run in report.get("stalled", []):
+        lines.append(f"stalled: {run['defense']}/{run['paradigm']} never got past chance on its own training batches "
+                     "(its loss stayed at the constant predictor's): the recipe failed on this model, so a low accuracy "
+                     "there is no evidence of protection and never counts as protected (for adversarial training: "
+                     "a smaller at.eps, a longer run, or --paradigm scratch)")
     if len(report["runs"]) > 1:
         lines.append(f"worst case: {worst['defense']}/{worst['paradigm']} at {pct(worst['test_accuracy']).strip()} %")
     return "\n".join(rows + lines + [f"rule: {report['rule']}"])

@@ -139,7 +139,8 @@ def plot_acm(report: dict, path: Path) -> bool:
 def summary_markdown(report: dict, plots: list[str]) -> str:
     verdict = {True: "**PROTECTED** — every run stayed far below its clean baseline",
                False: "**NOT PROTECTED** — at least one run came close to its clean baseline",
-               None: "**no verdict** — no clean baseline (pass --clean), or the clean model did not learn"}
+               None: "**no verdict** — no clean baseline (pass --clean), the clean model did not learn, or a run "
+                     "stalled"}
     worst = report["worst"]
     lines = [
         "# ueguard verify report", "",
@@ -151,10 +152,15 @@ def summary_markdown(report: dict, plots: list[str]) -> str:
         "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for run in report["runs"]:
-        mark = {True: "yes", False: "**no**", None: "—"}[run["protected"]]
+        mark = {True: "yes", False: "**no**", None: "—"}[run["protected"]] + (" (stalled)" if run.get("stalled") else "")
         lines.append(f"| {run['defense']} | {run['paradigm']} | {_pct(run['test_accuracy'])} | "
                      f"{_pct(run['peak_test_accuracy'])} | {_pct(run['clean_accuracy'])} | {mark} | "
                      f"{run['selected_epoch']}/{run['epochs']} | {run['seconds']:.0f} |")
+    if report.get("stalled"):
+        lines += ["", "Stalled: " + ", ".join(f"`{r['defense']}` / `{r['paradigm']}`" for r in report["stalled"])
+                  + " ended at or below chance on its own training batches with the constant predictor's loss: the "
+                  "recipe failed on this model, so a low accuracy there is no evidence of protection and never "
+                  "counts as protected."]
     if report.get("skipped"):
         lines += ["", "Skipped:", ""] + [f"- `{s['defense']}` / `{s['paradigm']}`: {s['reason']}" for s in report["skipped"]]
     cuts = [(r, c) for r in report["runs"] for c in r.get("stage_cuts", [])]

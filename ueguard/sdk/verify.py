@@ -12,6 +12,12 @@ acc_protected is the run's reported test accuracy (the final epoch; the best-val
 standard training. The battery's verdict is the worst case: not protected as soon as one run breaks it.
 Without a clean baseline there is no verdict (``protected`` is ``None``); when the clean model itself
 does not learn (acc_clean − c < 0.1) there is none either, and the report says to train longer.
+A protected run that *stalled* cannot count as protected either: its last epoch's training accuracy (on
+the batches the defense trained on: adversarial ones under ``at``) at or below chance with its training
+loss still at least 0.98 · ln K, the constant predictor's. Such a run never learned its own objective —
+the defense's recipe failed on this model (adversarial training of a small, non-robust prior can fall to
+the uniform predictor, clean data included) — so a low test accuracy is no evidence of protection: the
+run has no verdict. A stalled run that reaches the clean model's accuracy all the same still breaks it.
 Accuracies are fractions in [0, 1]. ``worst`` names the run with the highest protected-trained test
 accuracy.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -47,6 +54,8 @@ from ueguard.sdk.protect import make_runtime
 EPOCHS = {"quick": 10, "standard": 30, "thorough": 60}
 #: Minimum clean gain over chance for a verdict to be meaningful.
 MIN_CLEAN_GAIN = 0.1
+#: A run whose last training loss is still this share of ln K (at no better than chance) has stalled.
+STALL_LOSS_SHARE = 0.98
 
 
 @dataclass(frozen=True)
@@ -220,11 +229,19 @@ def _in_memory(data: WorkingSet | StreamedSet | None, opts: VerifyOptions, progr
     return data.held
 
 
-def verdict(test_accuracy: float, clean_accuracy: float | None, chance: float, threshold: float) -> bool | None:
-    """The rule in this module's docstring."""
+def verdict(test_accuracy: float, clean_accuracy: float | None, chance: float, threshold: float,
+            stalled: bool = False) -> bool | None:
+    """The rule in this module's docstring (``stalled``: the run's, from :func:`stalled`)."""
     if clean_accuracy is None or clean_accuracy - chance < MIN_CLEAN_GAIN:
         return None
-    return test_accuracy - chance <= threshold * (clean_accuracy - chance)
+    held = test_accuracy - chance <= threshold * (clean_accuracy - chance)
+    return None if held and stalled else held
+
+
+def stalled(history: list[dict], chance: float) -> bool:
+    """Whether a run never left the constant predictor: the module docstring's stall rule, on the last epoch."""
+    last = [h for h in history if h["epoch"] >= 1][-1]
+    return last["train_accuracy"] <= chance and last["train_loss"] >= STALL_LOSS_SHARE * math.log(1 / chance)
 
 
 def combine_verdicts(verdicts: list[bool | None]) -> bool | None:
@@ -427,7 +444,9 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
                           clean_peak_accuracy=base["peak_test_accuracy"] if base else None,
                           clean_history=base["history"] if base else None,
                           clean_seconds=base["seconds"] if base else 0.0, chance=chance)
-            record["protected"] = verdict(record["test_accuracy"], record["clean_accuracy"], chance, opts.threshold)
+            record["stalled"] = stalled(record["history"], chance)
+            record["protected"] = verdict(record["test_accuracy"], record["clean_accuracy"], chance, opts.threshold,
+                                          record["stalled"])
             runs.append(record)
         if on_run_done is not None:
             on_run_done(record)
@@ -441,10 +460,12 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
               "protected": combine_verdicts([r["protected"] for r in runs]),
               "rule": f"a run is protected iff test_accuracy - chance <= {opts.threshold} * (clean_accuracy - chance), "
                       "clean_accuracy from clean data trained under the same paradigm without defense; the verdict is "
-                      "the worst case over all runs (null without a clean baseline or when the clean model does not "
-                      "learn)",
+                      "the worst case over all runs (null without a clean baseline, when the clean model does not "
+                      f"learn; a run that stalled, final train accuracy <= chance at a train loss >= "
+                      f"{STALL_LOSS_SHARE} * ln K, is never counted as protected)",
               "runs": runs,
               "worst": {k: worst[k] for k in ("defense", "paradigm", "test_accuracy", "clean_accuracy", "protected")},
+              "stalled": [{"defense": r["defense"], "paradigm": r["paradigm"]} for r in runs if r["stalled"]],
               "skipped": skipped,
               "baselines": {p: {k: b[k] for k in ("test_accuracy", "peak_test_accuracy", "lr", "history", "seconds")}
                             for p, b in baselines.items()},
