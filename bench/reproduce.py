@@ -604,7 +604,12 @@ def plot(results: dict[str, list[dict[str, dict]]], columns: list[str], stem: Pa
     for i, row in enumerate(rows):
         heights = [np.mean([s[c]["accuracy"] for s in results[row] if c in s]) if any(c in s for s in results[row])
                    else np.nan for c in columns]
-        ax.bar(np.arange(len(columns)) + i * width, heights, width, label=row, color=colour[row])
+        bars = ax.bar(np.arange(len(columns)) + i * width, heights, width, label=row, color=colour[row])
+        for bar, c in zip(bars, columns):  # a stalled run's accuracy is the recipe failing: hatched, labelled
+            if any(s[c].get("stalled") for s in results[row] if c in s):
+                bar.set_hatch("//")
+                ax.annotate("stalled", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                            va="bottom", rotation=90, fontsize=6)
     ax.set_xticks(np.arange(len(columns)) + 0.4 - width / 2, columns, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy %")
     ax.set_ylim(0, 100)

@@ -124,6 +124,17 @@ def test_table_has_a_column_per_paradigm_defense_and_the_published_number(bench)
     assert lines[5] == "| bait | — | 20.0 stalled |"  # verify's stall rule: no evidence either way
 
 
+
+def test_plots_are_written_with_stalled_cells_among_the_bars(bench, tmp_path):
+    cell = lambda acc, stalled=False: {"accuracy": acc, "peak": acc, "history": [acc / 2, acc], "seconds": 1.0,  # noqa: E731
+                                       "stalled": stalled}
+    results = {"clean": [{"scratch/none": cell(80.0), "scratch/at": cell(20.0, True)}],
+               "ssc": [{"scratch/none": cell(30.0), "scratch/at": cell(20.0, True)}]}
+    written = bench.plot(results, ["scratch/none", "scratch/at"], tmp_path / "t")
+    assert [p.name for p in written] == ["t-accuracy.png", "t-curves.png"]
+    assert all(p.stat().st_size > 5000 for p in written)
+
+
 def test_scale_tag_changes_with_settings_not_with_selections(bench):
     quick = bench.SCALES["quick"]
     import dataclasses
