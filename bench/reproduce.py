@@ -575,9 +575,9 @@ def render_table(results: dict[str, list[dict[str, dict]]], columns: list[str],
     for row, per_seed in results.items():
         cells = []
         for column in columns:
-            values = [seed_cells[column]["accuracy"] for seed_cells in per_seed if column in seed_cells]
-            text = _mean_sd(values)
-            if any(seed_cells[column].get("stalled") for seed_cells in per_seed if column in seed_cells):
+            found = [seed_cells[column] for seed_cells in per_seed if column in seed_cells]
+            text = _mean_sd([cell["accuracy"] for cell in found])
+            if any(cell.get("stalled") for cell in found):
                 text += " stalled"
             paradigm, _, defense = column.partition("/")
             if paradigm == "scratch" and (row, defense) in published:

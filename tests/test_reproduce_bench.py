@@ -124,7 +124,6 @@ def test_table_has_a_column_per_paradigm_defense_and_the_published_number(bench)
     assert lines[5] == "| bait | — | 20.0 stalled |"  # verify's stall rule: no evidence either way
 
 
-
 def test_plots_are_written_with_stalled_cells_among_the_bars(bench, tmp_path):
     cell = lambda acc, stalled=False: {"accuracy": acc, "peak": acc, "history": [acc / 2, acc], "seconds": 1.0,  # noqa: E731
                                        "stalled": stalled}

@@ -112,7 +112,7 @@ def test_a_stalled_run_has_no_verdict_and_the_report_says_why(folders, monkeypat
     assert runs["at"]["protected"] is not True
     assert report["stalled"] == [{"defense": "at", "paradigm": "scratch"}] and report["protected"] is not True
     assert "stalled" in report["rule"]
-    assert "stalled: at/scratch never got past chance" in format_report(report)
+    assert "stalled: at/scratch ended at or below chance" in format_report(report)
     assert "Stalled: `at` / `scratch`" in (tmp_path / "report" / "summary.md").read_text()
 
 

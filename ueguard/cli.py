@@ -235,6 +235,8 @@ def verify(protected, test, clean, json_path, report_dir, quiet, defense_options
 
 def format_report(report: dict) -> str:
     """A small table: one row per run, accuracies in %, then the verdict and its rule."""
+    from ueguard.sdk.verify import STALLED_MEANING
+
     pct = lambda v: "   —" if v is None else f"{100 * v:5.1f}"  # noqa: E731
     rows = [f"{'defense':<10} {'paradigm':<9} {'arch':<20} {'protected-trained':>17} {'peak':>6} {'clean':>6} {'chance':>6}"]
     for run in report["runs"]:
@@ -245,13 +247,12 @@ def format_report(report: dict) -> str:
     verdict = report["protected"]
     text = {True: "PROTECTED: training on the protected images gives a model far below the clean baseline",
             False: "NOT PROTECTED: a model trained on the protected images comes close to the clean baseline",
-            None: "no verdict: pass --clean ORIGINALS for a baseline (or train longer if the clean model did not learn)"}
+            None: "no verdict: pass --clean ORIGINALS for a baseline (or train longer if the clean model did not learn), "
+                  "or a run stalled (below)"}
     worst = report["worst"]
     lines = ["", f"{text[verdict]}"]
     for run in report.get("stalled", []):
-        lines.append(f"stalled: {run['defense']}/{run['paradigm']} never got past chance on its own training batches "
-                     "(its loss stayed at the constant predictor's): the recipe failed on this model, so a low accuracy "
-                     "there is no evidence of protection and never counts as protected (for adversarial training: "
+        lines.append(f"stalled: {run['defense']}/{run['paradigm']} {STALLED_MEANING} (for adversarial training: "
                      "a smaller at.eps, a longer run, or --paradigm scratch)")
     if len(report["runs"]) > 1:
         lines.append(f"worst case: {worst['defense']}/{worst['paradigm']} at {pct(worst['test_accuracy']).strip()} %")

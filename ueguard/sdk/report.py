@@ -137,6 +137,8 @@ def plot_acm(report: dict, path: Path) -> bool:
 
 
 def summary_markdown(report: dict, plots: list[str]) -> str:
+    from ueguard.sdk.verify import STALLED_MEANING
+
     verdict = {True: "**PROTECTED** — every run stayed far below its clean baseline",
                False: "**NOT PROTECTED** — at least one run came close to its clean baseline",
                None: "**no verdict** — no clean baseline (pass --clean), the clean model did not learn, or a run "
@@ -158,9 +160,7 @@ def summary_markdown(report: dict, plots: list[str]) -> str:
                      f"{run['selected_epoch']}/{run['epochs']} | {run['seconds']:.0f} |")
     if report.get("stalled"):
         lines += ["", "Stalled: " + ", ".join(f"`{r['defense']}` / `{r['paradigm']}`" for r in report["stalled"])
-                  + " ended at or below chance on its own training batches with the constant predictor's loss: the "
-                  "recipe failed on this model, so a low accuracy there is no evidence of protection and never "
-                  "counts as protected."]
+                  + f" {STALLED_MEANING}."]
     if report.get("skipped"):
         lines += ["", "Skipped:", ""] + [f"- `{s['defense']}` / `{s['paradigm']}`: {s['reason']}" for s in report["skipped"]]
     cuts = [(r, c) for r in report["runs"] for c in r.get("stage_cuts", [])]
