@@ -27,6 +27,12 @@ Everything is cached per cell under ``--cache`` (converted folders, prior checkp
 verify reports), keyed by a hash of the scale's settings, so an interrupted run continues where it
 stopped and a re-run only renders. Output: ``--json`` (default ``bench/results/reproduce-<scale>.json``),
 a Markdown table beside it (``.md``) and PNG plots (``-accuracy.png``, ``-curves.png``).
+
+``--merge A.json,B.json,...`` trains nothing: it puts several results files of one scale into one table
+(``--json``, default ``bench/results/reproduce-merged.json``), each cell from the last listed file that
+measured it and marked with that file (¹ ² …), rows protected under a method's former defaults left out
+(named in the output), and beneath it the range of every distinct victim run of each cell in the files —
+how far a number moves between seeds, re-trained priors and machines.
 """
 
 from __future__ import annotations
@@ -42,9 +48,11 @@ import json
 import os
 import pickle
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -386,14 +394,19 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
     config = ProtectOptions.resolve(method=method, **{k: v for k, v in options.items() if v is not None}).method_config()
     lock = contextlib.nullcontext() if CACHED_ONLY else \
         exclusive(cells, f"protect-{method}-{_digest([options, dataclasses.asdict(config)])}", log)
+    # the folder's constants are this code's (found by them, or made now): results files record their
+    # defaults revision, so a merge of several files (--merge) can tell a row made under former defaults
+    revision = {"defaults_revision": REGISTRY.get(method).defaults_revision}
     with lock:  # another process making the same folder is waited for, and its folder found
         if (found := cached_protection(cells, out, method, options, config)) is not None:
-            return found, {**json.loads(found.with_name(found.name + ".json").read_text()), "folder": str(found)}
+            return found, {**json.loads(found.with_name(found.name + ".json").read_text()), "folder": str(found),
+                           **revision}
         if out.with_name(out.name + ".json").is_file():  # the row's name holds a folder made with other constants
             out = cells / f"{key}-{_digest(dataclasses.asdict(config), 8)}-s{seed}"
         if CACHED_ONLY:
             raise SystemExit(f"--cached-only: {key} is not protected yet with this code's constants (in {cells})")
-        return out, _protect(row, prior if needs_prior else None, folders.task_train, out, options, log)
+        return out, {**_protect(row, prior if needs_prior else None, folders.task_train, out, options, log),
+                     **revision}
 
 
 def _protect(row: Variant, prior: Prior | None, train: Path, out: Path, options: dict[str, Any],
@@ -566,25 +579,187 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def render_table(results: dict[str, list[dict[str, dict]]], columns: list[str],
-                 published: dict[tuple[str, str], float] = PUBLISHED) -> str:
+                 published: dict[tuple[str, str], float] = PUBLISHED, notes: dict[tuple[str, str], str] | None = None,
+                 transpose: bool = False) -> str:
     """Markdown: rows = protections (``results[row]`` one cell dict per seed × victim seed), columns =
     paradigm × defense; test accuracy % (mean ± sd over those), the published number in brackets where
     there is one, and ``stalled`` where a seed's run never left the constant predictor (verify gives it no
-    verdict: its accuracy is the recipe failing, not the protection holding)."""
-    lines = ["| protection | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    verdict: its accuracy is the recipe failing, not the protection holding). ``notes[(row, column)]`` is
+    written right after a measured number (a merged table's source mark); ``transpose``: one line per
+    column, one table column per protection (a wide merged table reads better that way)."""
+    grid: dict[tuple[str, str], str] = {}
     for row, per_seed in results.items():
-        cells = []
         for column in columns:
             found = [seed_cells[column] for seed_cells in per_seed if column in seed_cells]
             text = _mean_sd([cell["accuracy"] for cell in found])
+            if found and notes and (row, column) in notes:
+                text += notes[(row, column)]
             if any(cell.get("stalled") for cell in found):
                 text += " stalled"
             paradigm, _, defense = column.partition("/")
             if paradigm == "scratch" and (row, defense) in published:
                 text += f" [{published[(row, defense)]:.1f}]"
-            cells.append(text)
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            grid[row, column] = text
+    if transpose:
+        lines = ["| paradigm / defense | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results)]
+        lines += [f"| {column} | " + " | ".join(grid[row, column] for row in results) + " |" for column in columns]
+    else:
+        lines = ["| protection | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        lines += [f"| {row} | " + " | ".join(grid[row, column] for column in columns) + " |" for row in results]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# one table from several results files (--merge)
+
+#: When a method's defaults revision landed (the commit that raised it, 3b4bb86 for SSC's deception term).
+#: Results files written before protections recorded ``defaults_revision`` are attributed by their
+#: ``time``: a row is read as the newest revision landed by then. That is exact for files this script
+#: wrote, since a render reuses a protected folder only when it was made with the constants the code of
+#: that render resolves (:func:`cached_protection`); a run that straddled a landing would be misread.
+REVISION_LANDED = {("ssc", 2): "2026-12-02T05:52:04+0000"}
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # a results file's ``time``
+SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _protection_row(key: str) -> str:
+    """The results row a protections entry was made for: its key is ``<row>[@<prior>]-s<seed>`` (the entry's
+    own ``row`` names the row that first made the folder, which may be a variant the defaults became)."""
+    return re.sub(r"-s\d+$", "", key).partition("@")[0]
+
+
+def row_revision(record: dict, row: str) -> int:
+    """The defaults revision ``record``'s base row ``row`` was protected under: as its protections recorded
+    it, else by the record's time (:data:`REVISION_LANDED`)."""
+    recorded = {p["defaults_revision"] for key, p in record.get("protections", {}).items()
+                if _protection_row(key) == row and "defaults_revision" in p}
+    if len(recorded) > 1:
+        raise ValueError(f"row {row} has protections of revisions {sorted(recorded)}")
+    if recorded:
+        return recorded.pop()
+    when = datetime.strptime(record["time"], TIME_FORMAT)
+    landed = [revision for (method, revision), at in REVISION_LANDED.items()
+              if method == row and datetime.strptime(at, TIME_FORMAT) <= when]
+    return max(landed, default=1)
+
+
+def merge_records(records: list[tuple[str, dict]], rows: tuple[str, ...] = ROWS) -> dict[str, Any]:
+    """One table from several results files of one scale: for every (row, column) the cells of the *last*
+    file in ``records`` that measured it (all of that file's seeds), so a newer run overrides an older one
+    and an older file fills what the newer left out. Only base rows at their method's current defaults
+    revision are taken (a row made under former defaults is listed in ``dropped``); variants are constant
+    searches, not the methods as shipped, and are left out. Returns ``results`` (render form: per row a list
+    of cell dicts, ragged), ``columns`` (scratch first, then per prior, paradigm and defense in protocol
+    order), ``notes`` (each cell's source mark) and ``sources`` / ``dropped``."""
+    from ueguard.methods import METHODS as REGISTRY
+
+    if not records:
+        raise SystemExit("--merge: name at least one results file")
+    tag = None
+    chosen: dict[str, dict[str, tuple[int, list[dict]]]] = {}
+    dropped: list[str] = []
+    runs: dict[tuple[str, str], list[float]] = {}  # every distinct victim run's accuracy, file by file
+    seen: dict[tuple[str, str], set[tuple]] = {}
+    for index, (name, record) in enumerate(records):
+        if record.get("bench") != "reproduce" or "results" not in record:
+            raise SystemExit(f"--merge {name}: not a results file of bench/reproduce.py")
+        if tag is None:
+            tag = record["scale_tag"]
+        elif record["scale_tag"] != tag:
+            raise SystemExit(f"--merge {name}: scale {record['scale_tag']}, but {records[0][0]} is {tag}; "
+                             f"one table holds one scale's cells")
+        for row, per_seed in record["results"].items():
+            if row not in rows:
+                continue
+            if row != "clean":
+                revision, current = row_revision(record, row), REGISTRY.get(row).defaults_revision
+                if revision != current:
+                    dropped.append(f"{name}: {row} (made under defaults revision {revision}; now {current})")
+                    continue
+            for column in {c for seed_cells in per_seed for c in seed_cells}:
+                cells = [s[column] for s in per_seed if column in s]
+                chosen.setdefault(row, {})[column] = (index, cells)
+                for cell in cells:  # files that re-render one cached run hold the same cell: counted once
+                    fingerprint = (cell["accuracy"], cell.get("seconds"), tuple(cell.get("history", ())))
+                    if fingerprint not in seen.setdefault((row, column), set()):
+                        seen[row, column].add(fingerprint)
+                        runs.setdefault((row, column), []).append(float(cell["accuracy"]))
+    results: dict[str, list[dict[str, dict]]] = {}
+    notes: dict[tuple[str, str], str] = {}
+    used: set[int] = set()
+    for row in (r for r in rows if r in chosen):
+        width = max(len(cells) for _, cells in chosen[row].values())
+        results[row] = [{} for _ in range(width)]
+        for column, (index, cells) in chosen[row].items():
+            for i, cell in enumerate(cells):
+                results[row][i][column] = cell
+            notes[row, column] = str(index + 1).translate(SUPERSCRIPT)
+            used.add(index)
+    order = {name: i for i, name in enumerate(("scratch", "finetune", "frozen", "linear", "none", "staged", "gray",
+                                               "jpeg", "at", "disjoint", "akamaster", "user"))}
+
+    def column_order(column: str) -> tuple:
+        head, _, defense = column.partition("/")
+        paradigm, _, prior = head.partition("·")
+        return (bool(prior), order.get(prior, len(order)), prior, order.get(paradigm, len(order)), paradigm,
+                order.get(defense, len(order)), defense)
+
+    columns = sorted({c for per_seed in results.values() for s in per_seed for c in s}, key=column_order)
+    sources = [{"mark": str(i + 1).translate(SUPERSCRIPT), "file": name, "time": record.get("time"),
+                "cpu": record.get("environment", {}).get("cpu"), "command": record.get("command"),
+                "priors": {k: v.get("note") for k, v in record.get("priors", {}).items()}, "used": i in used}
+               for i, (name, record) in enumerate(records)]
+    return {"scale_tag": tag, "results": results, "columns": columns, "notes": notes, "sources": sources,
+            "dropped": dropped, "runs": runs}
+
+
+def render_spread(runs: dict[tuple[str, str], list[float]], rows: list[str], columns: list[str]) -> str:
+    """Markdown, laid out like the transposed merged table: for each cell with more than one distinct victim
+    run in the files (a file that re-renders another's cached run adds none), the range of their accuracies
+    and how many — how far a cell moves between seeds, re-trained priors, re-made protections, machines."""
+    def text(key: tuple[str, str]) -> str:
+        found = runs.get(key, [])
+        return f"{min(found):.1f}–{max(found):.1f} ({len(found)})" if len(found) > 1 else "—"
+
+    lines = ["| paradigm / defense | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
+    lines += [f"| {column} | " + " | ".join(text((row, column)) for row in rows) + " |" for column in columns
+              if any(len(runs.get((row, column), [])) > 1 for row in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def merge_main(files: list[Path], rows: tuple[str, ...], json_path: Path, argv: list[str] | None) -> None:
+    """``--merge``: read the results files, write the merged table (``.json``, ``.md``, plots)."""
+    records = []
+    for path in files:
+        try:
+            records.append((path.name, json.loads(path.read_text())))
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--merge {path}: cannot read it as JSON ({error})") from None
+    merged = merge_records(records, rows)
+    table = render_table(merged["results"], merged["columns"], notes=merged["notes"], transpose=True)
+    legend = "".join(f"- {s['mark']} `{s['file']}` ({s['time']}, {s['cpu']}): `{s['command']}`\n"
+                     for s in merged["sources"] if s["used"])
+    dropped = "".join(f"- left out: {d}\n" for d in merged["dropped"])
+    text = (f"Merged from {len(records)} results files of scale {merged['scale_tag']}: each cell is the last "
+            f"listed file's measurement of it (its mark), mean ± sd over that file's seeds. Cells of different "
+            f"marks are different runs (machine, re-trained prior, code of the day): compare a protection with "
+            f"clean under the same mark. Test accuracy %; "
+            f"[brackets]: published, ResNet-18 from scratch on all of CIFAR-10, 60 epochs.\n\n"
+            + table + "\n" + legend + dropped
+            + "\nEvery distinct victim run of a cell in these files (seeds, victim seeds, re-runs on other machines "
+              "and priors): lowest–highest accuracy (runs).\n\n"
+            + render_spread(merged["runs"], list(merged["results"]), merged["columns"]))
+    record = {"bench": "reproduce-merge", **{k: merged[k] for k in ("scale_tag", "columns", "sources", "dropped")},
+              "results": merged["results"], "notes": {f"{r}|{c}": m for (r, c), m in merged["notes"].items()},
+              "runs": {f"{r}|{c}": v for (r, c), v in merged["runs"].items()},
+              "table": table, "command": " ".join(["python", "bench/reproduce.py"] +
+                                                 (sys.argv[1:] if argv is None else argv)),
+              "time": time.strftime(TIME_FORMAT)}
+    _json_dump(json_path, record)
+    json_path.with_suffix(".md").write_text(text)
+    plots = plot(merged["results"], merged["columns"], json_path.with_suffix(""))
+    print(text)
+    print(f"wrote {json_path}, {json_path.with_suffix('.md')}, {', '.join(str(p) for p in plots)}")
 
 
 def plot(results: dict[str, list[dict[str, dict]]], columns: list[str], stem: Path) -> list[Path]:
@@ -712,7 +887,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cached-only", action="store_true",
                         help="only render what the cache holds: a missing run is left empty (—), a missing protection "
                              "is an error; nothing is trained")
+    parser.add_argument("--merge", metavar="FILE,FILE,...",
+                        help="render one table from these results files of one scale instead of running: each "
+                             "cell from the last file that measured it, marked with its source (--json: where "
+                             "to write; default bench/results/reproduce-merged.json); trains nothing")
     args = parser.parse_args(argv)
+    if args.merge is not None:
+        files = [Path(f) for f in _split(args.merge, (), None, "merge")]
+        return merge_main(files, tuple(_split(args.methods, ROWS, ROWS, "methods")),
+                          args.json or ROOT / "bench" / "results" / "reproduce-merged.json", argv)
     global CACHED_ONLY
     CACHED_ONLY = args.cached_only
     scale = SCALES[args.scale or "quick"]
@@ -815,7 +998,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                              PUBLISHED.items()},
               "table": table, "environment": environment, "wall_seconds": round(wall, 1),
               "command": " ".join(["python", "bench/reproduce.py"] + (sys.argv[1:] if argv is None else argv)),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "time": time.strftime(TIME_FORMAT)}
     _json_dump(json_path, record)
     plots = plot(results, columns, json_path.with_suffix(""))
     prior_archs = ", ".join(f"{k} {a}" for k, a in {v["name"]: v["arch"] for v in priors_used.values()}.items())

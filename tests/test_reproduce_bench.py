@@ -526,3 +526,148 @@ def test_the_disjoint_prior_is_trained_only_where_a_column_needs_it(bench, tmp_p
     assert pretrained == [] and protected == [("ssc", "user")]
     bench.main(common + ["--paradigms", "scratch,finetune"])
     assert pretrained == [0] and protected[1:] == [("ssc", "disjoint"), ("ssc", "user")]
+
+
+def _results_file(rows: dict[str, list[dict[str, float]]], *, time: str = "2026-12-03T10:00:00+0000",
+                  tag: str = "cpu-a68e896e", protections: dict | None = None, cpu: str = "AMD EPYC") -> dict:
+    """A reproduce results file as the script writes one: ``rows[row]`` one {column: accuracy} per seed."""
+    cell = lambda acc: {"accuracy": acc, "peak": acc, "history": [acc], "seconds": 1.0}  # noqa: E731
+    return {"bench": "reproduce", "scale_tag": tag, "time": time, "command": "python bench/reproduce.py --cpu",
+            "environment": {"cpu": cpu}, "priors": {"disjoint": {"note": "a prior"}},
+            "protections": protections or {},
+            "results": {row: [{c: cell(a) for c, a in seed.items()} for seed in seeds] for row, seeds in rows.items()}}
+
+
+def test_merge_takes_each_cell_from_the_last_file_that_measured_it(bench):
+    older = _results_file({"clean": [{"scratch/none": 80.0, "finetune·disjoint/none": 70.0}],
+                           "emn": [{"scratch/none": 40.0, "scratch/staged": 60.0}],
+                           "emn-bf16": [{"scratch/none": 41.0}]})  # a variant: a constant search, left out
+    newer = _results_file({"clean": [{"finetune·disjoint/none": 75.0}, {"finetune·disjoint/none": 77.0}],
+                           "emn": [{"finetune·disjoint/none": 60.0}, {"finetune·disjoint/none": 64.0}],
+                           "bait": [{"frozen·disjoint/none": 30.0}]}, cpu="Xeon")
+    merged = bench.merge_records([("old.json", older), ("new.json", newer)])
+    assert list(merged["results"]) == ["clean", "emn", "bait"]  # protocol row order, variants out
+    assert merged["columns"] == ["scratch/none", "scratch/staged", "finetune·disjoint/none", "frozen·disjoint/none"]
+    notes = merged["notes"]
+    assert notes["clean", "scratch/none"] == "¹" and notes["clean", "finetune·disjoint/none"] == "²"
+    assert notes["emn", "scratch/staged"] == "¹" and notes["bait", "frozen·disjoint/none"] == "²"
+    # the newer file's cell holds all of its seeds; the older one's fills the gap on seed 0's row
+    emn = merged["results"]["emn"]
+    assert [s.get("finetune·disjoint/none", {}).get("accuracy") for s in emn] == [60.0, 64.0]
+    assert emn[0]["scratch/none"]["accuracy"] == 40.0 and "scratch/none" not in emn[1]
+    assert [s["used"] for s in merged["sources"]] == [True, True] and merged["sources"][1]["cpu"] == "Xeon"
+    table = bench.render_table(merged["results"], merged["columns"], notes=notes, transpose=True).splitlines()
+    assert table[0] == "| paradigm / defense | clean | emn | bait |"
+    assert table[2] == "| scratch/none | 80.0¹ [94.7] | 40.0¹ [21.1] | — |"
+    assert table[4] == "| finetune·disjoint/none | 76.0 ± 1.4² | 62.0 ± 2.8² | — |"
+    # every distinct victim run, for how far a cell moves between runs
+    assert merged["runs"]["clean", "finetune·disjoint/none"] == [70.0, 75.0, 77.0]
+    assert merged["runs"]["emn", "scratch/none"] == [40.0]
+    spread = bench.render_spread(merged["runs"], list(merged["results"]), merged["columns"]).splitlines()
+    assert spread == ["| paradigm / defense | clean | emn | bait |", "|---|---:|---:|---:|",
+                      "| finetune·disjoint/none | 70.0–77.0 (3) | 60.0–64.0 (2) | — |"]
+    # a file that re-renders the same cached runs adds marks, not runs
+    again = bench.merge_records([("old.json", older), ("new.json", newer), ("again.json", newer)])
+    assert again["runs"]["clean", "finetune·disjoint/none"] == [70.0, 75.0, 77.0]
+    assert again["notes"]["clean", "finetune·disjoint/none"] == "³"
+    # the other order: the older file's finetune cells win
+    flipped = bench.merge_records([("new.json", newer), ("old.json", older)])
+    assert flipped["results"]["clean"][0]["finetune·disjoint/none"]["accuracy"] == 70.0
+    assert flipped["notes"]["bait", "frozen·disjoint/none"] == "¹"
+
+
+def test_merge_leaves_out_rows_made_under_former_defaults(bench, monkeypatch):
+    """SSC's defaults changed (revision 2) at REVISION_LANDED: a file written before it holds revision-1 SSC
+    and is left out of the merge, with the reason; a recorded ``defaults_revision`` is believed over the time."""
+    before = _results_file({"clean": [{"scratch/none": 80.0}], "ssc": [{"scratch/none": 20.0}]},
+                           time="2026-12-02T05:00:00+0000")
+    after = _results_file({"ssc": [{"finetune·disjoint/none": 30.0}]}, time="2026-12-02T06:00:00+0000")
+    recorded_old = _results_file({"ssc": [{"frozen·disjoint/none": 50.0}]}, time="2026-12-03T06:00:00+0000",
+                                 protections={"ssc@disjoint-s0": {"row": "ssc-deceive", "defaults_revision": 1}})
+    recorded_new = _results_file({"ssc": [{"linear·disjoint/none": 55.0}]}, time="2026-11-01T06:00:00+0000",
+                                 protections={"ssc@disjoint-s0": {"row": "ssc-plain", "defaults_revision": 2},
+                                              "ssc-plain@disjoint-s0": {"row": "ssc-plain", "defaults_revision": 1}})
+    merged = bench.merge_records([("a.json", before), ("b.json", after), ("c.json", recorded_old),
+                                  ("d.json", recorded_new)])
+    assert sorted({c for s in merged["results"]["ssc"] for c in s}) == ["finetune·disjoint/none",
+                                                                        "linear·disjoint/none"]
+    assert merged["results"]["clean"][0]["scratch/none"]["accuracy"] == 80.0  # clean has no defaults to change
+    assert merged["dropped"] == ["a.json: ssc (made under defaults revision 1; now 2)",
+                                 "c.json: ssc (made under defaults revision 1; now 2)"]
+    assert [s["used"] for s in merged["sources"]] == [True, True, False, True]
+    from ueguard.methods import METHODS
+
+    monkeypatch.setattr(METHODS.get("ssc"), "defaults_revision", 3)  # a third revision drops them all
+    assert "ssc" not in bench.merge_records([("b.json", after), ("d.json", recorded_new)])["results"]
+
+
+def test_merge_refuses_files_it_cannot_put_in_one_table(bench, tmp_path):
+    quick = _results_file({"clean": [{"scratch/none": 80.0}]}, tag="quick-1234")
+    cpu = _results_file({"clean": [{"scratch/none": 81.0}]})
+    with pytest.raises(SystemExit, match=r"--merge b\.json: scale quick-1234, but a\.json is cpu-a68e896e"):
+        bench.merge_records([("a.json", cpu), ("b.json", quick)])
+    with pytest.raises(SystemExit, match=r"--merge bench\.json: not a results file of bench/reproduce\.py"):
+        bench.merge_records([("a.json", cpu), ("bench.json", {"bench": "kernels", "results": {}})])
+    with pytest.raises(SystemExit, match="at least one"):
+        bench.merge_records([])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"broken\.json: cannot read it as JSON"):
+        bench.main(["--merge", str(broken), "--json", str(tmp_path / "m.json")])
+
+
+def test_merge_cli_writes_the_table_json_and_plots_and_trains_nothing(bench, tmp_path, monkeypatch):
+    import json
+
+    import ueguard.sdk
+
+    monkeypatch.setattr(ueguard.sdk, "verify", lambda *a, **k: pytest.fail("a merge trained a model"))
+    monkeypatch.setattr(ueguard.sdk, "protect", lambda *a, **k: pytest.fail("a merge protected a folder"))
+    plotted = []
+    monkeypatch.setattr(bench, "plot", lambda results, columns, stem: plotted.append((list(results), stem)) or [])
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_results_file({"clean": [{"scratch/none": 80.0}], "emn": [{"scratch/none": 40.0}]})))
+    b.write_text(json.dumps(_results_file({"emn": [{"scratch/none": 45.0}]})))
+    out = tmp_path / "m.json"
+    bench.main(["--merge", f"{a},{b}", "--methods", "clean,emn", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["bench"] == "reproduce-merge" and record["scale_tag"] == "cpu-a68e896e"
+    assert record["notes"] == {"clean|scratch/none": "¹", "emn|scratch/none": "²"}
+    assert "| scratch/none | 80.0¹ [94.7] | 45.0² [21.1] |" in record["table"]
+    assert record["command"].startswith("python bench/reproduce.py --merge ")
+    text = out.with_suffix(".md").read_text()
+    assert record["table"] in text and "¹ `a.json`" in text and "² `b.json`" in text
+    assert "| scratch/none | — | 40.0–45.0 (2) |" in text and record["runs"]["emn|scratch/none"] == [40.0, 45.0]
+    assert plotted == [(["clean", "emn"], tmp_path / "m")]
+    with pytest.raises(SystemExit, match="--methods: unknown nope"):
+        bench.main(["--merge", str(a), "--methods", "nope", "--json", str(out)])
+
+
+def test_a_protection_record_names_its_defaults_revision(bench, tmp_path, monkeypatch):
+    """What a results file says of a protection carries the method's defaults revision, made now or found in
+    the cache, so a later merge reads the revision instead of guessing it from the file's time."""
+    import json
+
+    from ueguard.methods import METHODS
+
+    folders = bench.Folders(*(tmp_path / n for n in ("tt", "te", "pt", "pe")))
+    prior = bench.Prior("disjoint", tmp_path / "p.pth", "resnet20_cifar", 0.7)
+    made = []
+
+    def fake_protect(row, prior, train, out, options, log):
+        made.append(out.name)
+        out.mkdir()
+        record = {"method": row.method, "row": row.name, "prior": prior.name, "options": options}
+        (out.parent / f"{out.name}.json").write_text(json.dumps(record))
+        return record
+
+    monkeypatch.setattr(bench, "_protect", fake_protect)
+    found = iter([None, "now"])
+    monkeypatch.setattr(bench, "cached_protection",
+                        lambda cells, out, *a: out if next(found) == "now" else None)
+    scale = bench.SCALES["quick"]
+    ssc = bench.Variant("ssc", "ssc", {})
+    _, record = bench.protected_folder(ssc, prior, folders, tmp_path / "cache", scale, 0, lambda m: None)
+    assert made == ["ssc@disjoint-s0"] and record["defaults_revision"] == METHODS.get("ssc").defaults_revision
+    _, again = bench.protected_folder(ssc, prior, folders, tmp_path / "cache", scale, 0, lambda m: None)
+    assert made == ["ssc@disjoint-s0"] and again["defaults_revision"] == record["defaults_revision"]
