@@ -445,10 +445,12 @@ def defense_constants(defense: str, budget: str, defense_options: dict[str, Any]
     return json.loads(json.dumps(dataclasses.asdict(opts.defense_config(defense))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=2048)
 def _read_report(path: str, mtime_ns: int, size: int) -> dict:
     """A verify report, parsed once per version of the file (the key's mtime and size): a render asks
-    every cell's reports of every file, and a large cache held hundreds of them, each with its histories."""
+    every cell's reports of every file, and a large cache held hundreds of them, each with its histories.
+    Bounded: a long run rewrites each battery's report after every cell, and the versions it left behind
+    would otherwise stay parsed in memory until the process ends."""
     return json.loads(Path(path).read_text())
 
 

@@ -486,6 +486,7 @@ def test_cached_reports_are_parsed_once_per_version_of_the_file(bench, cell_setu
     found = bench.cached_runs(cells, "emn", 0, recipe, data, constants)
     assert sorted(found) == [("scratch", "gray"), ("scratch", "none")] and found[("scratch", "gray")]["test_accuracy"] == 0.25
     assert bench._read_report.cache_info().misses == 4
+    assert bench._read_report.cache_info().maxsize is not None  # superseded versions do not pile up
 
 
 def test_the_disjoint_prior_is_trained_only_where_a_column_needs_it(bench, tmp_path, monkeypatch):
