@@ -101,7 +101,8 @@ def test_efficacy_table_says_where_a_method_does_not_halve(efficacy):
 
 
 def test_demo_end_to_end_protects_the_digits(tmp_path):
-    """The README's first command, for real (about 2.5 minutes on the 2-core CPU): digits → protect with
+    """The README's first command, for real (2.5 minutes on the 2-core EPYC of the README's table, 6–7 on an
+    AVX2-only Zen 3 one — the suite's longest test by far): digits → protect with
     EMN → verify against the clean baseline; the protected-trained model must stay far below it."""
     from ueguard.demo import run_demo
 
