@@ -729,6 +729,11 @@ def render_spread(runs: dict[tuple[str, str], list[float]], rows: list[str], col
     return "\n".join(lines) + "\n"
 
 
+def _command(argv: list[str] | None) -> str:
+    """The command line a results file records (``argv`` as :func:`main` was given it)."""
+    return " ".join(["python", "bench/reproduce.py"] + (sys.argv[1:] if argv is None else argv))
+
+
 def merge_main(files: list[Path], rows: tuple[str, ...], json_path: Path, argv: list[str] | None) -> None:
     """``--merge``: read the results files, write the merged table (``.json``, ``.md``, plots)."""
     records = []
@@ -754,8 +759,7 @@ def merge_main(files: list[Path], rows: tuple[str, ...], json_path: Path, argv: 
     record = {"bench": "reproduce-merge", **{k: merged[k] for k in ("scale_tag", "columns", "sources", "dropped")},
               "results": merged["results"], "notes": {f"{r}|{c}": m for (r, c), m in merged["notes"].items()},
               "runs": {f"{r}|{c}": v for (r, c), v in merged["runs"].items()},
-              "table": table, "command": " ".join(["python", "bench/reproduce.py"] +
-                                                 (sys.argv[1:] if argv is None else argv)),
+              "table": table, "command": _command(argv),
               "time": time.strftime(TIME_FORMAT)}
     _json_dump(json_path, record)
     json_path.with_suffix(".md").write_text(text)
@@ -999,7 +1003,7 @@ def main(argv: list[str] | None = None) -> None:
               "protections": protections, "results": results, "published": {f"{r}/{d}": v for (r, d), v in
                                                                              PUBLISHED.items()},
               "table": table, "environment": environment, "wall_seconds": round(wall, 1),
-              "command": " ".join(["python", "bench/reproduce.py"] + (sys.argv[1:] if argv is None else argv)),
+              "command": _command(argv),
               "time": time.strftime(TIME_FORMAT)}
     _json_dump(json_path, record)
     plots = plot(results, columns, json_path.with_suffix(""))
