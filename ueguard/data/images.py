@@ -29,7 +29,6 @@ import dataclasses
 import errno
 import os
 import pathlib
-import uuid
 import warnings
 from dataclasses import dataclass
 from typing import IO, Any
@@ -38,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ueguard._crash import kill_point
+from ueguard.data.safe_fs import LinkError, write_atomically
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -524,6 +524,7 @@ def save_image(
     fmt: str,
     quality: int = 95,
     keep_metadata: bool = False,
+    root: str | os.PathLike[str] | None = None,
 ) -> None:
     """Write ``pixels`` (same shape and dtype as ``image.pixels``) with ``image``'s alpha and ICC profile.
 
@@ -537,6 +538,8 @@ def save_image(
 
     The file appears atomically: it is encoded to a hidden ``.ueguard-<random>.tmp`` beside the
     destination, fsynced and renamed into place, so an interrupted run never leaves a half-written image.
+    With ``root`` (the output folder), no folder from ``root`` down to ``path``'s may be a symbolic link:
+    the file is never written through one (see :mod:`ueguard.data.safe_fs`).
     Raises :class:`ImageWriteError` when the format cannot hold this image or the write fails.
     """
     codec = _CODECS.get(fmt)
@@ -566,7 +569,8 @@ def save_image(
         params.update(compression="tiff_lzw")
     if keep_metadata and image.exif and fmt in _EXIF_FORMATS:
         params["exif"] = image.exif
-    _write_atomically(pathlib.Path(path), encoded, codec.pillow_format, params)
+    _write_atomically(pathlib.Path(path), encoded, codec.pillow_format, params,
+                      None if root is None else pathlib.Path(root))
 
 
 _EXIF_FORMATS = frozenset({"jpeg", "png", "webp"})
@@ -609,39 +613,14 @@ def _to_pillow(pixels: np.ndarray, alpha: np.ndarray | None, codec: _Codec) -> I
     return Image.fromarray(np.concatenate([pixels, alpha[:, :, None]], axis=2))
 
 
-def _write_atomically(
-    path: pathlib.Path, encoded: Image.Image, pillow_format: str, params: dict[str, Any]
-) -> None:
-    """Encode to a unique temporary file beside ``path``, fsync, rename over ``path``; clean up on failure."""
-    # A fixed prefix rather than the file's own name: a long name plus a suffix could exceed NAME_MAX.
-    tmp = path.with_name(f".ueguard-{uuid.uuid4().hex}.tmp")
+def _write_atomically(path: pathlib.Path, encoded: Image.Image, pillow_format: str, params: dict[str, Any],
+                      root: pathlib.Path | None = None) -> None:
+    """Encode into a temporary file beside ``path`` and rename it into place (:func:`write_atomically`:
+    with ``root``, no folder between ``root`` and ``path`` may be a link); clean up on failure."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # 0o666 filtered by the umask, like any ordinary new file (mkstemp would force 0o600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        write_atomically(path, lambda fh: encoded.save(fh, format=pillow_format, **params), root=root,
+                         before_rename=lambda: kill_point("tmp-written"))
+    except LinkError as err:
+        raise ImageWriteError(path, f"cannot write the output file: {err.strerror}", err.errno) from err
     except OSError as err:
-        raise ImageWriteError(path, f"cannot create the output file ({err.strerror or err})", err.errno) from err
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            encoded.save(fh, format=pillow_format, **params)
-            fh.flush()
-            os.fsync(fh.fileno())
-        kill_point("tmp-written")
-        os.replace(tmp, path)
-        _fsync_directory(path.parent)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise ImageWriteError(path, f"cannot write the output file ({err.strerror or err})", err.errno) from err
-        raise
-
-
-def _fsync_directory(directory: pathlib.Path) -> None:
-    """Persist the rename itself, so a crash right after ``save_image`` cannot lose the finished file."""
-    if not hasattr(os, "O_DIRECTORY"):  # Windows cannot open directories; NTFS journals renames anyway
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        raise ImageWriteError(path, f"cannot write the output file ({err.strerror or err})", err.errno) from err

@@ -16,9 +16,12 @@ Line kinds (field ``kind``):
     that budget, allowing 8-bit rounding; see ``ueguard.sdk.protect.within_budget``), ``status``
     (``ok``, ``failed`` — could not be read or written — or ``skipped`` — not an image / not in a class
     folder) and ``error``.
-The manifest never contains pixel data. Each line is flushed and fsync'ed, so a crash loses at most the
-line being written; a torn last line is ignored when reading, and a writer reopening the file starts a
-new line after it. A file name that is not valid UTF-8 (bytes kept by Python as lone surrogates) is
+  * ``complete`` — the last line of a finished run: the counts of ``ok``, ``failed`` and ``skipped``
+    files. Only a manifest whose last record is ``complete`` describes a finished folder; the resume
+    state (the perturbation itself) was deleted before it was written, and it never lived in DST.
+The manifest never contains pixel data. Each line is written whole and fsync'ed; a write that fails
+part-way is cut back, and a torn last line left by a kill is cut off by the next writer (and ignored by
+readers), so the file is valid JSONL after any fault. A file name that is not valid UTF-8 (bytes kept by Python as lone surrogates) is
 written with ``\\udcXX`` escapes, which ``json.loads`` turns back into the same name.
 """
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from ueguard.data.safe_fs import open_append
 from ueguard.errors import UsageError
 
 try:
@@ -43,36 +47,44 @@ MANIFEST_NAME = "ueguard-manifest.jsonl"
 
 class ManifestWriter:
     """Appends records to a manifest. Holds an exclusive lock on it while open, so two runs cannot write
-    into one output folder at the same time (the second is refused at once)."""
+    into one output folder at the same time (the second is refused at once).
+
+    The manifest stays valid JSONL after any fault: a record is one ``write`` of its whole line, and a
+    write that fails part-way (a full disk) is cut back to the end of the last whole line before the
+    error is raised; a torn last line left by a kill is cut off when the file is opened again (it is a
+    record of ueguard's own that never finished). The file is opened without following a link and must
+    have a single name (:func:`ueguard.data.safe_fs.open_append`)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a", encoding="utf-8")
+        self._fd = open_append(self.path)
         try:
-            _lock(self._fh)
+            _lock(self._fd)
         except BlockingIOError:
-            self._fh.close()
-            raise UsageError(f"another ueguard run is writing to {self.path.parent}; wait for it to finish "
-                             "(or stop it), then run again with --resume") from None
-        if self._fh.tell() > 0 and not _ends_with_newline(self.path):
-            self._fh.write("\n")  # a crash mid-line: end that line, so the next record is not glued onto it
-        self._fh.flush()
+            os.close(self._fd)
+            raise UsageError(busy_message(self.path.parent)) from None
+        _cut_torn_tail(self._fd)
         #: Byte offset of this writer's first record (what :class:`ManifestItems` reads from).
-        self.start = os.fstat(self._fh.fileno()).st_size
+        self.start = os.fstat(self._fd).st_size
 
     def write(self, record: dict[str, Any]) -> None:
         text = json.dumps(record, ensure_ascii=False, allow_nan=False)
         try:
-            text.encode("utf-8")
+            data = (text + "\n").encode("utf-8")
         except UnicodeEncodeError:  # a non-UTF-8 file name: escape it rather than fail the run
-            text = json.dumps(record, ensure_ascii=True, allow_nan=False)
-        self._fh.write(text + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+            data = (json.dumps(record, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
+        end = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError as error:
+            os.ftruncate(self._fd, end)  # never leave half a record behind
+            raise ManifestWriteError(self.path, error) from error
 
     def close(self) -> None:
-        self._fh.close()
+        os.close(self._fd)
 
     def __enter__(self) -> "ManifestWriter":
         return self
@@ -81,15 +93,54 @@ class ManifestWriter:
         self.close()
 
 
-def _lock(fh) -> None:
+class ManifestWriteError(OSError):
+    """A record could not be appended (e.g. the disk is full); the manifest was cut back to its last
+    whole record, so ``--resume`` continues from there."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        super().__init__(error.errno, f"cannot append to the manifest {path} ({error.strerror or error}); it "
+                                      "still ends with a whole record")
+        self.path = path
+
+
+def busy_message(folder: Path) -> str:
+    return (f"another ueguard run is writing to {folder} right now; wait for it to finish (or stop it), then "
+            "run the same command with --resume")
+
+
+def is_busy(path: Path) -> bool:
+    """Whether another process holds the lock of the manifest at ``path`` (a run writing there now)."""
+    if fcntl is None or not path.is_file() or path.is_symlink():
+        return False
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        _lock(fd)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the lock
+    return False
+
+
+def _lock(fd: int) -> None:
     if fcntl is not None:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) == b"\n"
+def _cut_torn_tail(fd: int) -> None:
+    """Truncate an unfinished last line (no newline after it) back to the end of the last whole line."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    block, end = 1 << 16, size
+    while end > 0:
+        start = max(0, end - block)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            os.ftruncate(fd, start + newline + 1)
+            return
+        end = start
+    os.ftruncate(fd, 0)
 
 
 def read_manifest(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
