@@ -2,7 +2,8 @@
 
 ``SRC/<class>/.../<file>``: the first-level subfolder names are the class names (sorted, so label
 indices are reproducible); files directly under SRC have no class. Hidden files and folders
-(``.DS_Store``, ueguard's own temporary files) are left out.
+(``.DS_Store``, ``.thumbs/``) are not protected but listed as skipped, with the reason, so nothing is
+left out without a word; a hidden folder is one entry, not walked.
 
 Symbolic links are handled explicitly, because they can loop, dangle, or lead out of SRC:
 
@@ -81,9 +82,46 @@ def _link_problem(path: str) -> str:
     return ""
 
 
-def _walk(root: Path, follow_symlinks: bool) -> list[tuple[PurePosixPath, str | None, str | None]]:
-    """``(relpath, skip_reason, error)`` for every non-hidden file under ``root``, in a stable order: a
-    folder's files (sorted), then its subfolders (sorted), depth first — the order of ``os.walk``."""
+_INTO_OUTPUT = "inside the output folder: never read as a source (its files are protected copies)"
+
+
+class _Excluded:
+    """The output folder, recognised by path and by identity: its real path, and the (device, inode) of
+    it and every folder under it, so that another path to any of them (a bind mount, a second link) is
+    recognised too."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.real = folder.resolve() if folder is not None else None
+        self.inodes: set[tuple[int, int]] = set()
+        if folder is not None and folder.is_dir():
+            for current, _, _ in os.walk(folder, followlinks=False):
+                try:
+                    self.inodes.add(_inode(Path(current)))
+                except OSError:
+                    pass
+
+    def __contains__(self, path: Path) -> bool:
+        if self.real is None:
+            return False
+        resolved = path.resolve()
+        if resolved == self.real or self.real in resolved.parents:
+            return True
+        try:
+            return resolved.is_dir() and _inode(resolved) in self.inodes
+        except OSError:
+            return False
+
+
+_HIDDEN_FILE = "hidden file (its name starts with '.'): not protected; rename it to include it"
+_HIDDEN_FOLDER = "hidden folder (its name starts with '.'): not walked, nothing in it is protected; rename it to include it"
+
+
+def _walk(root: Path, follow_symlinks: bool,
+          exclude: _Excluded = _Excluded(None)) -> list[tuple[PurePosixPath, str | None, str | None]]:
+    """``(relpath, skip_reason, error)`` for every file under ``root`` (hidden ones and hidden folders as
+    skipped entries), in a stable order: a folder's files (sorted), then its subfolders (sorted), depth
+    first — the order of ``os.walk``. ``exclude`` (the output folder) is never walked, whether it is
+    reached as a folder of the tree, through a link, or under another path to the same folder."""
     real_root = root.resolve()
     walked = {_inode(real_root)}
     found: list[tuple[PurePosixPath, str | None, str | None]] = []
@@ -92,15 +130,22 @@ def _walk(root: Path, follow_symlinks: bool) -> list[tuple[PurePosixPath, str | 
         folder, rel_dir = stack.pop()
         try:
             with os.scandir(folder) as it:
-                children = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+                children = sorted(it, key=lambda e: e.name)
         except OSError as error:
             found.append((rel_dir, None, f"cannot list this folder ({error.strerror or error})"))
             continue
         subfolders = []
         for child in children:
             rel = rel_dir / child.name
+            if child.name.startswith("."):
+                hidden_folder = child.is_dir(follow_symlinks=False)
+                found.append((rel, _HIDDEN_FOLDER if hidden_folder else _HIDDEN_FILE, None))
+                continue
             if not child.is_symlink():
                 if child.is_dir(follow_symlinks=False):
+                    if Path(child.path) in exclude:
+                        found.append((rel, _INTO_OUTPUT, None))
+                        continue
                     walked.add(_inode(Path(child.path)))
                     subfolders.append((Path(child.path), rel))
                 elif child.is_file(follow_symlinks=False):
@@ -114,7 +159,9 @@ def _walk(root: Path, follow_symlinks: bool) -> list[tuple[PurePosixPath, str | 
                 continue
             target = Path(child.path).resolve()
             inside = target == real_root or real_root in target.parents
-            if target.is_dir():
+            if target in exclude:
+                found.append((rel, f"symbolic link to {target}, {_INTO_OUTPUT}", None))
+            elif target.is_dir():
                 if not follow_symlinks:
                     found.append((rel, f"symbolic link to a folder ({target}), not followed; {_FOLLOW_HINT}", None))
                 elif _inode(target) in walked:
@@ -141,11 +188,12 @@ def _inode(path: Path) -> tuple[int, int]:
 
 
 def scan_folder(root: str | os.PathLike, *, classes: tuple[str, ...] | None = None,
-                follow_symlinks: bool = False) -> FolderListing:
+                follow_symlinks: bool = False, exclude: str | os.PathLike | None = None) -> FolderListing:
     """List the files under ``root`` with their labels.
 
     ``follow_symlinks`` also follows links to folders and links that lead outside ``root`` (see the
-    module docstring). ``classes`` fixes the class list (e.g. a test folder must use the training folder's classes); by
+    module docstring). ``exclude`` (protect's output folder) is never walked, however it is reached.
+    ``classes`` fixes the class list (e.g. a test folder must use the training folder's classes); by
     default it is the sorted first-level subfolder names. Raises ``FileNotFoundError`` /
     ``NotADirectoryError`` / ``ValueError`` with actionable messages when the folder is missing, not a
     folder, contains no images, or (with ``classes`` given) has a class the reference does not have.
@@ -155,7 +203,7 @@ def scan_folder(root: str | os.PathLike, *, classes: tuple[str, ...] | None = No
         raise FileNotFoundError(f"{root}: no such folder")
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a folder (give the folder that holds the images)")
-    walked = _walk(root, follow_symlinks)
+    walked = _walk(root, follow_symlinks, _Excluded(None if exclude is None else Path(exclude)))
     present = tuple(sorted({rel.parts[0] for rel, skip, error in walked if len(rel.parts) > 1 and not error}))
     if classes is None:
         classes = present

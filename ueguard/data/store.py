@@ -21,12 +21,14 @@ of the committed file) describes; ``protect --resume`` continues with the next r
 equals an uninterrupted run's. This costs a second file of the store's size while generating; it is
 deleted when generation completes.
 
-Encoding (chosen by measurement, see ``bench/README.md`` § memory): ``int16`` in units of
-1/(255·128) — 2 bytes a value, half of float32; every multiple of 1/255 (what an 8-bit file can
-hold) and of 1/(255·2^k), k ≤ 7, is stored exactly; any other value is off by at most 1/(255·256),
-a 256th of one 8-bit level, uniformly over the whole range [−1.004, 1.004] (float16 is as small but
-its error grows with |δ|, to 1/(255·8) near ±1, which L2 and L0 methods reach). ``float32`` stores
-values bit-exactly (and is what the memory path computes with).
+Encoding: ``float32`` by default — the values bit-exactly as the in-memory path computes them, so
+``--store disk`` and ``--store memory`` give the same bytes for the same seed (and ``--store auto``,
+which picks by the machine's memory, cannot make one command give two results). ``int16`` in units of
+1/(255·128) halves the file — every multiple of 1/255 (what an 8-bit file can hold) and of
+1/(255·2^k), k ≤ 7, is stored exactly, any other value is off by at most 1/(255·256) over
+[−1.004, 1.004] — but a bi-level method reads its rounded rows back every round, so its trajectory
+drifts from the memory path's by about one 8-bit level in a few files; it is kept for stores made
+explicitly with it. ``float16`` is as small, with an error that grows with |δ|.
 
 Memory: the rows live in the page cache, not in the process. Reads copy the rows asked for; writes go
 straight to the mapping. Mapped pages count towards the resident set while they stay mapped, so
@@ -62,7 +64,7 @@ ENCODINGS: dict[str, tuple[str, str, float | None]] = {
     "float16": ("<f2", "f16", None),
     "float32": ("<f4", "f32", None),
 }
-DEFAULT_ENCODING = "int16"
+DEFAULT_ENCODING = "float32"
 #: bytes written between checkpoints (msync + done flags + dropping the mapped pages)
 CHECKPOINT_BYTES = 64 << 20
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -42,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,8 +53,10 @@ from ueguard.data.folder import FolderEntry, FolderListing, scan_folder
 from ueguard._crash import kill_point
 from ueguard.data.images import (DecodedImage, ImageFileError, ImageReadError, ImageWriteError, load_image, output_path,
                                  quantize, resolve_format, save_image)
-from ueguard.data.manifest import (MANIFEST_NAME, ManifestItems, ManifestWriter, read_manifest_offsets,
-                                   sha256_file)
+from ueguard.data.manifest import (MANIFEST_NAME, ManifestItems, ManifestWriteError, ManifestWriter, busy_message,
+                                   is_busy, read_manifest_offsets, sha256_file)
+from ueguard.data.run_state import remove_state, state_folder
+from ueguard.data.safe_fs import LinkError, find_link
 from ueguard.data.loaders import load_working_set, resolve_loader
 from ueguard.data.store import PerturbationStore, RoundCheckpoint, StoreError
 from ueguard.data.working_set import WorkingSet, image_sides, resize_float, suggest_size
@@ -65,17 +68,18 @@ from ueguard.methods import METHODS, Perturbation
 from ueguard.methods.base import RankFollower
 from ueguard.sdk.options import SIZE_CAP, ProtectOptions, default_arch
 
-STATE_DIR = ".ueguard"
-WORKING_FILE = "working-set.npy"  # a spilled working set (streaming loaders), in STATE_DIR
+#: Where ueguard versions before 0.x kept the resume state, inside DST; removed wherever it is found.
+LEGACY_STATE_DIR = ".ueguard"
+WORKING_FILE = "working-set.npy"  # a spilled working set (streaming loaders), in the private state folder
 #: Options that must match for ``--resume`` to continue a run (the rest — device, precision, compile — may change).
 RESUME_KEYS = ("method", "eps", "seed", "budget", "size", "surrogate", "weights", "pretrained", "format",
                "quality", "perturbation", "method_options", "keep_metadata", "follow_symlinks",
                "label_source", "clusters")
 #: OS errors on an output that no other file would escape: the run stops instead of failing each file.
 FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-#: Names of ueguard's temporary files under DST (see ``save_image`` and ``_save_state``).
-TEMP_PREFIXES = (".ueguard-", ".perturbation.pt.")
-#: A bi-level method's round checkpoint, under DST/.ueguard/ (see ``RoundCheckpoint``).
+#: Names of ueguard's temporary files under DST (see ``save_image``).
+TEMP_PREFIXES = (".ueguard-",)
+#: A bi-level method's round checkpoint, in the private state folder (see ``RoundCheckpoint``).
 ROUND_CHECKPOINT = "rounds.pt"
 #: ``--store auto`` keeps float32 sample-wise δ in memory up to this fraction of physical memory.
 STORE_MEMORY_FRACTION = 1 / 8
@@ -328,22 +332,38 @@ def default_destination(src: Path) -> Path:
     return resolved.parent / f"{resolved.name}_protected"
 
 
-def _check_destination(src: Path, dst: Path, resume: bool) -> None:
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or src_r in dst_r.parents:
+def _refuse_overlap(src: Path, dst: Path) -> None:
+    """Refuse a DST inside SRC or containing it, by path or by identity, and a DST that is a link."""
+    if dst.is_symlink():
+        raise UsageError(f"the output folder {dst} is a symbolic link (to {os.path.realpath(dst)}); ueguard never "
+                         "writes through a link — give the folder itself as --out")
+    if _inside(dst, src):
         raise UsageError(f"the output folder {dst} is inside the source folder {src}: SRC is never written to; "
                          "choose --out outside it")
-    if dst_r in src_r.parents:
+    if _inside(src, dst):
         raise UsageError(f"the output folder {dst} contains the source folder {src}; choose --out beside it")
+
+
+def _check_destination(src: Path, dst: Path, resume: bool) -> None:
+    """Refuse a DST that would write into SRC (see :func:`_refuse_overlap`) or holds a link, a busy one,
+    and a non-empty one without ``--resume``; then make it."""
+    _refuse_overlap(src, dst)
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"the output path {dst} exists and is not a folder")
     if dst.is_dir() and any(dst.iterdir()):
+        if is_busy(dst / MANIFEST_NAME):
+            raise UsageError(busy_message(dst))
         if not resume:
             raise UsageError(f"the output folder {dst} is not empty: pass --resume to continue a run there, "
                              "or choose a new --out")
-        if not (dst / MANIFEST_NAME).exists():
+        if not (dst / MANIFEST_NAME).exists() and not (dst / MANIFEST_NAME).is_symlink():
             raise UsageError(f"--resume: {dst} has files but no {MANIFEST_NAME}; it was not made by ueguard — "
                              "choose a new --out")
+        link = find_link(dst)
+        if link is not None:
+            raise UsageError(f"--resume: {link} is a symbolic link (to {os.path.realpath(link)}); ueguard never "
+                             "writes through a link, and nothing it made is one — remove it (its target is "
+                             "left alone), or choose a new --out")
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -352,13 +372,54 @@ def _check_destination(src: Path, dst: Path, resume: bool) -> None:
         raise UsageError(f"the output folder {dst} is not writable")
 
 
-def _previous_run(dst: Path, opts: ProtectOptions, method) -> tuple[dict[str, int], dict[str, Any] | None]:
+def _inside(inner: Path, outer: Path) -> bool:
+    """Whether folder ``inner`` is ``outer`` or under it, by resolved path or by identity (the same folder
+    reached under another name, e.g. a bind mount); ``inner`` need not exist yet."""
+    real_inner, real_outer = inner.resolve(), outer.resolve()
+    if real_inner == real_outer or real_outer in real_inner.parents:
+        return True
+    try:
+        identity = _identity(real_outer)
+    except OSError:
+        return False
+    for folder in (real_inner, *real_inner.parents):
+        try:
+            if _identity(folder) == identity:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def source_digest(listing: FolderListing) -> str:
+    """A digest of the images SRC holds now — names, sizes, modification times — so that ``--resume`` can
+    tell whether SRC changed since the run began (its perturbation was made for the images then)."""
+    digest = hashlib.sha256()
+    for entry in listing.images:
+        try:
+            info = os.stat(listing.root / entry.relpath)
+            mark = f"{info.st_size} {info.st_mtime_ns}"
+        except OSError:
+            mark = "unreadable"
+        digest.update(f"{entry.relpath}\0{mark}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _previous_run(dst: Path, opts: ProtectOptions, method, digest: str,
+                  progress: Progress = SILENT) -> tuple[dict[str, int], dict[str, Any] | None]:
     """For ``--resume``: the byte offset in the manifest of each finished file's record (by source path), and
     the ``method_options`` the run began with (None when DST has no manifest yet), after checking that the
     earlier run used the same settings. Method options are compared by the constants they resolve to, not
     as given: ``-o eval_limit=10000`` finishes a folder begun without it when 10000 is the default, and a
     folder begun under other defaults (:func:`changed_constants`) is finished by passing the constants it
-    began with. Streams the manifest."""
+    began with. A SRC that changed since the run began (:func:`source_digest`) is refused once files are
+    finished: their perturbation was made for the old images, and finishing would mix two generations in
+    one folder. Streams the manifest."""
     path = dst / MANIFEST_NAME
     if not path.exists():
         return {}, None
@@ -385,6 +446,14 @@ def _previous_run(dst: Path, opts: ProtectOptions, method) -> tuple[dict[str, in
                                  "the constants it began with, or choose a new --out")
         elif r.get("kind") == "file" and r.get("status") == "ok":
             finished[r["source"]] = (offset, r["output"], r["output_sha256"])
+    if header is not None and header.get("source_digest") not in (None, digest):
+        if finished:
+            raise UsageError(f"--resume: the source folder changed since the run in {dst} began ({len(finished)} "
+                             "file(s) were finished from the images it held then; their names, sizes or "
+                             "modification times differ now). Finishing would mix perturbations of two "
+                             "generations: restore SRC as it was, or protect it anew into a new --out")
+        progress.log("the source folder changed since the interrupted run began; nothing was finished, so "
+                     "generation starts again for the images it holds now")
     done = {source: offset for source, (offset, output, sha256) in finished.items() if _intact(dst / output, sha256)}
     return done, (header["options"].get("method_options") or {}) if header is not None else None
 
@@ -425,8 +494,8 @@ def _intact(path: Path, sha256: str) -> bool:
 
 
 def _remove_temporaries(dst: Path) -> int:
-    """Delete the temporary files a killed run left under DST (hidden ``.ueguard-*.tmp`` beside outputs,
-    ``.ueguard/.perturbation.pt.*.tmp``); their names are ueguard's own, never a final output's."""
+    """Delete the temporary files a killed run left under DST (hidden ``.ueguard-*.tmp`` beside outputs);
+    their names are ueguard's own, never a final output's (a link of that name is removed, not followed)."""
     removed = 0
     for folder, _, names in os.walk(dst):
         for name in names:
@@ -436,40 +505,56 @@ def _remove_temporaries(dst: Path) -> int:
     return removed
 
 
-def _plan_outputs(listing: FolderListing, fmt: str) -> tuple[dict[PurePosixPath, PurePosixPath], dict[PurePosixPath, str]]:
+def _plan_outputs(listing: FolderListing, fmt: str, problem: Callable[[FolderEntry], str | None] = lambda entry: None
+                  ) -> tuple[dict[PurePosixPath, PurePosixPath], dict[PurePosixPath, str]]:
     """Output path per image, and the images refused because their output would overwrite another's:
     two sources that differ only in suffix (``a.jpg`` and ``a.png`` both become ``a.png``) or only in
     letter case (``a.PNG`` and ``a.png``: one file on case-insensitive file systems — macOS, Windows, and
-    any disk the outputs are later copied to). The first in walk order is kept; nothing is overwritten."""
-    planned: dict[PurePosixPath, PurePosixPath] = {}
-    owner: dict[str, PurePosixPath] = {MANIFEST_NAME.casefold(): PurePosixPath(MANIFEST_NAME)}
-    refused: dict[PurePosixPath, str] = {}
+    any disk the outputs are later copied to). The first in walk order that can be read (``problem``
+    returns None) keeps the name; nothing is overwritten. ``problem`` is asked only of images that
+    collide, so a broken twin fails with its own reason and never costs a valid image its output."""
+    by_key: dict[str, list[FolderEntry]] = {}
     for entry in listing.images:
-        target = PurePosixPath(output_path(entry.relpath, fmt))
-        key = str(target).casefold()
-        if key in owner:
-            other = owner[key]
-            if str(planned.get(other, other)) == str(target):
-                hint = "; rename one of them" + (" or use --format keep" if fmt != "keep" else "")
-                refused[entry.relpath] = f"its output {target} would overwrite the output of {other}{hint}"
-            else:
-                refused[entry.relpath] = (f"its output {target} differs from the output of {other} only in letter "
-                                          "case, so one would overwrite the other on a case-insensitive file "
-                                          "system; rename one of them")
+        by_key.setdefault(str(output_path(entry.relpath, fmt)).casefold(), []).append(entry)
+    planned: dict[PurePosixPath, PurePosixPath] = {}
+    refused: dict[PurePosixPath, str] = {}
+    for key, group in by_key.items():
+        if key == MANIFEST_NAME.casefold():
+            for entry in group:
+                refused[entry.relpath] = f"its output would overwrite the manifest {MANIFEST_NAME}; rename it"
             continue
-        owner[key] = entry.relpath
-        planned[entry.relpath] = target
+        problems = {} if len(group) == 1 else {e.relpath: problem(e) for e in group}
+        keeper = next((e for e in group if problems.get(e.relpath) is None), None)
+        for entry in group:
+            target = PurePosixPath(output_path(entry.relpath, fmt))
+            if entry is keeper:
+                planned[entry.relpath] = target
+            elif problems.get(entry.relpath) is not None:
+                refused[entry.relpath] = problems[entry.relpath]
+            else:
+                refused[entry.relpath] = _collision(target, keeper, fmt)
     return planned, refused
 
 
-def _store_fingerprint(opts: ProtectOptions, began_with: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What must match for a perturbation store or round checkpoint to be reused (the settings ``--resume``
-    compares). ``began_with``: on resume, the method options the run began with, which ``_previous_run``
-    found to resolve to this run's constants — the state that run left was fingerprinted with them."""
+def _collision(target: PurePosixPath, keeper: FolderEntry, fmt: str) -> str:
+    """Why an image whose output ``target`` collides with ``keeper``'s is refused."""
+    if str(target) == str(output_path(keeper.relpath, fmt)):
+        hint = "; rename one of them" + (" or use --format keep" if fmt != "keep" else "")
+        return f"its output {target} would overwrite the output of {keeper.relpath}{hint}"
+    return (f"its output {target} differs from the output of {keeper.relpath} only in letter case, so one "
+            "would overwrite the other on a case-insensitive file system; rename one of them")
+
+
+def _store_fingerprint(opts: ProtectOptions, began_with: dict[str, Any] | None = None,
+                       digest: str | None = None) -> dict[str, Any]:
+    """What must match for a perturbation store or round checkpoint to be reused: the settings ``--resume``
+    compares and the source folder's :func:`source_digest`. ``began_with``: on resume, the method options
+    the run began with, which ``_previous_run`` found to resolve to this run's constants — the state that
+    run left was fingerprinted with them."""
     record = opts.record()
     if began_with is not None:
         record["method_options"] = began_with
-    return {key: record[key] for key in RESUME_KEYS}
+    return {**{key: record[key] for key in RESUME_KEYS}, "source_digest": digest}
 
 
 def _use_disk_store(opts: ProtectOptions, n: int, size: int) -> bool:
@@ -584,10 +669,50 @@ def _generate_for_rank0(opts: ProtectOptions, ranks: distributed.Distributed) ->
     return ProtectResult([], perturbation, opts, info=dict(perturbation.info))
 
 
+@dataclass
+class _FolderRun:
+    """What a folder run decided before it writes anything (the plan stage), read by the later stages."""
+
+    src: Path
+    dst: Path
+    listing: FolderListing
+    runtime: Runtime
+    size: int
+    method: Any
+    surrogate_record: dict[str, Any]
+    pseudo: bool
+    num_classes: int
+    digest: str
+    state: Path | None = None  # the private resume-state folder (see ueguard.data.run_state)
+    done: dict[str, int] = field(default_factory=dict)
+    began_with: dict[str, Any] | None = None
+
+
 def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress: Progress,
                     handoff: distributed.Handoff | None = None) -> ProtectResult:
+    """plan → destination and resume → (under the manifest's lock) decode → generate → save → finish."""
+    run = _plan_folder(src, dst, opts, progress)
+    _check_destination(src, run.dst, opts.resume)
+    if opts.resume:
+        run.done, run.began_with = _previous_run(run.dst, opts, run.method, run.digest, progress)
+    run.state = state_folder(run.dst, opts.cache_dir, src=src)
     try:
-        listing = scan_folder(src, follow_symlinks=opts.follow_symlinks)
+        with ManifestWriter(run.dst / MANIFEST_NAME) as manifest:  # locked: one run per output folder
+            result = _write_folder(run, opts, manifest, progress, handoff)
+    except ManifestWriteError as error:
+        raise FatalError(f"{error}. The finished files are kept; free space (or make the output writable), then "
+                         "run the same command with --resume") from error
+    remove_state(run.state)  # after the manifest says "complete": a kill before this leaves it private
+    return result
+
+
+def _plan_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress: Progress) -> _FolderRun:
+    """Scan SRC and build the method: everything that can refuse the request runs before the destination
+    is made (with pseudo-labels the method is built again once the number of clusters is known)."""
+    dst = dst if dst is not None else default_destination(src)
+    _refuse_overlap(src, dst)
+    try:
+        listing = scan_folder(src, follow_symlinks=opts.follow_symlinks, exclude=dst)
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         raise UsageError(str(error)) from None
     cls = METHODS.get(opts.method)
@@ -598,113 +723,170 @@ def _protect_folder(src: Path, dst: Path | None, opts: ProtectOptions, progress:
                          "pseudo-labels from a pretrained surrogate's features")
     if pseudo:
         _check_pseudo_labels(opts)
-    dst = dst if dst is not None else default_destination(src)
     runtime = make_runtime(opts.device, opts.precision, opts.compile)
-    images = listing.images
-    size = opts.size or suggest_size(image_sides(listing, images), cap=SIZE_CAP[opts.budget])
-    # Everything that can refuse the request runs before the destination is created (with pseudo-labels
-    # the method is built again once the number of clusters is known).
+    size = opts.size or suggest_size(image_sides(listing, listing.images), cap=SIZE_CAP[opts.budget])
     num_classes = max(1, len(listing.classes)) if not pseudo else max(2, opts.clusters or 2)  # a head is needed even label-free
     method, surrogate_record = _build_method(opts, size, num_classes, runtime, progress)
-    _check_destination(src, dst, opts.resume)
-    done, began_with = _previous_run(dst, opts, method) if opts.resume else ({}, None)
-    common = {"method": opts.method, "eps": opts.eps, "eps_255": round(opts.eps * 255, 4), "seed": opts.seed}
-    pseudo_names: dict[str, str] = {}
+    return _FolderRun(src, dst, listing, runtime, size, method, surrogate_record, pseudo, num_classes,
+                      source_digest(listing))
 
-    with ManifestWriter(dst / MANIFEST_NAME) as manifest:  # locked: one run per output folder
-        if opts.resume:
-            removed = _remove_temporaries(dst)
-            if removed:
-                progress.log(f"removed {removed} temporary file(s) left by the interrupted run")
-        def record(entry: FolderEntry, status: str, error: str | None, **extra: Any) -> None:
-            label = listing.classes[entry.label] if entry.label is not None else pseudo_names.get(str(entry.relpath))
-            line = {"kind": "file", "source": str(entry.relpath), "output": extra.pop("output", None),
-                    "source_sha256": extra.pop("source_sha256", None), "output_sha256": extra.pop("output_sha256", None),
-                    "label": label, "pseudo_label": str(entry.relpath) in pseudo_names, **common,
-                    "linf": extra.pop("linf", None), "psnr": extra.pop("psnr", None),
-                    "status": status, "error": error, **extra}
-            manifest.write(line)
 
-        manifest.write({"kind": "run", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": str(src.resolve()),
-                        "output": str(dst.resolve()), "options": opts.record(),
-                        "method_config": dataclasses.asdict(method.config),  # every constant, defaults included
-                        "defaults_revision": type(method).defaults_revision,
-                        "size": size, "classes": list(listing.classes),
-                        "linf_units": "1/255", "resumed": bool(done), **surrogate_record, **_environment(runtime)})
-        items = ManifestItems(dst / MANIFEST_NAME, manifest.start, done.values())  # streamed, not kept
-        for entry in listing.skipped:
-            record(entry, "skipped", entry.skip_reason)
-        for entry in listing.failed:
-            record(entry, "failed", f"{src / entry.relpath}: {entry.error}")
-        planned, refused = _plan_outputs(listing, opts.format)
-        for entry in images:
-            if entry.relpath in refused:
-                record(entry, "failed", f"{src / entry.relpath}: {refused[entry.relpath]}")
-        todo = [e for e in images if e.relpath in planned]
-        if all(str(e.relpath) in done for e in todo):
-            return ProtectResult(items, None, opts, dst, dst / MANIFEST_NAME)
+class _FileRecords:
+    """Writes the manifest's ``file`` lines of one run (``pseudo_names``: pseudo-label per source, once known)."""
 
-        with progress.bar(len(todo), "decoding", unit="img") as bar:
-            def failed_read(entry: FolderEntry, error: ImageReadError) -> None:
-                record(entry, "failed", str(error))
+    def __init__(self, manifest: ManifestWriter, listing: FolderListing, opts: ProtectOptions) -> None:
+        self.manifest, self.listing = manifest, listing
+        self.common = {"method": opts.method, "eps": opts.eps, "eps_255": round(opts.eps * 255, 4), "seed": opts.seed}
+        self.pseudo_names: dict[str, str] = {}
 
-            loader = resolve_loader(opts.loader, len(todo), size, runtime.device)
-            # the methods index the whole set round after round: in memory when it fits, else (a streaming
-            # loader) spilled into a memory-mapped file in the state folder, paged in batch by batch
-            spill = None
-            if loader != "memory":
-                (dst / STATE_DIR).mkdir(parents=True, exist_ok=True)
-                spill = dst / STATE_DIR / WORKING_FILE
-            working, kept = load_working_set(listing, todo, size, loader, max_pixels=opts.max_pixels,
-                                             cache_dir=opts.cache_dir, on_error=failed_read, on_progress=bar.update,
-                                             spill=spill)
-        if not kept:
-            return ProtectResult(items, None, opts, dst, dst / MANIFEST_NAME)
-        if pseudo:
-            clustering, working, clustered_on = _pseudo_labels(opts, size, working, runtime, progress)
-            pseudo_names.update(zip(working.ids, (working.classes[k] for k in working.labels.tolist())))
-            manifest.write({"kind": "pseudo_labels", "surrogate": clustered_on, "features": "penultimate, L2-normalised",
-                            "classes": list(working.classes), **clustering.record()})
-            num_classes = working.num_classes
-            method, _ = _build_method(opts, size, num_classes, runtime, progress)
+    def __call__(self, entry: FolderEntry, status: str, error: str | None, **extra: Any) -> None:
+        source = str(entry.relpath)
+        label = self.listing.classes[entry.label] if entry.label is not None else self.pseudo_names.get(source)
+        self.manifest.write({"kind": "file", "source": source, "output": extra.pop("output", None),
+                             "source_sha256": extra.pop("source_sha256", None),
+                             "output_sha256": extra.pop("output_sha256", None), "label": label,
+                             "pseudo_label": source in self.pseudo_names, **self.common,
+                             "linf": extra.pop("linf", None), "psnr": extra.pop("psnr", None),
+                             "status": status, "error": error, **extra})
 
-        state_path, store_dir = dst / STATE_DIR / "perturbation.pt", dst / STATE_DIR / "perturbation"
-        fingerprint = _store_fingerprint(opts, began_with)
-        perturbation = _load_state(state_path, working.ids, store_dir, fingerprint, runtime.device, progress)
-        store_record: dict[str, Any] = {}
-        if perturbation is None:
-            if _use_disk_store(opts, len(working), size):
-                method.delta_store = _store_factory(store_dir, working.ids, fingerprint, runtime, store_record, progress)
-            if method.checkpoints_rounds:  # (under torchrun too: see ueguard.engine.distributed)
-                method.round_checkpoint = RoundCheckpoint(dst / STATE_DIR / ROUND_CHECKPOINT, fingerprint,
-                                                          working.ids, log=progress.log)
-            progress.log(f"generating {opts.method} perturbations for {len(working)} images at {size}px on {runtime.device}")
-            kill_point("generating")
-            _hand_over(handoff, opts.method, working, size, num_classes, progress,
-                       checkpoint=method.round_checkpoint is not None)
-            perturbation = method(working)
-            _save_state(state_path, perturbation, working.ids)
-            if method.round_checkpoint is not None:  # superseded by the complete perturbation
-                method.round_checkpoint.remove()
-        if isinstance(perturbation.delta, PerturbationStore):
-            store_record.update(store=str(store_dir.relative_to(dst)), store_encoding=perturbation.delta.encoding)
-        manifest.write({"kind": "generation", "method": opts.method, **perturbation.budget(), **perturbation.info,
-                        **store_record})
 
-        pending = [(i, e) for i, e in enumerate(kept) if str(e.relpath) not in done]
-        with progress.bar(len(pending), "saving", unit="img") as bar:
-            for i, entry in pending:
-                status, error, extra = _save_one(listing, dst, entry, planned[entry.relpath], working, perturbation, i, opts)
-                kill_point("renamed")
-                extra.update(perturbation.budget())
-                record(entry, status, error, **extra)
-                bar.update(1)
-    released = perturbation
+def _write_folder(run: _FolderRun, opts: ProtectOptions, manifest: ManifestWriter, progress: Progress,
+                  handoff: distributed.Handoff | None) -> ProtectResult:
+    """The run under the manifest's lock: record what is skipped or refused, decode, generate, save, finish."""
+    _clean_leftovers(run.dst, opts.resume, progress)
+    record = _FileRecords(manifest, run.listing, opts)
+    manifest.write({"kind": "run", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": str(run.src.resolve()),
+                    "output": str(run.dst.resolve()), "options": opts.record(),
+                    "method_config": dataclasses.asdict(run.method.config),  # every constant, defaults included
+                    "defaults_revision": type(run.method).defaults_revision, "size": run.size,
+                    "classes": list(run.listing.classes), "source_digest": run.digest, "linf_units": "1/255",
+                    "resumed": bool(run.done), **run.surrogate_record, **_environment(run.runtime)})
+    items = ManifestItems(run.dst / MANIFEST_NAME, manifest.start, run.done.values())  # streamed, not kept
+    for entry in run.listing.skipped:
+        record(entry, "skipped", entry.skip_reason)
+    for entry in run.listing.failed:
+        record(entry, "failed", f"{run.src / entry.relpath}: {entry.error}")
+    planned, refused = _plan_outputs(run.listing, opts.format, lambda e: _unreadable(run.listing, e, opts.max_pixels))
+    for entry in run.listing.images:
+        if entry.relpath in refused:
+            record(entry, "failed", f"{run.src / entry.relpath}: {refused[entry.relpath]}")
+    todo = [e for e in run.listing.images if e.relpath in planned]
+    if all(str(e.relpath) in run.done for e in todo):
+        return _finish(run, opts, manifest, items, None)
+    working, kept = _decode(run, opts, todo, record, progress)
+    if not kept:
+        return _finish(run, opts, manifest, items, None)
+    if run.pseudo:
+        working = _label_by_clusters(run, opts, working, manifest, record, progress)
+    perturbation = _generate(run, opts, working, manifest, progress, handoff)
+    pending = [(i, e) for i, e in enumerate(kept) if str(e.relpath) not in run.done]
+    with progress.bar(len(pending), "saving", unit="img") as bar:
+        for i, entry in pending:
+            status, error, extra = _save_one(run.listing, run.dst, entry, planned[entry.relpath], working,
+                                             perturbation, i, opts)
+            kill_point("renamed")
+            extra.update(perturbation.budget())
+            record(entry, status, error, **extra)
+            bar.update(1)
+    return _finish(run, opts, manifest, items, perturbation)
+
+
+def _clean_leftovers(dst: Path, resume: bool, progress: Progress) -> None:
+    """On resume: the temporary files of a killed run, and the state folder an older ueguard kept inside
+    DST (it held the perturbation; today's state is private, so that one is never used again)."""
+    if not resume:
+        return
+    removed = _remove_temporaries(dst)
+    if removed:
+        progress.log(f"removed {removed} temporary file(s) left by the interrupted run")
+    legacy = dst / LEGACY_STATE_DIR
+    if legacy.is_dir() and not legacy.is_symlink():
+        shutil.rmtree(legacy)
+        progress.log(f"removed {legacy}: an older ueguard kept its resume state (the perturbation) there")
+
+
+def _unreadable(listing: FolderListing, entry: FolderEntry, max_pixels: int) -> str | None:
+    """Why an image cannot be decoded, or None (asked only of name twins, see :func:`_plan_outputs`)."""
+    try:
+        load_image(listing.root / entry.relpath, max_pixels=max_pixels)
+    except ImageFileError as error:
+        return error.reason
+    except (OSError, ValueError) as error:
+        return str(error)
+    return None
+
+
+def _decode(run: _FolderRun, opts: ProtectOptions, todo: list[FolderEntry], record: _FileRecords,
+            progress: Progress) -> tuple[WorkingSet, list[FolderEntry]]:
+    """The working set of the images to protect; each that cannot be decoded is recorded as failed. A
+    streaming loader spills it into the private state folder (it is the originals at the working size)."""
+    with progress.bar(len(todo), "decoding", unit="img") as bar:
+        loader = resolve_loader(opts.loader, len(todo), run.size, run.runtime.device)
+        # the methods index the whole set round after round: in memory when it fits, else (a streaming
+        # loader) spilled into a memory-mapped file, paged in batch by batch
+        spill = run.state / WORKING_FILE if loader != "memory" else None
+        return load_working_set(run.listing, todo, run.size, loader, max_pixels=opts.max_pixels,
+                                cache_dir=opts.cache_dir, on_error=lambda entry, error: record(entry, "failed", str(error)),
+                                on_progress=bar.update, spill=spill)
+
+
+def _label_by_clusters(run: _FolderRun, opts: ProtectOptions, working: WorkingSet, manifest: ManifestWriter,
+                       record: _FileRecords, progress: Progress) -> WorkingSet:
+    """Pseudo-labels for a flat folder (recorded in the manifest), and the method rebuilt for their count."""
+    clustering, working, clustered_on = _pseudo_labels(opts, run.size, working, run.runtime, progress)
+    record.pseudo_names.update(zip(working.ids, (working.classes[k] for k in working.labels.tolist())))
+    manifest.write({"kind": "pseudo_labels", "surrogate": clustered_on, "features": "penultimate, L2-normalised",
+                    "classes": list(working.classes), **clustering.record()})
+    run.num_classes = working.num_classes
+    run.method, _ = _build_method(opts, run.size, run.num_classes, run.runtime, progress)
+    return working
+
+
+def _generate(run: _FolderRun, opts: ProtectOptions, working: WorkingSet, manifest: ManifestWriter,
+              progress: Progress, handoff: distributed.Handoff | None) -> Perturbation:
+    """δ for the working set: the finished perturbation an interrupted run left in the private state
+    folder, or generated (with a round checkpoint and, for ``--store disk``, the on-disk store there)."""
+    state_path, store_dir = run.state / "perturbation.pt", run.state / "perturbation"
+    fingerprint = _store_fingerprint(opts, run.began_with, run.digest)
+    perturbation = _load_state(state_path, working.ids, store_dir, fingerprint, run.runtime.device, progress)
+    store_record: dict[str, Any] = {}
+    method = run.method
+    if perturbation is None:
+        if _use_disk_store(opts, len(working), run.size):
+            method.delta_store = _store_factory(store_dir, working.ids, fingerprint, run.runtime, store_record, progress)
+        if method.checkpoints_rounds:  # (under torchrun too: see ueguard.engine.distributed)
+            method.round_checkpoint = RoundCheckpoint(run.state / ROUND_CHECKPOINT, fingerprint, working.ids,
+                                                      log=progress.log)
+        progress.log(f"generating {opts.method} perturbations for {len(working)} images at {run.size}px on "
+                     f"{run.runtime.device}")
+        kill_point("generating")
+        _hand_over(handoff, opts.method, working, run.size, run.num_classes, progress,
+                   checkpoint=method.round_checkpoint is not None)
+        perturbation = method(working)
+        _save_state(state_path, perturbation, working.ids)
+        if method.round_checkpoint is not None:  # superseded by the complete perturbation
+            method.round_checkpoint.remove()
     if isinstance(perturbation.delta, PerturbationStore):
+        store_record.update(store="private resume state", store_encoding=perturbation.delta.encoding)
+    manifest.write({"kind": "generation", "method": opts.method, **perturbation.budget(), **perturbation.info,
+                    **store_record})
+    return perturbation
+
+
+def _finish(run: _FolderRun, opts: ProtectOptions, manifest: ManifestWriter, items: ManifestItems,
+            perturbation: Perturbation | None) -> ProtectResult:
+    """The ``complete`` line that says the folder is finished (the caller then deletes the private state)."""
+    counts = {"ok": 0, "failed": 0, "skipped": 0}
+    for item in items:
+        counts[item.get("status", "ok")] = counts.get(item.get("status", "ok"), 0) + 1
+    kill_point("before-complete")
+    manifest.write({"kind": "complete", "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **counts})
+    released = perturbation
+    if perturbation is not None and isinstance(perturbation.delta, PerturbationStore):
         perturbation.delta.close()  # the store goes with the state folder; its rows are in the saved files
         released = None
-    shutil.rmtree(dst / STATE_DIR, ignore_errors=True)
-    return ProtectResult(items, released, opts, dst, dst / MANIFEST_NAME, info=dict(perturbation.info))
+    info = dict(perturbation.info) if perturbation is not None else {}
+    return ProtectResult(items, released, opts, run.dst, run.dst / MANIFEST_NAME, info=info)
 
 
 def _store_factory(store_dir: Path, ids: list[str], fingerprint: dict[str, Any], runtime: Runtime,
@@ -735,9 +917,12 @@ def _save_one(listing: FolderListing, dst: Path, entry: FolderEntry, target: Pur
         delta = perturbation.for_samples(index, working.labels.cpu(), working.grayscale.cpu())[0]
         pixels = perturb_native(image.pixels, image.max_value, delta, perturbation.resample)
         fmt = resolve_format(opts.format, entry.relpath.suffix)
-        save_image(out_file, image, pixels, fmt=fmt, quality=opts.quality, keep_metadata=opts.keep_metadata)
+        save_image(out_file, image, pixels, fmt=fmt, quality=opts.quality, keep_metadata=opts.keep_metadata, root=dst)
         saved = load_image(out_file, max_pixels=opts.max_pixels)
     except ImageWriteError as error:
+        if isinstance(error.__cause__, LinkError):
+            raise FatalError(f"{error}. A link appeared in the output folder while the run was going; nothing was "
+                             "written through it. Remove the link, then run the same command with --resume") from error
         if error.errno in FATAL_WRITE_ERRNOS:
             raise FatalError(f"{error}. Nothing partial was left under {target}; the finished files are kept. "
                              "Free space (or make the output writable), then run the same command with "
