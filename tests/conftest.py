@@ -7,8 +7,19 @@ A GPU job can export ``TRITON_INTERPRET=0`` to test the compiled kernels instead
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# ueguard's cache (FFCV files, protect's private resume state) goes to a folder of this test session, not
+# the developer's ~/.cache; subprocesses the tests start inherit it.
+os.environ.setdefault("UEGUARD_CACHE", tempfile.mkdtemp(prefix="ueguard-test-cache-"))
+
+
+def resume_state(out):
+    """The private folder where ``protect`` keeps the resume state of output folder ``out``."""
+    from ueguard.data.run_state import state_path
+
+    return state_path(out)
 
 
 def installed_from_this_checkout() -> bool:

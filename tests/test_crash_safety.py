@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from conftest import resume_state
 from trees import write_class_tree
 from ueguard.cli import main
 from ueguard.data.manifest import MANIFEST_NAME, ManifestWriter, first_run, read_manifest
@@ -88,7 +89,7 @@ def check_resume(src: Path, out: Path, expected: dict[str, bytes], *extra: str) 
     assert len(outputs) == N_FILES
     assert {rel: (outputs[rel].stat().st_ino, outputs[rel].stat().st_mtime_ns) for rel in finished} == finished
     assert digest(out) == expected  # byte-identical, and no temporary or state file left
-    assert not (out / ".ueguard").exists()
+    assert not (out / ".ueguard").exists() and not resume_state(out).exists()
 
 
 @pytest.mark.parametrize("kill, finished_before, on_disk_before", [
@@ -111,7 +112,7 @@ def test_sigkill_at_a_point_then_resume(reference, tmp_path, kill, finished_befo
     temporaries = [p for p in out.rglob(".ueguard-*.tmp")]
     assert len(temporaries) == (1 if kill.startswith("tmp-written") else 0)
     if kill.startswith("generating"):
-        assert not (out / ".ueguard" / "perturbation.pt").exists()
+        assert not (resume_state(out) / "perturbation.pt").exists()
         assert not any(r["kind"] == "generation" for r in read_manifest(out / MANIFEST_NAME))
     check_resume(src, out, expected)
 

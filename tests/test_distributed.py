@@ -25,6 +25,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import resume_state
 from trees import write_class_tree
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine import distributed
@@ -177,7 +178,7 @@ def test_torchrun_cli_writes_one_manifest_and_every_file_once(tmp_path):
     assert len({r["output"] for r in files}) == 24                         # one record per output
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
     assert written == sorted(r["output"] for r in files)                  # no stray or temporary files
-    assert not (out / ".ueguard").exists()
+    assert not resume_state(out).exists()
 
     # rank 0 refuses the non-empty destination: both ranks stop at once with the usage status, one message
     again = _torchrun([str(src), "--out", str(out), *CLI_ARGS], tmp_path, timeout=300)
@@ -223,7 +224,7 @@ def test_disk_store_under_two_processes_gives_the_single_process_files(tmp_path)
     records = [json.loads(line) for line in (tmp_path / "two" / "ueguard-manifest.jsonl").read_text().splitlines()]
     (generation,) = [r for r in records if r["kind"] == "generation"]
     assert generation["store_encoding"] == "float32" and generation["rounds"] == 2
-    assert not (tmp_path / "two" / ".ueguard").exists()
+    assert not resume_state(tmp_path / "two").exists()
     single = {p.relative_to(tmp_path / "single"): p for p in sorted((tmp_path / "single").rglob("*.png"))}
     two = {p.relative_to(tmp_path / "two"): p for p in sorted((tmp_path / "two").rglob("*.png"))}
     assert single.keys() == two.keys() and len(single) == 36
@@ -271,7 +272,7 @@ def test_an_interrupted_two_process_run_resumes_after_its_last_round(store, tmp_
     _spawn_ranks(_rank_rounds_main, str(whole), str(src), store, False)
     with pytest.raises(mp.ProcessExitedException):
         mp.spawn(_rank_rounds_main, args=(2, _free_port(), str(cut), str(src), store, True), nprocs=2)
-    saved = torch.load(cut / ".ueguard" / "rounds.pt", map_location="cpu", weights_only=True)
+    saved = torch.load(resume_state(cut) / "rounds.pt", map_location="cpu", weights_only=True)
     assert saved["world_size"] == 2 and len(saved["history"]) == 1 and len(saved["ranks"]) == 2
     assert "augment_generator" not in saved["states"]  # per rank, in saved["ranks"]
     assert not torch.equal(saved["ranks"][0]["augment_generator"], saved["ranks"][1]["augment_generator"])
@@ -286,4 +287,4 @@ def test_an_interrupted_two_process_run_resumes_after_its_last_round(store, tmp_
     assert len(files) == 36 and files == sorted(p.relative_to(cut) for p in cut.rglob("*.png"))
     for rel in files:
         np.testing.assert_array_equal(np.asarray(Image.open(whole / rel)), np.asarray(Image.open(cut / rel)))
-    assert not (cut / ".ueguard").exists()
+    assert not resume_state(cut).exists()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import installed_from_this_checkout
+from conftest import installed_from_this_checkout, resume_state
 from trees import EPS_LEVELS, write_class_tree, write_mixed_tree
 from ueguard.cli import main
 from ueguard.data.images import load_image
@@ -104,7 +104,7 @@ def test_outputs_mirror_the_tree_as_png(mixed_run):
             continue
         out = dst / Path(rel).with_suffix(".png")
         assert out.is_file(), out
-    assert not list(dst.rglob("*.tmp")) and not (dst / ".ueguard").exists()
+    assert not list(dst.rglob("*.tmp")) and not (dst / ".ueguard").exists() and not resume_state(dst).exists()
 
 
 def test_budget_holds_on_every_decoded_output_and_the_perturbation_is_real(mixed_run):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import resume_state
 from trees import write_class_tree
 from ueguard.data import store as store_mod
 from ueguard.data.manifest import MANIFEST_NAME, read_manifest
@@ -83,7 +84,7 @@ def _check_resumed(tree: Path, out: Path, reference: Path, perturbation: str, st
     assert generation["rounds"] == whole["rounds"] == ROUNDS
     assert generation["surrogate_train_accuracy"] == whole["surrogate_train_accuracy"]
     assert _outputs(out) == _outputs(reference)                  # byte-identical files
-    assert not (out / ".ueguard").exists()
+    assert not (out / ".ueguard").exists() and not resume_state(out).exists()
 
 
 @pytest.mark.parametrize("perturbation,store", [("samplewise", "memory"), ("classwise", "memory"),
@@ -93,7 +94,7 @@ def test_interrupted_emn_resumes_after_the_last_round(tree, uninterrupted, tmp_p
     _stop_after_round(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         protect(tree, out, store=store, perturbation=perturbation, method_options=OPTIONS, **COMMON)
-    state = torch.load(out / ".ueguard" / "rounds.pt", weights_only=True)
+    state = torch.load(resume_state(out) / "rounds.pt", weights_only=True)
     assert len(state["history"]) == 2 and ("store" in state["delta"]) == (store == "disk" and perturbation == "samplewise")
     monkeypatch.undo()
     _check_resumed(tree, out, uninterrupted(perturbation, store), perturbation, store, after=2)
@@ -125,7 +126,7 @@ def test_sigkill_in_the_round_after_a_checkpoint_then_resume(tree, uninterrupted
             "--store", "disk", "--perturbation", "samplewise", "-q", *[a for k, v in OPTIONS.items() for a in ("-o", f"{k}={v}")]]
     killed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr
-    assert (out / ".ueguard" / "rounds.pt").exists()
+    assert (resume_state(out) / "rounds.pt").exists()
     assert not any(r["kind"] == "generation" for r in read_manifest(out / MANIFEST_NAME))
     _check_resumed(tree, out, uninterrupted("samplewise", "disk"), "samplewise", "disk", after=1)
 
@@ -151,8 +152,9 @@ def test_a_checkpoint_of_other_settings_is_not_used(tree, uninterrupted, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         protect(tree, out, store="memory", method_options=OPTIONS, **COMMON)
     monkeypatch.undo()
-    (out / ".ueguard").mkdir(exist_ok=True)
-    shutil.copy(other / ".ueguard" / "rounds.pt", out / ".ueguard" / "rounds.pt")
+    out.mkdir(exist_ok=True)
+    resume_state(out).mkdir(parents=True, exist_ok=True)
+    shutil.copy(resume_state(other) / "rounds.pt", resume_state(out) / "rounds.pt")
     capsys.readouterr()
     protect(tree, out, store="memory", method_options=OPTIONS, resume=True, progress=True, **COMMON)
     err = capsys.readouterr().err

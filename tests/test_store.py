@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import resume_state
 from trees import write_class_tree
 from ueguard.data import store as store_mod
 from ueguard.data.manifest import MANIFEST_NAME, read_manifest
@@ -89,10 +90,10 @@ def test_bad_store_names_the_file(tmp_path):
         PerturbationStore.open(folder, IDS, fingerprint={"method": "emn", "eps": 0.06})
     with pytest.raises(StoreError, match=r"store\.json.*rows of shape"):
         PerturbationStore.open(folder, IDS, shape=(10, 3, 8, 8))
-    data = folder / "delta.i16"
+    data = folder / "delta.f32"
     with open(data, "r+b") as fh:
         fh.truncate(100)
-    with pytest.raises(StoreError, match=rf"{data.name}: 100 bytes, expected {np.prod(SHAPE) * 2}"):
+    with pytest.raises(StoreError, match=rf"{data.name}: 100 bytes, expected {np.prod(SHAPE) * 4}"):
         PerturbationStore.open(folder, IDS)
     (folder / "store.json").write_text("{not json")
     with pytest.raises(StoreError, match=r"store\.json: unreadable"):
@@ -115,20 +116,20 @@ def _levels(out: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("method,options", [("ar", {}),
                                             ("emn", {"max_rounds": 1, "pgd_steps": 2, "train_steps": 2})])
 def test_disk_store_matches_memory(tmp_path, monkeypatch, method, options):
-    """float32 rows: the disk path writes byte-identical files. The default int16 rows change a few
-    values by one 8-bit level (x + δ within 1/65280 of a rounding boundary) and stay within budget."""
+    """The default (float32) rows: the disk path writes byte-identical files, so the store never changes
+    the result. int16 rows (opt-in) change a few values by one 8-bit level (x + δ within 1/65280 of a
+    rounding boundary) and stay within budget."""
     src = tmp_path / "src"
     write_class_tree(src, n_per_class=6, classes=2, size=12)
     common = dict(method=method, size=8, budget="quick", seed=3, surrogate="resnet18_cifar_slim", device="cpu",
                   method_options=options)
     memory = protect(src, tmp_path / "memory", store="memory", **common)
-    monkeypatch.setattr(store_mod, "DEFAULT_ENCODING", "float32")
     disk = protect(src, tmp_path / "disk32", store="disk", **common)
     assert disk.ok == memory.ok == 12 and disk.perturbation is None
     assert _outputs(tmp_path / "disk32") == _outputs(tmp_path / "memory")
     generation = [r for r in read_manifest(tmp_path / "disk32" / MANIFEST_NAME) if r["kind"] == "generation"]
     assert generation[0]["store_encoding"] == "float32"
-    assert not (tmp_path / "disk32" / ".ueguard").exists()  # the store is removed with the state folder
+    assert not resume_state(tmp_path / "disk32").exists()  # the store is removed with the state folder
     monkeypatch.setattr(store_mod, "DEFAULT_ENCODING", "int16")
     disk16 = protect(src, tmp_path / "disk16", store="disk", **common)
     a, b = _levels(tmp_path / "memory"), _levels(tmp_path / "disk16")
@@ -159,9 +160,9 @@ def test_generation_resumes_from_stored_rows(tmp_path):
     killed = subprocess.run([*args, "--out", str(tmp_path / "out")], env={**env, "UEGUARD_TEST_KILL": "store_checkpoint:2"},
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
-    sidecar = json.loads((tmp_path / "out" / ".ueguard" / "perturbation" / "store.json").read_text())
+    sidecar = json.loads((resume_state(tmp_path / "out") / "perturbation" / "store.json").read_text())
     assert not sidecar["complete"]
-    done = np.fromfile(tmp_path / "out" / ".ueguard" / "perturbation" / "done.u8", dtype=np.uint8)
+    done = np.fromfile(resume_state(tmp_path / "out") / "perturbation" / "done.u8", dtype=np.uint8)
     assert 0 < done.sum() < done.size  # killed mid-generation with some rows final
     resumed = subprocess.run([*args, "--out", str(tmp_path / "out"), "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -215,7 +216,7 @@ def test_resume_after_generation_reuses_the_complete_store(tmp_path, monkeypatch
     monkeypatch.setattr(protect_mod, "_save_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
         protect(src, tmp_path / "out", **common)
-    sidecar = json.loads((tmp_path / "out" / ".ueguard" / "perturbation" / "store.json").read_text())
+    sidecar = json.loads((resume_state(tmp_path / "out") / "perturbation" / "store.json").read_text())
     assert sidecar["complete"] and sidecar["perturbation"]["norm"] == "l2"
     monkeypatch.setattr(protect_mod, "_save_one", real_save)
     monkeypatch.setattr(protect_mod, "_store_factory", lambda *a: pytest.fail("generated again"))
