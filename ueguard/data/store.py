@@ -21,7 +21,7 @@ of the committed file) describes; ``protect --resume`` continues with the next r
 equals an uninterrupted run's. This costs a second file of the store's size while generating; it is
 deleted when generation completes.
 
-Encoding (chosen by measurement, see ``bench/README.md`` § memory): ``int16`` in units of
+Encoding (chosen by measurement, see ``docs/results/2026-12-01-memory.md``): ``int16`` in units of
 1/(255·128) — 2 bytes a value, half of float32; every multiple of 1/255 (what an 8-bit file can
 hold) and of 1/(255·2^k), k ≤ 7, is stored exactly; any other value is off by at most 1/(255·256),
 a 256th of one 8-bit level, uniformly over the whole range [−1.004, 1.004] (float16 is as small but
