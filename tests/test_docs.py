@@ -132,3 +132,17 @@ def test_methods_doc_is_what_the_generator_writes():
     gen = _gen_methods()
     text = (DOCS / "methods.md").read_text(encoding="utf-8")
     assert gen.render(text) == text, "run: PYTHONPATH=. python docs/gen_methods.py"
+
+
+def test_verify_doc_has_a_row_for_every_defense_and_paradigm():
+    from ueguard.defenses import DEFENSES, PARADIGMS, defense_names, paradigm_names
+
+    text = (DOCS / "verify.md").read_text(encoding="utf-8")
+    for name in defense_names():
+        row = next((line for line in text.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"docs/verify.md has no row for defense {name}"
+        for f in dataclasses.fields(DEFENSES.get(name).config_class):
+            assert f"`{f.name}=" in row, (name, f.name)
+    for name in paradigm_names():
+        assert any(line.startswith(f"| `{name}` |") for line in text.splitlines()), name
+    assert set(PARADIGMS.names()) >= set(paradigm_names())
