@@ -2,7 +2,7 @@
 
 The data are scikit-learn's real digits, written as the demo writes them (32×32 grayscale PNG class
 folders, ``ueguard.demo.build_digits_folders``), protected through the public SDK at the demo's budget
-(``ueguard.demo.DEMO_EPS`` = 64/255; at 8/255 nothing protects these digits, see README), then
+(``ueguard.demo.DEMO_EPS`` = 64/255; at 8/255 nothing protects these digits, see docs/results.md), then
 ``ueguard.sdk.verify(protected, test, clean=train, defense=...)`` runs the battery: one real training run
 per defense, each tested on the clean test digits, next to the clean baseline (standard training on the
 originals) measured in the same run.

@@ -2,7 +2,7 @@
 
 One probe = generate a perturbation in memory (EMN with the given options, random class-wise noise, or
 none), quantise to 8 bits, train a victim with ueguard's engine and print its per-epoch test accuracy.
-The README's demo table was made with this script, e.g.
+The demo budget's table in docs/results.md was made with this script, e.g.
 
     python bench/digits_probe.py --gen emn_cw --genaug cropflip --json bench/results/digits-probe.jsonl
 

@@ -12,7 +12,7 @@ Setup (one run, so every number is comparable):
   ``ssc``, ``uc``) get it as ``weights``; the ``finetune`` paradigm starts the victim from it;
 * **budget**: these digits are high-contrast strokes, so the L∞ methods use the demo's budget
   (``ueguard.demo.DEMO_EPS`` = 64/255, or ``--eps``; at CIFAR's 8/255 EMN does not protect them, see
-  README). LSP and AR, whose budget is an L2 radius, get their CIFAR default scaled by the same factor
+  docs/results.md). LSP and AR, whose budget is an L2 radius, get their CIFAR default scaled by the same factor
   (64/255 ÷ 8/255 = 8); OPS changes one pixel per image (L0) and has no budget to scale;
 * **victims**: ``verify`` with the ``--budget`` preset (``quick``: 10 epochs, ``standard``: more), from
   scratch and fine-tuned from the prior (at ``--finetune-lr`` 0.03: verify's 1e-3, meant for 60 epochs,

@@ -72,7 +72,7 @@ AKAMASTER = Path("weights") / "cifar10_resnet_akamaster" / "resnet20-12fca82f.th
 METHODS = ("emn", "rem", "tap", "lsp", "ops", "ar", "bait", "ssc")
 ROWS = ("clean",) + METHODS
 
-#: Published CIFAR-10 test accuracy %, ResNet-18 from scratch, 60 epochs (ISS README; methods spec §4).
+#: Published CIFAR-10 test accuracy %, ResNet-18 from scratch, 60 epochs (ISS README; docs/results.md).
 #: Keyed (row, defense) for the scratch paradigm; EM is the sample-wise error-minimising noise.
 PUBLISHED = {
     ("clean", "none"): 94.68, ("clean", "gray"): 92.41, ("clean", "jpeg"): 85.38,

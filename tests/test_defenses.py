@@ -214,7 +214,7 @@ def test_frozen_stages_keep_weights_and_batchnorm_statistics(paradigm, frozen, t
     assert all(p.requires_grad for p in model.head.parameters())  # a fresh head, trained in every paradigm
 
 
-def test_registries_cover_the_spec():
+def test_registries_cover_the_documented_defenses_and_paradigms():
     assert set(defense_names()) >= {"none", "staged", "at", "at4", "jpeg", "gray", "bdr", "ueraser", "earlystop"}
     assert paradigm_names() == ["scratch", "finetune", "frozen", "linear"]
     assert combine_verdicts([True, True]) is True and combine_verdicts([True, False, None]) is False

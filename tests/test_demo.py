@@ -1,5 +1,5 @@
 """The demo's data builder and work-folder safety, and bench/efficacy.py's budget scaling and table
-(the demo and the benchmark themselves are long real runs; their results are in README and bench/)."""
+(the demo and the benchmark themselves are long real runs; their results are in docs/results.md)."""
 
 from __future__ import annotations
 

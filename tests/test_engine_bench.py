@@ -1,5 +1,5 @@
 """bench/engine.py's cases build and time the method's own PGD pass beside the eager loop and the bare
-limit, with the records the README's table reads. (The timings themselves are the benchmark's job; this
+limit, with the records docs/results/2026-12-01-engine.md's table reads. (The timings themselves are the benchmark's job; this
 catches a case that no longer runs after a method's internals change, as SSC's ``_split`` once did.)"""
 
 import pytest

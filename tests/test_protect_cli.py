@@ -291,7 +291,7 @@ def test_resume_refuses_a_folder_made_under_other_method_defaults(tmp_path, monk
 
 
 def test_an_ssc_folder_made_before_defaults_revision_2_resolves_to_plain_ssc():
-    """What the README promises: a folder protected before SSC's deception term became the default (its run
+    """What docs/methods.md (ssc) promises: a folder protected before SSC's deception term became the default (its run
     line has neither method_config nor defaults_revision) resolves to plain SSC, which differs from today's
     default, so --resume refuses it."""
     from ueguard.methods import METHODS

@@ -19,7 +19,7 @@ MARKER = ".ueguard-demo"
 DEMO_SIZE = 32
 #: The demo's L∞ budget. These digits are high-contrast strokes (ink 0 or 255 over most pixels), the
 #: regime where robustness work uses ε = 0.3 on MNIST rather than CIFAR's 8/255: measured on this split
-#: (bench/digits_probe.py, README), sample-wise EMN leaves the victim at 94–98 % at 8/255, 82 % at
+#: (bench/digits_probe.py, docs/results.md), sample-wise EMN leaves the victim at 94–98 % at 8/255, 82 % at
 #: 32/255 and 28 % at 64/255 (clean 97.6 %).
 DEMO_EPS = "64/255"
 

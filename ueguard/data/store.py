@@ -28,7 +28,7 @@ which picks by the machine's memory, cannot make one command give two results). 
 1/(255·2^k), k ≤ 7, is stored exactly, any other value is off by at most 1/(255·256) over
 [−1.004, 1.004] — but a bi-level method reads its rounded rows back every round, so its trajectory
 drifts from the memory path's by about one 8-bit level in a few files; it is kept for stores made
-explicitly with it. ``float16`` is as small, with an error that grows with |δ|.
+explicitly with it (its measurement: ``docs/results/2026-12-01-memory.md``). ``float16`` is as small, with an error that grows with |δ|.
 
 Memory: the rows live in the page cache, not in the process. Reads copy the rows asked for; writes go
 straight to the mapping. Mapped pages count towards the resident set while they stay mapped, so

@@ -4,7 +4,7 @@ Dang et al., *Unlearnable Examples Give a False Sense of Data Privacy: Understan
 (arXiv 2306.02064) observe that on unlearnable data the **shallow** layers latch onto the class-aligned
 perturbation first and pass it deeper; slowing or freezing those layers when that happens lets the
 network learn the semantics instead. They publish neither the ACM formula nor the schedule constants,
-so what follows is **ueguard's own reconstruction**, not the paper's exact algorithm (methods spec §1.2):
+so what follows is **ueguard's own reconstruction**, not the paper's exact algorithm:
 
 * **ACM** at stage l, on a fixed probe set of training images: global-average-pool the activations,
   take class means μ_c, and form the within/between ratio
@@ -22,20 +22,13 @@ so what follows is **ueguard's own reconstruction**, not the paper's exact algor
   head and the deepest body stage always keep the base schedule.
 
 The constants (``tau``, ``gamma``, ``probe_size``, ``checks_per_epoch``, ``monitor``) are options
-(``--defense-option staged.tau=0.5``). Their defaults were chosen by ``bench/staged.py`` on CIFAR-10 (2,500
-images of five classes, EMN and REM at the ``quick`` budget, slim ResNet-18 from scratch, 15 epochs;
-bench/README.md has the tables):
-
-* No tau makes the trigger *selective*: no shallow stage's ACM separates clean from protected training by
-  more than 1.21×, and a tau between them (0.35, at layer3) fires too late to matter — EMN 50.0 → 53.8 %.
-* What recovers protected data is **freezing** (``gamma`` 0; 0.1 gave 52.8 %) the shallow stages **early**,
-  before the shortcut is learned. Freezing up to layer2 at the first fall of their ACM (``tau`` 1, checked
-  four times per epoch: a quarter of an epoch in) gave the best worst case over EMN and REM of the stages
-  tried (stem, layer1, layer2, layer3): EMN 50.0 → 67.0 %. So the defaults are ``tau`` 1, ``gamma`` 0,
-  ``checks_per_epoch`` 4, ``monitor`` 3 (stem, layer1, layer2).
-* The price: the trigger fires on clean data too (ACM falls as any model learns), and freezing there costs
-  clean training 81.6 → 73.6 %. With these defaults ``staged`` is a defense an adversary applies to data it
-  suspects, not a detector; ``tau`` < 1 trades recovery for a later, rarer cut.
+(``--defense-option staged.tau=0.5``). Defaults: ``tau`` 1, ``gamma`` 0, ``checks_per_epoch`` 4,
+``monitor`` 3 (stem, layer1, layer2) — freeze the shallow stages at the first fall of their ACM, a quarter
+of an epoch in, which recovered EMN- and REM-protected data best of the settings ``bench/staged.py``
+tried on CIFAR-10. The trigger fires on clean data too (ACM falls as any model learns), so ``staged`` is
+a defense an adversary applies to data it suspects, not a detector; ``tau`` < 1 trades recovery for a
+later, rarer cut. Measurements and the search: docs/verify.md (section "staged") and
+docs/results/2026-11-25-staged.md.
 """
 
 from __future__ import annotations

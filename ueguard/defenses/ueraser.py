@@ -8,7 +8,7 @@ highest loss) keeps pushing the model off whatever shortcut survives. The author
 plasma augmentations; ueguard's plasma map is its own (a fractal sum of octaves of bilinearly
 upsampled uniform noise, octave k weighted by roughness**k — the same 1/f-like look as the
 diamond-square map, not the same pixels), and the fraction of epochs that use the max selection
-(``max_fraction``) is ours too: the spec says "for the first epochs" without a number.
+(``max_fraction``) is ours too: the authors apply the max selection "for the first epochs" without a number.
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ def compile_by_default(device: torch.device) -> bool:
     """The ``compile=auto`` rule: compile on CUDA, run eagerly on CPU.
 
     Measured (``bench/engine.py``, forward + input-gradient backward of a PGD step): on this CPU
-    ``torch.compile`` gained little or lost against eager channels-last (see bench/README.md, engine
-    section), and its compile time (tens of seconds per graph on two cores) outweighs what it could
+    ``torch.compile`` gained little or lost against eager channels-last (see
+    docs/results/2026-12-01-engine.md), and its compile time (tens of seconds per graph on two cores) outweighs what it could
     save in a CPU-sized run; on GPUs compilation is the standard way to remove per-op launch overhead.
     ``--compile on`` forces it anywhere.
     """

@@ -34,11 +34,10 @@ Two parameterisations of the class-wise δ (``parameterisation``):
   which has three convs fewer in its encoder and decoder).
 * ``direct`` — what is released is one 3×H×W tensor per class, so optimise exactly that: δ_k as a tensor,
   same objective, same look-ahead and schedule, Adam with lr ``direct_lr_fraction · ε``, projected onto
-  [−ε, ε] after every step. Default, by measurement (bench/bait.py --quick, bench/README.md): on CIFAR-10
-  classes 5–9 with a ResNet-20 prior, direct cost 0.55× the generator's time per outer step (the
-  generator here only 0.79 M parameters) with victim accuracy within 1–4 points of it, direct lower
-  (fine-tune 89.8 vs 90.8 %, scratch 41.0 vs 45.2 %). ``direct_lr_fraction=0.1`` is provisional (one
-  value measured).
+  [−ε, ε] after every step. The default, chosen by measurement (``bench/bait.py``): about half the
+  generator's cost per outer step for the same victim accuracy within a few points. ``direct_lr_fraction=0.1``
+  is provisional (one value measured). Measurements: docs/methods.md (section ``bait``) and
+  docs/results/2026-11-24-bait-generator.md.
 
 ``second_order=True`` (ueguard's option, not in the released code): the look-ahead uses the live δ and
 is built with ``create_graph=True`` for every outer step, so the outer gradient also flows through

@@ -11,7 +11,7 @@ entirely and synthesises such noise directly. Model-free, class-wise:
   vertices per class, so the classes are separable by a hyperplane) plus a standard normal draw;
 * v_k is reshaped to 3×⌈H/p⌉×⌈W/p⌉ and upsampled by repetition to p×p patches (so δ is constant
   within every patch, and cropped to H×W);
-* δ_k is scaled to the L2 norm ``l2_eps``; the spec's default is (6/255)·√(H·W·3), i.e. an RMS of
+* δ_k is scaled to the L2 norm ``l2_eps``; the default is (6/255)·√(H·W·3), i.e. an RMS of
   6/255 per value, which is √3072·6/255 ≈ 1.30 at 32 px.
 
 The budget is L2 (``-o l2_eps=...`` in [0, 1] units at the working resolution); the CLI's L∞ ``--eps``
@@ -29,7 +29,7 @@ import torch
 from ueguard.data.working_set import WorkingSet
 from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, l2_scale
 
-#: The spec's LSP budget: an RMS of 6/255 per value, L2 = (6/255)·√(H·W·3).
+#: The default LSP budget: an RMS of 6/255 per value, L2 = (6/255)·√(H·W·3).
 LSP_RMS = 6 / 255
 
 
@@ -50,7 +50,7 @@ class LSPConfig(MethodConfig):
 
 
 def default_l2_eps(height: int, width: int) -> float:
-    """The spec's default L2 radius: an RMS of :data:`LSP_RMS` per value of a 3×H×W image."""
+    """The default L2 radius: an RMS of :data:`LSP_RMS` per value of a 3×H×W image."""
     return LSP_RMS * math.sqrt(3 * height * width)
 
 

@@ -5,11 +5,11 @@ below is ueguard's choice, exposed in :class:`SSCConfig`.
 
 Threat model: the adversary starts from a pretrained backbone and may freeze its shallow layers.
 Frozen shallow layers preserve semantics and filter out non-semantic noise ("semantic filtering"), so
-classic error-minimising noise (EMN) is largely ignored (methods spec §5: EMN 29.6 % from scratch but
-81.3 % under a frozen stem + layer1). The paper's idea is to confine the perturbation to a semantically
-valid subspace at the channel level, so that it passes through frozen shallow layers.
+classic error-minimising noise (EMN) is largely ignored under frozen layers. The paper's idea is to
+confine the perturbation to a semantically valid subspace at the channel level, so that it passes
+through frozen shallow layers.
 
-The reconstruction (methods spec §1.3):
+The reconstruction:
 
 * Surrogate: the pretrained model, split into a shallow part S = stem … ``frozen_stage`` (frozen, eval
   mode) and a deep part D + head (trained). A second, from-scratch copy g of the same architecture
@@ -28,7 +28,7 @@ The reconstruction (methods spec §1.3):
   size to the error-minimising terms.
 * Two terms for the frozen paradigm, ueguard's and not the paper's — the paper calls SSC a "hierarchical
   deception strategy" but publishes no objective. Deception is **on by default** (ρ = 1, since defaults
-  revision 2), the anchor off (κ = 0); the measurements are at the end of this docstring:
+  revision 2), the anchor off (κ = 0):
 
   - class anchor, ``anchor_weight`` κ: − κ · mean over locations of ⟨Δ_S, a_y⟩ / σ_y, with Δ_S the shift of
     the frozen output S(x+δ) − S(x), a_y one channel direction per class inside span(U) at that depth
@@ -44,62 +44,21 @@ The reconstruction (methods spec §1.3):
   as readily as a fresh one — BAIT's released noise is class-wise too.
 * ``augment``: ``none`` (default), ``crop`` or ``cropflip`` — both paths train on, and δ is optimised
   through, the victim's random crop (+ flip), an expectation over the augmentation every victim trains
-  with (EMN's option of the same name; BAIT's released loop crops and flips during generation). Measured
-  on the re-run below: ``cropflip`` 50.8 / 60.6 / 65.6 / 61.2 against 50.2 / 60.4 / 68.2 / 60.0 without —
-  no measurable difference, at 2.4× the generation time. Default: ``none``.
+  with (EMN's option of the same name; BAIT's released loop crops and flips during generation).
 * ``deep_init``: the frozen path's D + head start from the prior (``pretrained``, fine-tuned at ``deep_lr``)
   or re-initialised (``fresh``, trained at ``lr``). A pretrained D fits the labels from the prior's
-  semantics in the first round, so the error-minimising term through it soon stops asking anything of δ
-  (methods spec §5.1, lesson 1); a fresh D must learn from S's features of x + δ, so the min-min
-  builds its shortcut in the feature space the frozen layers pass on.
+  semantics in the first round, so the error-minimising term through it soon stops asking anything of δ;
+  a fresh D must learn from S's features of x + δ, so the min-min builds its shortcut in the feature space
+  the frozen layers pass on.
 * Min-min as in EMN: rounds of ``train_steps`` SGD steps on D (S frozen) and on g, on x + δ, then a PGD
   pass over the set, until both paths fit the perturbed data (train accuracy ≥ ``stop_accuracy``) or
   ``max_rounds``.
 
-How the defaults were chosen (``bench/reproduce.py --cpu`` with ``--variant``, CIFAR-10 dog…truck, 2,500
-training images, surrogate and victims' prior = a ResNet-20 pretrained on the five *other* classes; every
-variant at the ``quick`` budget, ε 8/255, seed 0; test accuracy % from scratch / fine-tuned / frozen stem +
-layer1 / linear probe, against clean 81.6 / 81.0 / 79.6 / 66.4 — the full table and the search are in
-bench/README.md):
-
-* ``perturbation`` is the constant that matters: sample-wise SSC gave 73.8 / 72.2 / 72.6 / 63.4 — weaker
-  than plain EMN (50.0 / 59.6 / 69.2 / 65.6) — and **class-wise** 23.6 / 40.8 / 60.6 / 62.8, far below
-  class-wise EMN (44.6 / 56.4 / 65.6 / 66.0). Default: ``classwise``.
-* ``deep_init``: ``fresh`` helped sample-wise SSC a little (71.2 / 70.0 / 71.4 / 64.0) and hurt class-wise
-  SSC (42.6 / 45.2 / 62.2 / 63.6). Default: ``pretrained``.
-* ``frozen_weight`` 1.0 (frozen path only): class-wise 30.8 / 45.4 / 58.4 / 62.0, a little better under the
-  frozen paradigm, worse elsewhere. Default: 0.5.
-* ``camouflage_weight`` 0 (no camouflage term): class-wise 27.8 / 38.4 / 61.2 / 63.2, within a few points of
-  λ = 1 either way (one seed, ±2 points standard error): **the camouflage term has no measurable effect
-  here**: without it the PCA subspace already holds 83 % of the feature shift (85 % with it). Kept at 1.
-* Not searched: ``energy`` (0.9), ``subspace_stages``, ``frozen_stage`` (layer1, the frozen paradigm's
-  split), the PGD and round settings (EMN's). Frozen and linear-probe victims still recover most of the
-  clean accuracy (60.6 and 62.8): the reconstruction does not yet deliver the paper's claim there.
-* **Not robust to a re-run.** The same command on a fresh machine (the prior re-trained: 73.2 % on its
-  classes against 72.4 %; generation at one thread) gave class-wise SSC 50.2 / 60.4 / 68.2 / 60.0 against
-  clean 85.4 / 80.6 / 76.4 / 63.6 — under fine-tuning no longer protected by verify's rule, and only 1.6–4
-  points below EMN's re-run (53.6 / 64.4 / 69.8 / 63.0). The 23.6 / 40.8 above were one favourable run;
-  several seeds are needed before any SSC constant can be said to matter (bench/README.md, fifth table).
-* **What varies is the generation, not the victim** (bench/README.md, sixth table): three victims on that
-  re-run's δ give 60.5 ± 3.3 fine-tuned and 67.9 ± 0.6 under frozen layers (mean ± sd); a second
-  generation seed (prior re-trained) gave 38.5 ± 2.9 fine-tuned — protected again — and 69.4 ± 0.2 frozen.
-  Class-wise SSC without the deception term holds under fine-tuning in two of three generations, and under
-  frozen layers in none.
-* **The two terms** (bench/README.md, seventh and eighth tables; three generation seeds 0 / 1 / 2, clean
-  85.4 / 81.8 / 84.4 from scratch, 80.6 / 79.0 / 79.6 fine-tuned, 76.4 / 76.4 / 74.6 frozen):
-  ``deception_weight=1`` gave 35.0 / 38.0 / 21.6 from scratch, 37.4 / 37.2 / 24.4 fine-tuned and
-  **52.8 / 40.0 / 41.2 under frozen layers** — the first setting that holds there, and better than plain SSC
-  (ρ = 0: 50.2 / 39.0 / 27.4, 60.4 / 38.2 / 38.8, 68.2 / 69.2 / 65.4) in all nine cells. Hence the default,
-  ``deception_weight=1`` (revision 2; ``-o deception_weight=0`` is the former plain SSC). Its limit: an
-  adversary who early-stops on a few clean images gets back 65.8 / 67.4 (fine-tuned / frozen) at seed 0,
-  while at seeds 1 and 2 the victims stay at 46.2 / 45.6 and 52.4 / 49.4. ``anchor_weight=20`` gave
-  58.2 / 60.2 / 67.8 under frozen layers and 46.6 / 60.4 / 53.2, 51.2 / 58.2 / 42.6 elsewhere — it holds at
-  two seeds of three, loses to deception everywhere and is undone by early stopping at seed 2 (66.2 / 68.4);
-  it stays at 0 (``anchor_weight=1``: no effect). Why error-minimising terms alone cannot hold under frozen
-  layers: at 8/255 a class-wise δ moves the frozen layer1 output along any fixed channel direction by at
-  most ~0.6–0.8 σ of its pooled spread (bench/filtering.py), too little against the semantics the prior
-  hands the victim; deception turns those semantics against it instead. Generation takes about 8 % longer
-  with it (250 CIFAR images, two rounds: 56.1 s against 52.0 s, mean of two runs under the same load).
+Defaults: ``perturbation`` ``classwise``, ``deep_init`` ``pretrained``, ``frozen_weight`` 0.5,
+``camouflage_weight`` 1, ``augment`` ``none``, ``deception_weight`` 1 (revision 2; ``-o deception_weight=0``
+is the former plain SSC), ``anchor_weight`` 0; ``energy``, ``subspace_stages``, ``frozen_stage`` and the
+PGD and round settings were not searched. How each was chosen, with the measurements, and what SSC does
+and does not hold against: docs/methods.md (section ``ssc``); the records are in docs/results/.
 """
 
 from __future__ import annotations

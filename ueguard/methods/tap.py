@@ -8,7 +8,7 @@ on the *clean* data and replaces every image by a targeted adversarial example f
 
 Targeted adversarial examples carry non-robust features of the *target* class, so a model trained on
 (x_i + δ_i, y_i) learns features that contradict the labels — TAP is among the strongest poisons from
-scratch (CIFAR-10: 8 %; methods spec §4).
+scratch (published CIFAR-10 accuracy 8.2 %; docs/results.md).
 
 Surrogate: trained on the clean working set first, for up to ``train_epochs`` epochs (SGD, one-cycle,
 crop + flip) or until its clean train accuracy reaches ``fit_accuracy``. A surrogate loaded with

@@ -170,7 +170,7 @@ def default_arch(size: int, budget: str) -> str:
     """The default surrogate (``protect``) and victim (``verify``) architecture.
 
     CIFAR-style ResNet-18 (3×3 stem, no max-pool) for small working sizes — an ImageNet-style stem
-    at 32 px weakens EMN (~50 % instead of ~20 %, see the methods spec) — slimmed for the quick budget;
+    at 32 px weakens EMN (~50 % instead of ~20 %, a pitfall of the authors' code; docs/methods.md) — slimmed for the quick budget;
     timm's ImageNet-style ``resnet18`` above 64 px."""
     if size <= 64:
         return "resnet18_cifar_slim" if budget == "quick" else "resnet18_cifar"
