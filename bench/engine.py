@@ -382,6 +382,8 @@ def main(argv=None) -> int:
     parser.add_argument("--efficacy-only", action="store_true", help="only the bf16-vs-fp32 efficacy check")
     parser.add_argument("--arch32", default=ARCH[32],
                         help="the surrogate at 32 px (default %(default)s; a smaller one such as resnet20_cifar for smoke runs)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="engine precisions to time (default both; bf16 alone halves what --compile both compiles)")
     parser.add_argument("--batch", type=int, help="batch at every size (default: the preset's, see --quick)")
     parser.add_argument("--steps", type=int, help="PGD steps per timed pass (default: the preset's)")
     parser.add_argument("--repeat", type=int, help="timed repeats (default: the preset's)")
@@ -403,7 +405,7 @@ def main(argv=None) -> int:
     steps, repeat = args.steps or steps, args.repeat or repeat
     env = environment()
     print(f"# {env}")
-    precisions = ("fp32", "bf16")
+    precisions = tuple(args.precisions)
     records = []
 
     def save(final: bool = False) -> None:

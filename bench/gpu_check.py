@@ -26,8 +26,9 @@ a step's limit is cut so that the later steps keep their minimum share of ``--bu
    bf16, EMN and SSC at 32 and 224 px, the whole-run slice).
 6. ``victim`` — bench/victim.py (when present) trains the fast victim on the slice on the GPU and times it;
    ``skipped`` with the reason while that script is not in the checkout.
-7. ``engine_compile_emn``, 8. ``engine_compile_ssc`` — bench/engine.py ``--compile both``: torch.compile on vs
-   off side by side (``compile_speedup``), last because compilation time is the least predictable.
+7. ``engine_compile_emn``, 8. ``engine_compile_ssc`` — bench/engine.py ``--compile both --precisions bf16``
+   (CUDA's default precision): torch.compile on vs off side by side (``compile_speedup``), last because
+   compilation time is the least predictable; each keeps the cases it finished if stopped at its limit.
 9. ``imagenet_projection`` — the ImageNet-1k hours from the best measured 224-px engine throughput
    (bench/engine.py's ``projection``), per method.
 
@@ -434,6 +435,8 @@ def step_kernels(ctx: Context, step: Step, timeout_s: float) -> dict:
 
 def engine_args(ctx: Context, compile_: str, methods: list[str]) -> tuple[list[str], dict]:
     args = ["--skip-efficacy", "--compile", compile_, "--methods", *methods]
+    if compile_ == "both":  # CUDA's default precision (Runtime: auto = bf16 there): fewer graphs to compile
+        args += ["--precisions", "bf16"]
     if ctx.dry:
         return (["--quick", "--device", "cpu", "--sizes", "32", "--batch", "2", "--steps", "1", "--repeat", "1",
                  "--arch32", "resnet20_cifar", "--threads", "1", *args], ctx.env(TORCHDYNAMO_DISABLE="1"))
