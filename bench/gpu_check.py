@@ -4,6 +4,8 @@ GPU is available, within a fixed time budget (default 8 minutes on one H100/H200
     python3 bench/gpu_check.py [--json-dir DIR] [--budget-s 480]      # on a CUDA machine
     python3 bench/gpu_check.py --dry-run [--json-dir DIR]             # anywhere: every step at toy size on CPU
 
+``--quick`` passes the bench scripts' ``--quick`` on the GPU too (a shorter window); ``--steps a,b`` runs a subset.
+
 Results land in ``--json-dir`` (default ``$OUT``, else ``./gpu-results``): one JSON per step in the record
 format of the bench script it ran (``{"command", "environment", "records"}``, bench/_timing.py), and
 ``gpu-check-summary.json`` with each step's status, wall time, time limit, command and output tail, the device,
@@ -91,6 +93,10 @@ class Context:
 
     def tag(self) -> str:
         return "dry" if self.dry else "cuda"
+
+    def quick(self) -> list[str]:
+        """``--quick`` for the bench scripts of a GPU run when asked for (a dry run passes its own)."""
+        return ["--quick"] if self.args.quick else []
 
     def env(self, **extra: str) -> dict:
         """A step's environment: compiled Triton on a GPU; in a dry run interpreted Triton and one CPU thread
@@ -418,7 +424,7 @@ def step_kernels(ctx: Context, step: Step, timeout_s: float) -> dict:
         args = ["--quick", "--devices", "cpu", "--shapes", "4x3x8x8", "--copy-mib", "8"]
         args += ["--interpreted-triton"] if triton else []
     else:
-        args = ["--devices", "cuda"]
+        args = ["--devices", "cuda", *ctx.quick()]
     env = ctx.env()
     want = "cpu" if ctx.dry else "cuda"
 
@@ -440,7 +446,7 @@ def engine_args(ctx: Context, compile_: str, methods: list[str]) -> tuple[list[s
     if ctx.dry:
         return (["--quick", "--device", "cpu", "--sizes", "32", "--batch", "2", "--steps", "1", "--repeat", "1",
                  "--arch32", "resnet20_cifar", "--threads", "1", *args], ctx.env(TORCHDYNAMO_DISABLE="1"))
-    return ["--device", "cuda", "--sizes", "32", "224", *args], ctx.env()
+    return ["--device", "cuda", "--sizes", "32", "224", *ctx.quick(), *args], ctx.env()
 
 
 def check_engine(ctx: Context, methods, compile_: str):
@@ -483,7 +489,8 @@ def step_victim(ctx: Context, step: Step, timeout_s: float) -> dict:
     if ctx.dry:
         args = ["--quick", "--device", "cpu", "--archs", "fastvgg_cifar", "--epochs", "1"]
     else:
-        args = ["--device", "cuda", "--archs", ctx.args.victim_archs, "--epochs", str(ctx.args.victim_epochs)]
+        args = [*ctx.quick(), "--device", "cuda", "--archs", ctx.args.victim_archs,
+                "--epochs", str(ctx.args.victim_epochs)]
     npz = str(ctx.args.npz.relative_to(ROOT)) if ctx.args.npz.is_relative_to(ROOT) else str(ctx.args.npz)
     return bench_step(ctx, "victim.py", [*args, "--npz", npz], f"victim-{ctx.tag()}.json", timeout_s, ctx.env())
 
@@ -586,6 +593,8 @@ def main(argv=None) -> int:
                         help="folder for the results (default: $OUT, else ./gpu-results)")
     parser.add_argument("--budget-s", type=float, default=480, help="total time budget in seconds (default 480)")
     parser.add_argument("--dry-run", action="store_true", help="every step at toy size on the CPU; installs nothing")
+    parser.add_argument("--quick", action="store_true",
+                        help="the bench scripts' --quick presets on the GPU too (fewer repeats, smaller batches)")
     parser.add_argument("--steps", help="comma list of steps to run (default: all; install and data always run): "
                         + ", ".join(s.name for s in STEPS))
     parser.add_argument("--victim-archs", default=VICTIM_ARCHS, help="bench/victim.py --archs (default %(default)s)")
