@@ -46,6 +46,7 @@ import collections
 import importlib.util
 import json
 import os
+import resource
 import shlex
 import signal
 import subprocess
@@ -120,6 +121,7 @@ def run_process(argv: list[str], timeout_s: float, env: dict | None = None, labe
     """Run ``argv`` in the checkout, echo its output with ``[label]`` and keep the tail; on timeout end its
     whole process group (it was started in a session of its own). Returns rc, timed_out, wall_s, tail."""
     started = time.monotonic()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(argv, cwd=ROOT, env=env or child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, errors="replace", start_new_session=True)
     tail: collections.deque[str] = collections.deque(maxlen=400)
@@ -148,8 +150,10 @@ def run_process(argv: list[str], timeout_s: float, env: dict | None = None, labe
                 continue
     reader.join(timeout=5)
     text = "".join(tail)
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     return {"command": shlex.join(argv), "rc": proc.returncode, "timed_out": timed_out,
-            "wall_s": round(time.monotonic() - started, 1), "output_tail": text[-TAIL_CHARS:]}
+            "wall_s": round(time.monotonic() - started, 1), "cpu_s": round(cpu_s, 1), "output_tail": text[-TAIL_CHARS:]}
 
 
 def python(*args: str) -> list[str]:
@@ -638,9 +642,9 @@ def main(argv=None) -> int:
                   + f", {entry.get('wall_s', 0)} s", flush=True)
             write_summary(ctx)
         write_summary(ctx, final=True)
-    print(f"\n{'step':22} {'status':8} {'wall s':>7}  reason")
+    print(f"\n{'step':22} {'status':8} {'wall s':>7} {'cpu s':>7}  reason")
     for e in ctx.results:
-        print(f"{e['step']:22} {e['status']:8} {e.get('wall_s', 0):7}  {e.get('reason', '')[:100]}")
+        print(f"{e['step']:22} {e['status']:8} {e.get('wall_s', 0):7} {e.get('cpu_s', ''):>7}  {e.get('reason', '')[:100]}")
     print(f"results in {out} ({SUMMARY} + {len(ctx.results)} steps), {time.monotonic() - ctx.started:.0f} s")
     return 0 if all(e["status"] in ("ok", "skipped") for e in ctx.results) else 1
 
