@@ -4,6 +4,7 @@ ImageNet-1k, and a bf16-vs-fp32 efficacy check. Needs no data set (synthetic ima
 uses scikit-learn's bundled digits).
 
     python bench/engine.py [--quick] [--json bench/results/engine-cpu.json] [--device cpu|cuda]
+                           [--batch N] [--steps K] [--repeat R]   (override the preset's sizes: smoke runs)
 
 Cases: EMN and SSC inner loops at 32 px (``resnet18_cifar``, ueguard's default there) and 224 px
 (timm ``resnet18``, ueguard's default above 64 px), random weights, one batch.
@@ -379,11 +380,19 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["emn", "ssc"], choices=["emn", "ssc"])
     parser.add_argument("--skip-efficacy", action="store_true")
     parser.add_argument("--efficacy-only", action="store_true", help="only the bf16-vs-fp32 efficacy check")
+    parser.add_argument("--arch32", default=ARCH[32],
+                        help="the surrogate at 32 px (default %(default)s; a smaller one such as resnet20_cifar for smoke runs)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="engine precisions to time (default both; bf16 alone halves what --compile both compiles)")
+    parser.add_argument("--batch", type=int, help="batch at every size (default: the preset's, see --quick)")
+    parser.add_argument("--steps", type=int, help="PGD steps per timed pass (default: the preset's)")
+    parser.add_argument("--repeat", type=int, help="timed repeats (default: the preset's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); on a machine shared "
                         "with other jobs, 1 avoids OpenMP barrier stalls that make multi-thread timings erratic")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    ARCH[32] = args.arch32
     cuda = args.device == "cuda"
     if args.quick:
         batch = {32: 8, 224: 2} if not cuda else {32: 256, 224: 64}
@@ -391,10 +400,21 @@ def main(argv=None) -> int:
     else:
         batch = {32: 128, 224: 16} if not cuda else {32: 512, 224: 128}
         steps, warmup, repeat = 5, 1, 5
+    if args.batch:
+        batch = {size: args.batch for size in batch}
+    steps, repeat = args.steps or steps, args.repeat or repeat
     env = environment()
     print(f"# {env}")
-    precisions = ("fp32", "bf16")
+    precisions = tuple(args.precisions)
     records = []
+
+    def save(final: bool = False) -> None:
+        """Write what is measured so far (after every case, so a run stopped at a time limit keeps it)."""
+        if args.json:
+            write_json(args.json, records, command_line(__file__, argv))
+            if final:
+                print(f"wrote {args.json}")
+
     if args.efficacy_only:
         args.sizes, args.methods = [], []
     print(f"{'case':22} {'prec':>5} {'compile':>7} {'engine img·step/s':>18} {'eager img·step/s':>17} {'speedup':>8} "
@@ -404,6 +424,7 @@ def main(argv=None) -> int:
             for rec in run_case(method, size, batch[size], steps, args.device, args.compile_, warmup, repeat,
                                 precisions):
                 records.append(rec)
+                save()
                 print(f"{method + ' ' + str(size) + 'px b' + str(rec['batch']):22} {rec['precision']:>5} "
                       f"{rec['compile']:>7} {rec['engine_images_steps_per_s']:18.1f} "
                       f"{rec['eager_images_steps_per_s']:17.1f} {rec['speedup']:8.2f} {rec['limit_fastest']:>16} "
@@ -413,6 +434,7 @@ def main(argv=None) -> int:
         wr = whole_run(small, 2 * batch[small], batch[small], args.device,
                        "on" if args.compile_ == "both" else args.compile_, "fp32", steps)
         records.append(wr)
+        save()
         print(f"whole run (1 EMN round, {wr['images']} images at {small}px, fp32): {wr['seconds']:.1f} s, "
               f"{wr['images_steps_per_s']:.1f} img·step/s = {wr['whole_run_over_pgd_only']:.2f} of the PGD-only rate")
     for method in args.methods:
@@ -429,11 +451,10 @@ def main(argv=None) -> int:
         records.append(rec)
         print(f"ImageNet-1k projection {method}: H100 hours = {rec['h100_hours']}; on this {args.device}: "
               f"{rec['this_device_projection'].get('hours', 'n/a')} h")
+    save()
     if not args.skip_efficacy:
         records += efficacy(args.quick)
-    if args.json:
-        write_json(args.json, records, command_line(__file__, argv))
-        print(f"wrote {args.json}")
+    save(final=True)
     return 0
 
 

@@ -8,6 +8,11 @@ target is ≥ 80 % for project_step and augment at large batch; ``--json FILE`` 
 (op, shape, device) with ``speedup``, ``gbps``, ``copy_gbps`` and ``fraction_of_copy``. Needs no data set.
 
     python bench/kernels.py [--quick] [--isa auto|all|avx512,avx2,default] [--json bench/results/kernels-cpu.json]
+                            [--devices cpu,cuda] [--shapes 256x3x32x32,64x3x224x224] [--copy-mib 256]
+
+``--devices cuda`` times the GPU alone (a GPU machine's CPU numbers are not what it is run for);
+``--interpreted-triton`` adds the Triton kernels on CPU tensors through the interpreter (``TRITON_INTERPRET=1``;
+a smoke test of that path at toy shapes — its timings mean nothing).
 """
 
 from __future__ import annotations
@@ -88,29 +93,49 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (3 warm-up, 5 timed)")
     parser.add_argument("--json", metavar="FILE", help="write the records to FILE")
+    parser.add_argument("--devices", default="cpu,cuda",
+                        help="comma list of devices to time (default cpu,cuda: the CPU and, when present, the GPU)")
+    parser.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES),
+                        help="comma list of NxCxHxW shapes (default %(default)s)")
+    parser.add_argument("--copy-mib", type=int, default=256, help="size of the copy-bandwidth probe (MiB)")
+    parser.add_argument("--interpreted-triton", action="store_true",
+                        help="also run the Triton kernels on CPU tensors (TRITON_INTERPRET=1; smoke test only)")
     parser.add_argument("--isa", default="auto",
                         help="instruction set(s) of the C++ kernels: auto (the one chosen at load, the widest the "
                              "CPU runs), all, or a comma list of avx512, avx2, default")
     args = parser.parse_args(argv)
     warmup, repeat = (2, 5) if args.quick else (3, 15)
+    devices = {d.strip() for d in args.devices.split(",") if d.strip()}
+    if devices - {"cpu", "cuda"}:
+        parser.error(f"--devices: unknown {', '.join(sorted(devices - {'cpu', 'cuda'}))} (choose from cpu, cuda)")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
     targets = []
-    if _ext.cpp_available():
-        isas = {"auto": [_ext.cpu_isa()], "all": _ext.cpu_isas()}.get(args.isa, args.isa.split(","))
-        targets = [("cpu", "cpp", isa) for isa in isas]
-    else:
-        print(f"C++ extension unavailable: {_ext.cpp_unavailable_reason()}")
-    if torch.cuda.is_available():
+    if "cpu" in devices:
+        if _ext.cpp_available():
+            isas = {"auto": [_ext.cpu_isa()], "all": _ext.cpu_isas()}.get(args.isa, args.isa.split(","))
+            targets = [("cpu", "cpp", isa) for isa in isas]
+        else:
+            print(f"C++ extension unavailable: {_ext.cpp_unavailable_reason()}")
+    if args.interpreted_triton:
+        from ueguard.kernels import project
+
+        if project.triton is None or not project._TRITON_INTERPRETED:
+            parser.error("--interpreted-triton needs triton and TRITON_INTERPRET=1 set before triton is imported")
+        targets.append(("cpu", "triton", None))
+    if "cuda" in devices and torch.cuda.is_available():
         targets.append(("cuda", "triton", None))
+    if not targets:
+        print("nothing to time: no C++ extension, no CUDA device, or --devices excluded them")
     env = environment()
     print(f"# {env}")
     records = []
     header = f"{'op':32} {'shape':>18} {'device':>6} {'isa':>7} {'fused ms':>10} {'ref ms':>10} {'speedup':>8}"
     print(header)
-    copy_gbps = {device: copy_bandwidth(device, warmup, repeat) for device in {t[0] for t in targets}}
+    copy_gbps = {device: copy_bandwidth(device, warmup, repeat, args.copy_mib) for device in {t[0] for t in targets}}
     for device, gbps in copy_gbps.items():
         print(f"# {device} copy bandwidth: {gbps:.1f} GB/s")
     for device, backend, isa in targets:
-        for shape in SHAPES:
+        for shape in shapes:
             for name, fn in cases(shape, device):
                 with use_backend(backend), (_ext.use_cpu_isa(isa) if isa else contextlib.nullcontext()):
                     fused = measure(fn, device=device, warmup=warmup, repeat=repeat)
@@ -120,10 +145,12 @@ def main(argv=None) -> int:
                 gbps = BYTES_PER_ELEMENT[name] * math.prod(shape) / fused["median_s"] / 1e9
                 records.append({"op": name, "shape": list(shape), "device": device, "backend": backend, "isa": isa,
                                 "fused": fused, "reference": ref, "speedup": speedup, "gbps": gbps,
-                                "copy_gbps": copy_gbps[device], "fraction_of_copy": gbps / copy_gbps[device]})
-                print(f"{name:32} {'x'.join(map(str, shape)):>18} {device:>6} {isa or '-':>7} {fused['median_s'] * 1e3:10.3f} "
+                                "copy_gbps": copy_gbps[device], "copy_mib": args.copy_mib, "fraction_of_copy": gbps / copy_gbps[device]})
+                print(f"{name:32} {'x'.join(map(str, shape)):>18} {device:>6} {isa or backend:>7} {fused['median_s'] * 1e3:10.3f} "
                       f"{ref['median_s'] * 1e3:10.3f} {speedup:8.2f} {gbps:8.1f} GB/s "
                       f"({gbps / copy_gbps[device]:.0%} of copy)", flush=True)
+            if args.json:  # after every shape, so a run stopped at a time limit keeps what it measured
+                write_json(args.json, records, command_line(__file__, argv))
     if args.json:
         write_json(args.json, records, command_line(__file__, argv))
         print(f"wrote {args.json}")

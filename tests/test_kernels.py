@@ -362,6 +362,23 @@ def test_backend_for_automatic_choice():
     assert backend_for(cpu, "apply_quantize") == "cpp"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or project.triton is None, reason="needs CUDA and triton")
+def test_cuda_tensors_dispatch_to_triton_and_match_reference():
+    """The automatic choice on a GPU (the "dispatch" cases above use CPU tensors): a CUDA tensor runs the
+    Triton kernels unasked, and what they return is the reference's."""
+    delta, grad, x = _project_inputs((7, 3, 32, 32), seed=4, device="cuda")
+    for op in ("project_step", "apply_quantize", "augment"):
+        assert backend_for(delta, op) == "triton", op
+    _check_project("dispatch", delta, grad, x)
+    image, qdelta = (t.cuda() for t in _quantize_inputs((7, 3, 32, 32), seed=4))
+    expected, got = apply_quantize_reference(image, qdelta), apply_quantize(image, qdelta)
+    for name in ("out_u8", "linf", "sq_err"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    xa, offsets, flips, kwargs = _augment_case((7, 3, 32, 32), torch.uint8, "reflect", True, seed=4, device="cuda")
+    torch.testing.assert_close(augment(xa, offsets, flips, **kwargs), augment_reference(xa, offsets, flips, **kwargs),
+                               rtol=0, atol=0)
+
+
 def test_force_reference_switches(monkeypatch):
     cpu = torch.zeros(1)
     with force_reference():
