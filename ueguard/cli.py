@@ -102,12 +102,14 @@ def main() -> None:
 @click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "memory", "ffcv", "torch"]),
               help="How SRC is decoded into the working set: a thread pool (memory), DataLoader workers (torch), "
                    "or a cached FFCV file reused by later runs (ffcv, optional extra).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where the FFCV cache lives "
-              "(default: $UEGUARD_CACHE or ~/.cache/ueguard).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where the FFCV cache and the private "
+              "resume state (the perturbation, until the run finishes) live (default: $UEGUARD_CACHE or "
+              "~/.cache/ueguard); never inside --out or SRC.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in a non-empty --out.")
 @click.option("--store", default="auto", show_default=True, type=click.Choice(["auto", "memory", "disk"]),
-              help="Where sample-wise perturbations live: in memory, or memory-mapped under OUT/.ueguard/ (resumable "
-                   "row by row; auto: disk when they would take over 1/8 of the machine's memory).")
+              help="Where sample-wise perturbations live: in memory, or memory-mapped in the private resume state "
+                   "under --cache-dir (resumable row by row; auto: disk when they would take over 1/8 of the "
+                   "machine's memory). Either gives the same bytes.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def protect(src, out, method, eps, seed, device, precision, compile_, budget, size, surrogate, weights, pretrained, format_,

@@ -16,7 +16,7 @@ the victim's augmentation, which pixel-aligned noise otherwise has to survive by
 
 Resuming: after every round (surrogate steps, PGD pass, stopping check) the method checkpoints its state
 when it has a :attr:`~ueguard.methods.base.ProtectionMethod.round_checkpoint` (``protect`` gives it one
-in ``DST/.ueguard/rounds.pt``): the surrogate's ``state_dict``, the SGD momentum buffers, the generator
+in ``rounds.pt`` of the private resume state): the surrogate's ``state_dict``, the SGD momentum buffers, the generator
 the batches and crops are drawn from with the sampler's permutation and position, the global torch RNG,
 the accuracy history, and δ (in the file for class-wise δ and the memory store; the on-disk store
 commits its rows first, see :mod:`ueguard.data.store`). ``protect --resume`` continues with the next

@@ -51,7 +51,7 @@ class ProtectOptions:
 
     ``store`` (``--store``) is where sample-wise δ lives while it is generated and saved: ``memory`` (a
     tensor), ``disk`` (the memory-mapped :class:`~ueguard.data.store.PerturbationStore` under
-    ``DST/.ueguard/``, resumable row by row, or round by round for bi-level methods) or ``auto`` (disk when float32 δ would take more than an
+    the private resume state under ``cache_dir`` (see :mod:`ueguard.data.run_state`), resumable row by row, or round by round for bi-level methods) or ``auto`` (disk when float32 δ would take more than an
     eighth of the machine's memory).
 
     ``eps`` is an L∞ budget and applies to L∞ methods only; an L2 method (lsp, ar) takes

@@ -1,17 +1,20 @@
 """``protect``: a folder (or an in-memory batch) in, protected images out.
 
-Folder flow: scan SRC → decode every image at the working resolution (failures recorded, not fatal)
-→ build the surrogate → generate δ with the method (cached under ``DST/.ueguard/`` so ``--resume``
-skips it) → for each image: decode the original again, resize its δ row to the native size, add,
+Folder flow: plan (scan SRC, build the method: everything that can refuse runs before DST is made) →
+destination and resume checks → under the manifest's lock: decode every image at the working
+resolution (failures recorded, not fatal) → generate δ with the method (kept in the run's private state
+folder, :mod:`ueguard.data.run_state`, so ``--resume`` skips it; never in DST, since δ undoes the
+protection) → for each image: decode the original again, resize its δ row to the native size, add,
 clip, round, save atomically, decode the saved file and measure the change on it (L∞, PSNR, L2/RMS,
-changed pixels, and whether it is within the method's own budget), append the manifest line. SRC is
-only ever read.
+changed pixels, and whether it is within the method's own budget), append the manifest line → the
+``complete`` line, then the private state is deleted. SRC is only ever read, and nothing is written
+through a link (:mod:`ueguard.data.safe_fs`).
 
 Memory: sample-wise δ is one float32 tensor, or with ``--store disk`` (``auto``: when that tensor would
 take over an eighth of the machine's memory) the memory-mapped :class:`~ueguard.data.store.PerturbationStore`
-under ``DST/.ueguard/perturbation/``, which also checkpoints generation row by row (methods that finish
+in the private state, which also checkpoints generation row by row (methods that finish
 rows one batch at a time resume from the rows stored). Bi-level methods (EMN, SSC, REM) checkpoint
-every round instead (:class:`~ueguard.data.store.RoundCheckpoint`, ``DST/.ueguard/rounds.pt``, with either
+every round instead (:class:`~ueguard.data.store.RoundCheckpoint`, ``rounds.pt`` in the private state, with either
 store): ``--resume`` continues with the round after the last one checkpointed, and the result equals an
 uninterrupted run's. Under torchrun a method that splits its rounds over the processes does not
 checkpoint them (generation starts again). The file records are streamed to the manifest and read back
