@@ -88,6 +88,16 @@ def test_resume_refuses_a_manifest_linked_to_a_file_elsewhere(src, tmp_path):
     assert elsewhere.read_text() == "precious\n"
 
 
+def test_resume_refuses_a_manifest_that_is_not_a_regular_file(src, tmp_path):
+    """A FIFO in the manifest's place would block the reader forever."""
+    out = tmp_path / "out"
+    assert run(src, out, kill="renamed:2").returncode == -9
+    (out / MANIFEST_NAME).unlink()
+    os.mkfifo(out / MANIFEST_NAME)
+    refused = run(src, out, "--resume")
+    assert refused.returncode == 2 and "is not a regular file" in refused.stderr
+
+
 def test_a_hard_linked_manifest_is_never_appended_to(tmp_path):
     precious = tmp_path / "precious.jsonl"
     precious.write_text('{"kind": "mine"}\n')

@@ -367,6 +367,9 @@ def _check_destination(src: Path, dst: Path, resume: bool) -> None:
             raise UsageError(f"--resume: {link} is a symbolic link (to {os.path.realpath(link)}); ueguard never "
                              "writes through a link, and nothing it made is one — remove it (its target is "
                              "left alone), or choose a new --out")
+        if not (dst / MANIFEST_NAME).is_file():
+            raise UsageError(f"--resume: {dst / MANIFEST_NAME} is not a regular file (ueguard writes its manifest "
+                             "as one); choose a new --out")
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as error:
