@@ -351,14 +351,43 @@ def test_both_need_a_pretrained_surrogate(weights_and_tree):
     _, base = weights_and_tree
     for name in ("ssc", "bait"):
         assert METHODS.get(name).needs_pretrained
-        with pytest.raises(UsageError, match="--weights FILE or --pretrained"):
-            protect(base / "photos", base / f"refused_{name}", name, size=16, device="cpu")
+        with pytest.raises(UsageError, match=r"tried timm's resnet18\.a1_in1k from the hub.*--weights FILE"):
+            protect(base / "photos", base / f"refused_{name}", name, size=16, device="cpu")  # offline here
         assert not (base / f"refused_{name}").exists()
     result = CliRunner().invoke(main, ["protect", str(base / "photos"), "--out", str(base / "refused"),
                                        "--method", "ssc", "--quiet"])
     assert result.exit_code == 2 and "needs a pretrained surrogate" in result.output
     listing = CliRunner().invoke(main, ["methods"]).output
     assert all(f"{name}" in listing for name in ("ssc", "bait")) and "needs pretrained surrogate" in listing
+    refused = CliRunner().invoke(main, ["protect", str(base / "photos"), "--out", str(base / "refused"),
+                                        "--method", "bait", "--surrogate", "resnet18_cifar", "--quiet"])
+    assert refused.exit_code == 2 and "--surrogate resnet18.a1_in1k --pretrained" in refused.output
+
+
+def test_a_method_that_needs_a_pretrained_surrogate_takes_timms_by_default(weights_and_tree, monkeypatch):
+    """Where the hub is reachable (stood in for here: no network in tests), SSC without --weights uses timm's
+    ImageNet ResNet-18 with its hub weights instead of refusing, and the manifest says so."""
+    import importlib
+
+    import timm
+
+    from ueguard.data.manifest import MANIFEST_NAME, first_run
+    from ueguard.sdk import protect
+
+    factory = importlib.import_module("ueguard.models.factory")
+    asked = []
+
+    def from_hub(timm_module, name, num_classes):
+        asked.append(name)
+        return timm.create_model("resnet18", pretrained=False, num_classes=num_classes)
+
+    monkeypatch.setattr(factory, "_download_pretrained", from_hub)
+    _, base = weights_and_tree
+    result = protect(base / "photos", base / "hub", "bait", size=16, device="cpu", budget="quick",
+                     method_options={"iterations": 1})
+    assert result.ok > 0 and asked and asked[0] == "resnet18.a1_in1k"
+    header = first_run(base / "hub" / MANIFEST_NAME)
+    assert header["surrogate"] == "resnet18.a1_in1k" and header["surrogate_from_hub"] is True
 
 
 @pytest.mark.parametrize("method,options", [

@@ -17,9 +17,10 @@ from ._checkpoint import (
 )
 from ._registry import is_model, list_models, register_model
 from .classifier import ClassifierModel, Normalize, StageLayout
-from .factory import create_model
+from .factory import DEFAULT_PRETRAINED, create_model
 
 __all__ = [
+    "DEFAULT_PRETRAINED",
     "Checkpoint",
     "ClassifierModel",
     "Normalize",

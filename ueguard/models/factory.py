@@ -31,6 +31,13 @@ if TYPE_CHECKING:
 
 _HUB_PROBE_TIMEOUT_S = 5.0
 
+#: The pretrained surrogate a method that needs one uses when none is given: timm's ImageNet-1k
+#: ResNet-18 (the papers' architecture, hub weights, a stage layout ueguard knows); ImageNet features
+#: transfer to small photos too, and at 32 px it is what a data owner without a CIFAR checkpoint has.
+DEFAULT_PRETRAINED = "resnet18.a1_in1k"
+#: For ueguard's own architectures (no hub weights): the timm model that has them.
+PRETRAINED_EQUIVALENT = {"resnet18_cifar": "resnet18.a1_in1k", "resnet18_cifar_slim": "resnet18.a1_in1k"}
+
 _TIMM_RESNET_STAGES: StageLayout = (
     ("stem", ("conv1", "bn1", "act1", "maxpool")),
     ("layer1", ("layer1",)),
@@ -71,7 +78,8 @@ def create_model(
         if pretrained:
             raise ValueError(
                 f"{name} is a ueguard architecture and has no hub weights; pass --weights FILE (weights=FILE) "
-                f"with a local checkpoint"
+                f"with a local checkpoint, or use --surrogate {PRETRAINED_EQUIVALENT.get(name, DEFAULT_PRETRAINED)} "
+                "--pretrained (a timm model with hub weights)"
             )
         model = model_entrypoint(name)(num_classes)
     else:

@@ -180,8 +180,10 @@ def protect(src, out=None, method: str = "emn", *, labels=None, layout: str = "a
 # shared pieces
 
 
-def _surrogate(opts: ProtectOptions, size: int, num_classes: int):
-    """The surrogate named by the options (default architecture for the size and budget) with its weights."""
+def _surrogate(opts: ProtectOptions, size: int, num_classes: int, needs_pretrained: bool = False):
+    """The surrogate named by the options (default architecture for the size and budget) with its weights.
+    ``needs_pretrained``: the hub weights were chosen for the user (see :func:`_hub_surrogate`), so a
+    failed download says what to pass instead."""
     from ueguard import models
 
     name = opts.surrogate or default_arch(size, opts.budget)
@@ -189,6 +191,29 @@ def _surrogate(opts: ProtectOptions, size: int, num_classes: int):
         return name, models.create_model(name, num_classes, weights=opts.weights, pretrained=opts.pretrained)
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from None
+    except RuntimeError as error:
+        if not needs_pretrained:
+            raise UsageError(str(error)) from None
+        raise UsageError(f"method {opts.method!r} needs a pretrained surrogate; it tried timm's {name} from the hub "
+                         f"and could not get it ({error}). Pass --weights FILE (a local checkpoint, e.g. a CIFAR "
+                         "ResNet-20's) or --surrogate NAME --pretrained") from None
+
+
+def _hub_surrogate(opts: ProtectOptions, progress: Progress) -> ProtectOptions:
+    """For a method that needs a pretrained surrogate and was given none: the named timm surrogate with its
+    hub weights, or :data:`~ueguard.models.DEFAULT_PRETRAINED` (a ueguard architecture has no hub weights:
+    refused, naming the timm model that has them)."""
+    from ueguard import models
+
+    name = opts.surrogate or models.DEFAULT_PRETRAINED
+    if models.is_model(name):
+        try:
+            models.create_model(name, 1, pretrained=True)
+        except ValueError as error:
+            raise UsageError(f"method {opts.method!r} needs a pretrained surrogate: {error}") from None
+    progress.log(f"method {opts.method!r} needs a pretrained surrogate and none was given: using timm's {name} "
+                 "with its hub weights (--weights FILE or --surrogate NAME --pretrained choose another)")
+    return dataclasses.replace(opts, surrogate=name, pretrained=True)
 
 
 def _build_method(opts: ProtectOptions, size: int, num_classes: int, runtime: Runtime, progress: Progress):
@@ -204,11 +229,13 @@ def _build_method(opts: ProtectOptions, size: int, num_classes: int, runtime: Ru
     record: dict[str, Any] = {}
     surrogate = None
     if cls.needs_surrogate:
+        given = opts
         if cls.needs_pretrained and not (opts.weights or opts.pretrained):
-            raise UsageError(f"method {opts.method!r} needs a pretrained surrogate: pass --weights FILE or --pretrained")
-        name, surrogate = _surrogate(opts, size, num_classes)
+            opts = _hub_surrogate(opts, progress)
+        name, surrogate = _surrogate(opts, size, num_classes, needs_pretrained=opts is not given)
         record = {"surrogate": name, "surrogate_sha256": models.state_dict_sha256(surrogate),
-                  "weights_sha256": models.weights_sha256(opts.weights) if opts.weights else None}
+                  "weights_sha256": models.weights_sha256(opts.weights) if opts.weights else None,
+                  **({"surrogate_from_hub": True} if opts is not given else {})}
     try:
         method = cls(config, runtime=runtime, surrogate=surrogate, progress=progress)
     except ValueError as error:
