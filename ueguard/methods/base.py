@@ -22,9 +22,9 @@ from ueguard.data.working_set import WorkingSet
 from ueguard.engine import distributed
 from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.runtime import Runtime
+from ueguard.budgets import BUDGETS
 from ueguard._registry import Registry
 
-BUDGETS = ("quick", "standard", "thorough")
 
 #: The norms a method's budget can be stated in. ``linf``: every value moves by at most ε (the CLI's
 #: ``--eps``); ``l2``: the Euclidean length of each image's δ at the working resolution is at most the
@@ -313,6 +313,30 @@ class ProtectionMethod(ABC):
         self.round_checkpoint.log(f"resuming {self.name} generation after round {len(history)} "
                                   f"(checkpoint {self.round_checkpoint.path})")
         return history
+
+    def run_rounds(self, rounds: int, delta: "torch.Tensor | PerturbationStore", tracked: dict[str, Any],
+                   one_round: Callable[[int, Any], Any], *, converged: Callable[[Any], bool] = lambda record: False,
+                   unit: str = "round", total: int | None = None,
+                   done: Callable[[int], int] = lambda finished: finished) -> list:
+        """The round loop of the bi-level (min-min) methods, written once: continue after the rounds an
+        interrupted run checkpointed (:meth:`resume_rounds`), then run ``one_round(index, bar)`` — which
+        returns the round's record and may report on the progress ``bar`` — until ``converged(record)``
+        or ``rounds`` rounds, checkpointing after each (:meth:`checkpoint_round`). The bar counts ``unit``
+        (``total`` of them; ``done(finished rounds)`` already done). Returns the history of records."""
+        history = self.resume_rounds(delta, tracked)
+        with self.progress.bar(rounds if total is None else total, f"{self.name} {unit}s", unit=unit) as bar:
+            bar.update(done(len(history)))
+            for index in self.rounds_left(history, rounds, converged):
+                record = one_round(index, bar)
+                history.append(record)
+                self.checkpoint_round(history, delta, tracked)
+                if converged(record):
+                    break
+        return history
+
+    def eval_subset(self, n: int, limit: int) -> torch.Tensor:
+        """The samples a round's stopping check scores: all ``n``, or ``limit`` of them drawn once (sorted)."""
+        return torch.randperm(n, generator=self.generator)[:limit].sort().values if n > limit else torch.arange(n)
 
     def rounds_left(self, history: list, max_rounds: int, converged: Callable[[Any], bool]) -> range:
         """The indices of the rounds still to run after the ``history`` :meth:`resume_rounds` returned:

@@ -78,7 +78,6 @@ class EMNConfig(MethodConfig):
 
 @METHODS.register("emn")
 class EMN(ProtectionMethod):
-    name = "emn"
     description = "error-minimising noise (Huang et al. ICLR 2021): min-min shortcut against from-scratch training; sample- or class-wise"
     config_class = EMNConfig
     presets = {
@@ -112,38 +111,35 @@ class EMN(ProtectionMethod):
                  else self.new_delta((rows, *data.images.shape[1:])))
         perturbation = Perturbation(delta, classwise, cfg.eps)
         sampler = BatchSampler(n, cfg.batch_size, self.generator)
-        check = (torch.randperm(n, generator=self.generator)[:cfg.eval_limit].sort().values
-                 if n > cfg.eval_limit else torch.arange(n))
+        check = self.eval_subset(n, cfg.eval_limit)
         augment = self._augmentation()
         shard = layout.shard(n)
         tracked = {"surrogate": parallel.model, "optimizer": trainer.optimizer, "sampler": sampler,
                    "generator": self.generator, **({} if self._aug_generator is self.generator
                                                    else {"augment_generator": self._aug_generator})}
-        history = self.resume_rounds(delta, tracked)
-        with self.progress.bar(cfg.max_rounds, "emn rounds", unit="round") as bar:
-            bar.update(len(history))
-            for _ in self.rounds_left(history, cfg.max_rounds, lambda accuracy: accuracy >= cfg.target_accuracy):
-                model.train()
-                for _ in range(cfg.train_steps):
-                    idx = parallel.part(sampler.next())
-                    x = self._perturbed(data, perturbation, idx)
-                    trainer.step(x if augment is None else augment(x), data.labels[idx.to(rt.device)])
-                parallel.sync_buffers()
-                model.eval()
-                if classwise:
-                    for span in batch_ranges(n, cfg.batch_size):
-                        self._classwise_step(model, data, delta, layout.part(torch.arange(span.start, span.stop)))
-                else:
-                    for span in batch_ranges(shard.stop - shard.start, cfg.batch_size):
-                        span = slice(shard.start + span.start, shard.start + span.stop)
-                        delta[span] = self._samplewise_pgd(model, data, delta[span], torch.arange(span.start, span.stop))
-                    layout.all_gather_shards(delta)
-                accuracy = self._accuracy(model, data, perturbation, check)
-                history.append(accuracy)
-                self.checkpoint_round(history, delta, tracked)
-                bar.update(1, train_acc=f"{accuracy:.3f}")
-                if accuracy >= cfg.target_accuracy:
-                    break
+
+        def one_round(index: int, bar) -> float:  # surrogate steps on x + δ, a PGD pass over δ, the check
+            model.train()
+            for _ in range(cfg.train_steps):
+                idx = parallel.part(sampler.next())
+                x = self._perturbed(data, perturbation, idx)
+                trainer.step(x if augment is None else augment(x), data.labels[idx.to(rt.device)])
+            parallel.sync_buffers()
+            model.eval()
+            if classwise:
+                for span in batch_ranges(n, cfg.batch_size):
+                    self._classwise_step(model, data, delta, layout.part(torch.arange(span.start, span.stop)))
+            else:
+                for span in batch_ranges(shard.stop - shard.start, cfg.batch_size):
+                    span = slice(shard.start + span.start, shard.start + span.stop)
+                    delta[span] = self._samplewise_pgd(model, data, delta[span], torch.arange(span.start, span.stop))
+                layout.all_gather_shards(delta)
+            accuracy = self._accuracy(model, data, perturbation, check)
+            bar.update(1, train_acc=f"{accuracy:.3f}")
+            return accuracy
+
+        history = self.run_rounds(cfg.max_rounds, delta, tracked, one_round,
+                                  converged=lambda accuracy: accuracy >= cfg.target_accuracy)
         perturbation.info = {"rounds": len(history), "surrogate_train_accuracy": history,
                              "converged": history[-1] >= cfg.target_accuracy,
                              "seconds": round(time.perf_counter() - started, 2),

@@ -75,7 +75,6 @@ class REMConfig(MethodConfig):
 
 @METHODS.register("rem")
 class REM(ProtectionMethod):
-    name = "rem"
     checkpoints_rounds = True  # a round: one pass of the batch sampler (see generate)
     description = ("robust error-minimising noise (Fu et al. ICLR 2022): EMN with an inner adversarial max and "
                    "expectation over augmentations, against adversarial training; sample-wise")
@@ -101,13 +100,12 @@ class REM(ProtectionMethod):
         per_round = cfg.round_steps or max(sampler.steps_per_epoch(), 50)
         tracked = {"surrogate": model, "optimizer": trainer.optimizer, "scheduler": scheduler, "sampler": sampler,
                    "generator": self.generator}
-        history = self.resume_rounds(delta, tracked)  # per round: the losses logged in it
-        with self.progress.bar(cfg.train_steps, "rem steps", unit="step") as bar:
-            bar.update(min(cfg.train_steps, len(history) * per_round))
-            for round_ in self.rounds_left(history, -(-cfg.train_steps // per_round), lambda logged: False):
-                history.append(self._round(round_ * per_round, min(cfg.train_steps, (round_ + 1) * per_round),
-                                           model, trainer, scheduler, sampler, data, delta, bar))
-                self.checkpoint_round(history, delta, tracked)
+        def one_round(index: int, bar) -> list[float]:  # the losses logged in the round
+            return self._round(index * per_round, min(cfg.train_steps, (index + 1) * per_round),
+                               model, trainer, scheduler, sampler, data, delta, bar)
+
+        history = self.run_rounds(-(-cfg.train_steps // per_round), delta, tracked, one_round, unit="step",
+                                  total=cfg.train_steps, done=lambda finished: min(cfg.train_steps, finished * per_round))
         losses = [loss for logged in history for loss in logged]
         info = {"train_steps": cfg.train_steps, "rho_u": cfg.eps, "rho_a": cfg.rho_a, "samples": cfg.samples,
                 "surrogate_adv_loss": losses, "rounds": len(history), "seconds": round(time.perf_counter() - started, 2),

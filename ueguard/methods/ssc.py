@@ -223,7 +223,6 @@ def _reinitialise(model: nn.Module, generator_seed: int) -> nn.Module:
 
 @METHODS.register("ssc")
 class SSC(ProtectionMethod):
-    name = "ssc"
     description = ("shallow semantic camouflage (ueguard's reconstruction of Wang et al. 2026): class-wise "
                    "error-minimising δ kept in the pretrained shallow layers' semantic channel subspace, "
                    "which also makes the prior read each class as the next one")
@@ -261,49 +260,44 @@ class SSC(ProtectionMethod):
                  else self.new_delta((n, *data.images.shape[1:])))
         perturbation = Perturbation(delta, classwise, cfg.eps)
         sampler = BatchSampler(n, cfg.batch_size, self.generator)
-        check = (torch.randperm(n, generator=self.generator)[:cfg.eval_limit].sort().values
-                 if n > cfg.eval_limit else torch.arange(n))
+        check = self.eval_subset(n, cfg.eval_limit)
         tracked = {"frozen_path": frozen, "scratch_path": scratch, "deep_optimizer": deep_trainer.optimizer,
                    "scratch_optimizer": scratch_trainer.optimizer, "sampler": sampler, "generator": self.generator}
-        history = self.resume_rounds(delta, tracked)
 
         def fitted(acc: dict) -> bool:  # both paths fit x + δ: the round loop's stop
             return min(acc["frozen_path"], acc["scratch_path"]) >= cfg.stop_accuracy
 
-        with self.progress.bar(cfg.max_rounds, "ssc rounds", unit="round") as bar:
-            bar.update(len(history))
-            for _ in self.rounds_left(history, cfg.max_rounds, fitted):
-                self._train_mode(frozen, shallow)
-                scratch.train()
-                for _ in range(cfg.train_steps):
-                    idx = sampler.next()
-                    x, y = self._augmented(self._perturbed(data, perturbation, idx)), data.labels[idx.to(rt.device)]
-                    deep_trainer.step(x, y)
-                    scratch_trainer.step(x, y)
-                frozen.eval()
-                scratch.eval()
-                camouflage, anchored = [], []
-                for span in batch_ranges(n, cfg.batch_size):
-                    idx = torch.arange(span.start, span.stop)
-                    if classwise:  # every batch moves the class rows its samples belong to
-                        delta[:], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, data, delta, idx)
-                    else:
-                        delta[span], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, data,
-                                                              delta[span], idx)
-                    camouflage.append(ratio)
-                    anchored.append(along)
-                accuracy = {"frozen_path": self._accuracy(frozen, data, perturbation, check),
-                            "scratch_path": self._accuracy(scratch, data, perturbation, check),
-                            "out_of_subspace": round(torch.cat(camouflage).mean().item(), 4)}
-                if anchors is not None:  # the frozen output's mean shift along the class anchor, in σ
-                    accuracy["anchor_shift"] = round(torch.cat(anchored).mean().item(), 4)
-                if deceiver is not None:  # share of x + δ the prior + clean head reads as the deceived class
-                    accuracy["deceived"] = self._accuracy(deceiver, data, perturbation, check, cfg.deception_shift)
-                history.append(accuracy)
-                self.checkpoint_round(history, delta, tracked)
-                bar.update(1, frozen=f"{accuracy['frozen_path']:.3f}", scratch=f"{accuracy['scratch_path']:.3f}")
-                if fitted(accuracy):
-                    break
+        def one_round(index: int, bar) -> dict:  # both paths train on x + δ, then a PGD pass over δ
+            self._train_mode(frozen, shallow)
+            scratch.train()
+            for _ in range(cfg.train_steps):
+                idx = sampler.next()
+                x, y = self._augmented(self._perturbed(data, perturbation, idx)), data.labels[idx.to(rt.device)]
+                deep_trainer.step(x, y)
+                scratch_trainer.step(x, y)
+            frozen.eval()
+            scratch.eval()
+            camouflage, anchored = [], []
+            for span in batch_ranges(n, cfg.batch_size):
+                idx = torch.arange(span.start, span.stop)
+                if classwise:  # every batch moves the class rows its samples belong to
+                    delta[:], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, data, delta, idx)
+                else:
+                    delta[span], ratio, along = self._pgd(frozen, scratch, prior, bases, anchors, data,
+                                                          delta[span], idx)
+                camouflage.append(ratio)
+                anchored.append(along)
+            accuracy = {"frozen_path": self._accuracy(frozen, data, perturbation, check),
+                        "scratch_path": self._accuracy(scratch, data, perturbation, check),
+                        "out_of_subspace": round(torch.cat(camouflage).mean().item(), 4)}
+            if anchors is not None:  # the frozen output's mean shift along the class anchor, in σ
+                accuracy["anchor_shift"] = round(torch.cat(anchored).mean().item(), 4)
+            if deceiver is not None:  # share of x + δ the prior + clean head reads as the deceived class
+                accuracy["deceived"] = self._accuracy(deceiver, data, perturbation, check, cfg.deception_shift)
+            bar.update(1, frozen=f"{accuracy['frozen_path']:.3f}", scratch=f"{accuracy['scratch_path']:.3f}")
+            return accuracy
+
+        history = self.run_rounds(cfg.max_rounds, delta, tracked, one_round, converged=fitted)
         perturbation.info = {"rounds": len(history), "history": history,
                              "subspace_dims": {s: [int(b.shape[1]), int(e.numel())] for (s, b), e in zip(bases.items(), explained)},
                              "converged": fitted(history[-1]),
