@@ -16,6 +16,7 @@ from array import array
 
 import click
 
+from ueguard.budgets import BUDGETS
 from ueguard.errors import EXIT_FATAL, EXIT_SOME_FAILED, EXIT_USAGE, FatalError, PeerStopped, UsageError
 
 EXIT_INTERRUPTED = 130
@@ -75,7 +76,7 @@ def main() -> None:
               help="Autocast precision for the surrogate (auto: bf16 on GPUs, fp32 on CPU).")
 @click.option("--compile", "compile_", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
               help="torch.compile the surrogate's steps (auto: on for CUDA, off on CPU, where it measured no faster).")
-@click.option("--budget", default="standard", show_default=True, type=click.Choice(["quick", "standard", "thorough"]),
+@click.option("--budget", default="standard", show_default=True, type=click.Choice(BUDGETS),
               help="Steps/rounds preset (and working-size cap: 64 / 128 / 224 px).")
 @click.option("--size", type=click.IntRange(8, 1024), help="Working resolution in px (default: suited to the data).")
 @click.option("--surrogate", help="Surrogate model: a timm name or one of ueguard's (resnet18_cifar, ...).")
@@ -193,7 +194,7 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
               help="A defense constant, e.g. -d staged.tau=0.5 or -d quality=20 (repeatable).")
 @click.option("--arch", help="Victim architecture (default: CIFAR ResNet-18 up to 64 px, timm resnet18 above).")
 @click.option("--epochs", type=click.IntRange(1), help="Training epochs (default per budget: 10 / 30 / 60).")
-@click.option("--budget", default="standard", show_default=True, type=click.Choice(["quick", "standard", "thorough"]))
+@click.option("--budget", default="standard", show_default=True, type=click.Choice(BUDGETS))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="Pretrained checkpoint for finetune/frozen/linear.")

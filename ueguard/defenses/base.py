@@ -29,7 +29,6 @@ from ueguard.engine.augment import crop_flip
 from ueguard.engine.loops import Trainer
 from ueguard.engine.runtime import Runtime
 
-BUDGETS = ("quick", "standard", "thorough")
 
 
 @dataclass(frozen=True)
@@ -172,19 +171,16 @@ PARADIGMS: Registry[Paradigm] = Registry("paradigm")
 
 @DEFENSES.register("none", "standard")
 class NoDefense(Defense):
-    name = "none"
     description = "standard training with random crop + horizontal flip (no countermeasure)"
 
 
 @PARADIGMS.register("scratch")
 class Scratch(Paradigm):
-    name = "scratch"
     description = "random initialisation, all layers trained (lr 0.1)"
 
 
 @PARADIGMS.register("finetune")
 class Finetune(Paradigm):
-    name = "finetune"
     description = "pretrained backbone (--weights/--pretrained), fresh head, all layers trained (lr 1e-3)"
     needs_pretrained = True
     default_lr = 1e-3
@@ -192,7 +188,6 @@ class Finetune(Paradigm):
 
 @PARADIGMS.register("frozen")
 class Frozen(Paradigm):
-    name = "frozen"
     description = ("pretrained backbone, fresh head; stem + first stage frozen with BatchNorm in eval mode, "
                    "the rest trained (lr 1e-3)")
     needs_pretrained = True
@@ -202,7 +197,6 @@ class Frozen(Paradigm):
 
 @PARADIGMS.register("linear")
 class Linear(Paradigm):
-    name = "linear"
     description = "linear probe: pretrained backbone frozen (BatchNorm in eval mode), only a fresh head trained (lr 0.1)"
     needs_pretrained = True
     default_lr = 0.1

@@ -14,7 +14,8 @@ from ueguard.data.images import DEFAULT_MAX_PIXELS, LOSSY_FORMATS, OUTPUT_FORMAT
 from ueguard.data.loaders import LOADERS, require_ffcv
 from ueguard.engine.runtime import COMPILES, DEVICES, PRECISIONS
 from ueguard.errors import UsageError
-from ueguard.methods import BUDGETS, METHODS
+from ueguard.budgets import BUDGETS, SIZE_CAP, default_arch  # noqa: F401 (re-exported)
+from ueguard.methods import METHODS
 from ueguard.units import parse_eps
 
 FORMATS = OUTPUT_FORMATS
@@ -25,8 +26,6 @@ LABEL_SOURCES = ("folders", "auto")
 #: Where sample-wise δ lives (``--store``); see :class:`ProtectOptions`.
 STORES = ("auto", "memory", "disk")
 
-#: Default working-size cap per budget: quick stays CPU-friendly, thorough goes to ImageNet scale.
-SIZE_CAP = {"quick": 64, "standard": 128, "thorough": 224}
 
 
 DEFAULT_EPS = 8 / 255
@@ -164,17 +163,6 @@ def given_options(options_class: type, kwargs: dict[str, Any]) -> dict[str, Any]
     if unknown:
         raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
     return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def default_arch(size: int, budget: str) -> str:
-    """The default surrogate (``protect``) and victim (``verify``) architecture.
-
-    CIFAR-style ResNet-18 (3×3 stem, no max-pool) for small working sizes — an ImageNet-style stem
-    at 32 px weakens EMN (~50 % instead of ~20 %, a pitfall of the authors' code; docs/methods.md) — slimmed for the quick budget;
-    timm's ImageNet-style ``resnet18`` above 64 px."""
-    if size <= 64:
-        return "resnet18_cifar_slim" if budget == "quick" else "resnet18_cifar"
-    return "resnet18"
 
 
 def parse_method_options(pairs: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:

@@ -46,12 +46,12 @@ from ueguard.engine.fit import FitConfig, can_stream, fit
 from ueguard.engine.progress import Progress
 from ueguard.engine.runtime import seed_everything
 from ueguard.errors import UsageError
-from ueguard.methods import BUDGETS
+from ueguard.budgets import BUDGETS, VERIFY_EPOCHS
 from ueguard.sdk.options import SIZE_CAP, default_arch, given_options
 from ueguard.sdk.protect import make_runtime
 
 #: Training epochs per budget (the authors evaluate with 60).
-EPOCHS = {"quick": 10, "standard": 30, "thorough": 60}
+EPOCHS = VERIFY_EPOCHS
 #: Minimum clean gain over chance for a verdict to be meaningful.
 MIN_CLEAN_GAIN = 0.1
 #: A run whose last training loss is still this share of ln K (at no better than chance) has stalled.
