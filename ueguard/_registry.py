@@ -18,13 +18,15 @@ class Registry(Generic[T]):
         self._entries: dict[str, type[T]] = {}
 
     def register(self, *names: str):
-        """Class decorator: ``@METHODS.register("emn")``; extra names are aliases."""
+        """Class decorator: ``@METHODS.register("emn")``; extra names are aliases. The first name becomes
+        the class's ``name``, so a component's name is written in one place."""
 
         def deco(cls: type[T]) -> type[T]:
             for name in names:
                 if name in self._entries:
                     raise ValueError(f"{self.kind} {name!r} is registered twice")
                 self._entries[name] = cls
+            cls.name = names[0]
             return cls
 
         return deco

@@ -60,7 +60,6 @@ class AdversarialConfig(DefenseConfig):
 
 @DEFENSES.register("at")
 class AdversarialTraining(Defense):
-    name = "at"
     description = "adversarial training: PGD-10 at L∞ 8/255 (step 2/255) on every batch"
     config_class = AdversarialConfig
 
@@ -83,6 +82,5 @@ class Adversarial4Config(AdversarialConfig):
 
 @DEFENSES.register("at4")
 class AdversarialTraining4(AdversarialTraining):
-    name = "at4"
     description = "adversarial training: PGD-10 at L∞ 4/255 (step 1/255), the radius REM is built to survive"
     config_class = Adversarial4Config

@@ -25,7 +25,6 @@ class EarlyStopConfig(DefenseConfig):
 
 @DEFENSES.register("earlystop")
 class EarlyStop(Defense):
-    name = "earlystop"
     description = ("standard training; report the test accuracy at the epoch of peak accuracy on a clean "
                    "validation split of --clean")
     config_class = EarlyStopConfig

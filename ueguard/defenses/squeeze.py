@@ -63,7 +63,6 @@ class JpegConfig(DefenseConfig):
 
 @DEFENSES.register("jpeg")
 class Jpeg(Defense):
-    name = "jpeg"
     description = "ISS: JPEG-compress every training image once (quality 10), then standard training"
     config_class = JpegConfig
 
@@ -73,7 +72,6 @@ class Jpeg(Defense):
 
 @DEFENSES.register("gray", "grayscale")
 class Gray(Defense):
-    name = "gray"
     description = "ISS: grayscale every training image once (three equal channels), then standard training"
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -87,7 +85,6 @@ class BdrConfig(DefenseConfig):
 
 @DEFENSES.register("bdr")
 class BitDepthReduction(Defense):
-    name = "bdr"
     description = "ISS: bit-depth reduction of every training image to 2 bits per channel, then standard training"
     config_class = BdrConfig
 

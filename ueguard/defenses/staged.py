@@ -134,7 +134,6 @@ class StagedConfig(DefenseConfig):
 
 @DEFENSES.register("staged", "st")
 class Staged(Defense):
-    name = "staged"
     description = ("Progressive Staged Training with ACM (ueguard's reconstruction): cut the learning rate of "
                    "shallow stages, shallow → deep, when their activations start clustering by label")
     config_class = StagedConfig

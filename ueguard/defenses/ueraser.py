@@ -100,7 +100,6 @@ class UEraserConfig(DefenseConfig):
 
 @DEFENSES.register("ueraser")
 class UEraser(Defense):
-    name = "ueraser"
     description = ("UEraser: plasma brightness/contrast, channel shuffle, TrivialAugment; trains on the "
                    "highest-loss of K = 5 draws per image (first half of training)")
     config_class = UEraserConfig

@@ -100,7 +100,6 @@ def ar_realise(filters: torch.Tensor, size: tuple[int, int], crop: int, generato
 
 @METHODS.register("ar")
 class AR(ProtectionMethod):
-    name = "ar"
     description = ("autoregressive perturbations (Sandoval-Segura et al. NeurIPS 2022): model-free, class-wise "
                    "3×3 AR filters, a fresh realisation per image, L2 budget (-o l2_eps, default 1.0 at 32 px)")
     config_class = ARConfig

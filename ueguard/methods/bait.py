@@ -221,7 +221,6 @@ class _GeneratedNoise(nn.Module):
 
 @METHODS.register("bait")
 class BAIT(ProtectionMethod):
-    name = "bait"
     description = ("binding perturbations to incorrect targets (Li et al. ICLR 2026): class-wise δ that "
                    "survives fine-tuning a pretrained backbone; direct or generator parameterisation")
     config_class = BAITConfig

@@ -84,7 +84,6 @@ def patch_upsample(points: torch.Tensor, size: tuple[int, int], patch: int) -> t
 
 @METHODS.register("lsp", "sp")
 class LSP(ProtectionMethod):
-    name = "lsp"
     description = ("linearly separable synthetic patches (Yu et al. KDD 2022): model-free class-wise "
                    "shortcut, L2 budget (-o l2_eps, default RMS 6/255)")
     config_class = LSPConfig

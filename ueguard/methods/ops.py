@@ -62,7 +62,6 @@ def class_scores(data: WorkingSet, batch_size: int, device: torch.device) -> tor
 
 @METHODS.register("ops")
 class OPS(ProtectionMethod):
-    name = "ops"
     description = "one-pixel shortcut (Wu et al. ICLR 2023): model-free, one searched pixel and colour per class, L0 = 1"
     config_class = OPSConfig
     needs_surrogate = False

@@ -61,7 +61,6 @@ class TAPConfig(MethodConfig):
 
 @METHODS.register("tap")
 class TAP(ProtectionMethod):
-    name = "tap"
     description = ("targeted adversarial poisoning (Fowl et al. NeurIPS 2021): targeted PGD to class y+1 on a "
                    "clean-trained surrogate (trained here first, or --weights); sample-wise")
     config_class = TAPConfig

@@ -82,7 +82,6 @@ def feature_kl(features: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
 
 @METHODS.register("uc")
 class UC(ProtectionMethod):
-    name = "uc"
     description = ("unlearnable clusters (Zhang et al. CVPR 2023): label-free, k-means of pretrained features, "
                    "one generated δ per cluster pushing it to another cluster's centre")
     config_class = UCConfig
