@@ -128,9 +128,11 @@ class SSCConfig(MethodConfig):
     subspace_stages: str = "stem,layer1,layer2"  # depths with a semantic channel subspace (comma-separated)
     energy: float = option(0.9, 0, 1, above=True)          # fraction of channel variance the subspace U_l keeps
     camouflage_weight: float = option(1.0, 0, 1000)       # λ on the out-of-subspace ratio
-    anchor_weight: float = option(0.0, 0, 1000)  # κ on the class anchor: the frozen output's shift along its class's direction
-    deception_weight: float = option(1.0, 0, 1000)  # ρ on the deception term: the prior + a clean linear head read class y + shift
-                                       # (0 until defaults revision 2: plain SSC)
+    # κ on the class anchor: the frozen output's shift along its class's direction
+    anchor_weight: float = option(0.0, 0, 1000)
+    # ρ on the deception term: the prior + a clean linear head read class y + shift (0 until defaults
+    # revision 2: plain SSC)
+    deception_weight: float = option(1.0, 0, 1000)
     deception_shift: int = option(1, 1, 10**6)  # the deceived class of class y: (y + shift) mod K
     probe_images: int = option(2048, 1, 10**7)  # clean images the deception head is fitted on
     frozen_weight: float = option(0.5, 0, 1)    # w: frozen-shallow path vs from-scratch path (1 − w)

@@ -51,7 +51,8 @@ class UCConfig(MethodConfig):
     generator_width: int = option(32, 1, 512)  # its parameters grow with the square
     target_offset: int = option(1, 1, 10**6)  # cluster i is pushed to the centre of cluster (i + offset) mod p
     fit_all: bool = False         # train every generator on all images (the authors' loader), not its cluster's
-    gain: float = option(4.0, 0, 1000, above=True)  # δ = ε·tanh(gain·G(z)): starts near the budget, as the authors' clipped output does
+    # δ = ε·tanh(gain·G(z)): starts near the budget, as the authors' clipped output does
+    gain: float = option(4.0, 0, 1000, above=True)
 
 
 class NoiseGenerator(nn.Module):
