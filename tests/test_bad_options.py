@@ -277,3 +277,11 @@ def test_ssc_checks_its_stage_names_when_built_not_when_generating():
     surrogate = models.create_model("resnet18_cifar_slim", 2)
     with pytest.raises(ValueError, match="stage 'layer9' is not a body stage"):
         cls(cls.make_config("quick", frozen_stage="layer9"), runtime=Runtime.create("cpu", "fp32"), surrogate=surrogate)
+
+
+def test_a_seed_torch_cannot_take_is_a_usage_error_naming_seed(src, tmp_path):
+    result = invoke("protect", str(src), "--out", str(tmp_path / "out"), *FAST, "--seed", str(2**64))
+    assert result.exit_code == 2 and "invalid seed 18446744073709551616" in result.output, result.output
+    from ueguard.methods.base import Bounds
+
+    assert Bounds(-(2**63), 2**64 - 1).describe("int") == "an integer from -9223372036854775808 to 18446744073709551615"

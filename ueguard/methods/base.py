@@ -109,6 +109,8 @@ class Bounds:
 
 
 def _number(value: float) -> str:
+    if float(value).is_integer():
+        return str(int(value))
     text = f"{value:.6g}"
     return f"{text} ({value * 255:.6g}/255)" if 0 < value < 0.1 else text
 

@@ -134,6 +134,8 @@ class ProtectOptions:
             raise UsageError("give either --weights FILE or --pretrained, not both")
         if self.max_pixels < 1:
             raise UsageError("max_pixels must be positive")
+        if not -(2**63) <= self.seed < 2**64:
+            raise UsageError(f"invalid seed {self.seed}: torch's generators take -2**63 … 2**64 - 1")
         self._check_method_options()
 
     def _check_method_options(self) -> None:
