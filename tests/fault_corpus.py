@@ -111,7 +111,16 @@ def huge_text_png(folder: Path) -> dict[str, Expect]:
     corrupt header, and the message says so (ueguard never copies PNG text)."""
     text = _png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"x" * (2 << 20)))
     (folder / "huge_text.png").write_bytes(_with_chunk_before_idat(_png_bytes(_picture(2)), text))
-    return {"huge_text.png": Expect("failed", "PNG text metadata (tEXt/zTXt/iTXt chunks) is larger than Pillow")}
+    return {"huge_text.png": Expect("failed", "a compressed PNG metadata chunk (text or ICC profile) decompresses "
+                                              "to over the 1 MB Pillow reads safely")}
+
+
+def huge_compressed_icc_png(folder: Path) -> dict[str, Expect]:
+    """A PNG whose iCCP chunk decompresses to 2 MB: Pillow refuses it like a large text chunk, and the
+    message names both (the profile would be over ueguard's cap anyway)."""
+    iccp = _png_chunk(b"iCCP", b"big\x00\x00" + zlib.compress(bytes(icc_header(2 << 20))))
+    (folder / "huge_iccp.png").write_bytes(_with_chunk_before_idat(_png_bytes(_picture(7)), iccp))
+    return {"huge_iccp.png": Expect("failed", "(text or ICC profile) decompresses to over the 1 MB")}
 
 
 def oversized_icc_png(folder: Path) -> dict[str, Expect]:
@@ -170,8 +179,8 @@ def private_exif_jpeg(folder: Path) -> dict[str, Expect]:
 
 #: Every generator; :func:`build_source` spreads them over the class folders.
 CORPUS: list[Callable[[Path], dict[str, Expect]]] = [
-    bomb_header_jpeg, bomb_header_png, huge_text_png, oversized_icc_png, malformed_icc_jpeg,
-    icc_size_mismatch_png, private_exif_jpeg,
+    bomb_header_jpeg, bomb_header_png, huge_text_png, huge_compressed_icc_png, oversized_icc_png,
+    malformed_icc_jpeg, icc_size_mismatch_png, private_exif_jpeg,
 ]
 
 

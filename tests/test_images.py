@@ -761,3 +761,16 @@ def test_change_statistics_by_blocks_of_rows_equal_the_full_float64_ones(monkeyp
     for block in (1 << 20, 500, 7):
         monkeypatch.setattr(protect, "QUALITY_BLOCK_VALUES", block)
         assert protect._quality(original, saved) == expected
+
+
+def test_png_text_over_pillows_memory_limit_is_not_called_a_corrupt_header(tmp_path, monkeypatch):
+    """Pillow refuses PNG text over 64 MB in all (MAX_TEXT_MEMORY); lowered here so the file stays small."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "x" * 5000)
+    Image.fromarray(_gradient_rgb()).save(tmp_path / "text.png", pnginfo=info)
+    monkeypatch.setattr(PngImagePlugin, "MAX_TEXT_MEMORY", 1000)
+    with pytest.raises(ImageReadError, match="text metadata .* takes over the 64 MB Pillow reads safely") as error:
+        load_image(tmp_path / "text.png")
+    assert "corrupt" not in str(error.value) and "text.png" in str(error.value)

@@ -427,10 +427,14 @@ def open_quietly(fh: IO[bytes] | str | os.PathLike[str],
 def _header_reason(err: Exception) -> str:
     """Why Pillow could not read a header, in words a user can act on."""
     text = str(err)
-    if "MAX_TEXT_CHUNK" in text or "MAX_TEXT_MEMORY" in text:
-        return ("its PNG text metadata (tEXt/zTXt/iTXt chunks) is larger than Pillow reads safely (1 MB a "
-                "chunk, 64 MB in all); ueguard never copies PNG text, so re-save the image without its text "
-                f"metadata and run again ({text})")
+    if "MAX_TEXT_CHUNK" in text:  # Pillow's limit on a compressed zTXt, iTXt or iCCP chunk
+        return ("a compressed PNG metadata chunk (text or ICC profile) decompresses to over the 1 MB Pillow "
+                "reads safely; ueguard copies neither PNG text nor an ICC profile that large, so re-save the "
+                f"image without that metadata and run again ({text})")
+    if "MAX_TEXT_MEMORY" in text:
+        return ("its PNG text metadata (tEXt/zTXt/iTXt chunks) takes over the 64 MB Pillow reads safely; "
+                "ueguard never copies PNG text, so re-save the image without its text metadata and run "
+                f"again ({text})")
     return f"corrupt image header ({text})"
 
 
