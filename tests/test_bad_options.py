@@ -285,3 +285,14 @@ def test_a_seed_torch_cannot_take_is_a_usage_error_naming_seed(src, tmp_path):
     from ueguard.methods.base import Bounds
 
     assert Bounds(-(2**63), 2**64 - 1).describe("int") == "an integer from -9223372036854775808 to 18446744073709551615"
+
+
+def test_numpy_numbers_from_the_sdk_are_taken_as_python_numbers():
+    import numpy as np
+
+    from ueguard.methods import METHODS
+
+    config = METHODS.get("emn").make_config("standard", pgd_steps=np.int64(5), lr=np.float32(0.5))
+    assert config.pgd_steps == 5 and type(config.pgd_steps) is int and type(config.lr) is float
+    with pytest.raises(ValueError, match="pgd_steps must be an integer"):
+        METHODS.get("emn").make_config("standard", pgd_steps=np.float64(5.0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -159,16 +160,17 @@ _WRONG = object()
 
 
 def _typed(value: Any, kind: str) -> Any:
-    """``value`` as a field of ``kind`` holds it (an int for a float field becomes a float), or _WRONG:
-    a bool is not a number, text is not a number, and a float is a number only when finite."""
+    """``value`` as a field of ``kind`` holds it (an int for a float field becomes a float, a NumPy
+    number a Python one), or _WRONG: a bool is not a number, text is not a number, and a float is a
+    number only when finite."""
     if kind == "bool":
         return value if isinstance(value, bool) else _WRONG
     if kind == "str":
         return value if isinstance(value, str) else _WRONG
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return _WRONG
     if kind == "int":
-        return value if isinstance(value, int) else _WRONG
+        return int(value) if isinstance(value, numbers.Integral) else _WRONG
     return float(value) if math.isfinite(value) else _WRONG
 
 
