@@ -223,7 +223,7 @@ def test_an_int_given_for_a_float_constant_is_taken_as_that_float():
     (["-o", "pgd_steps=abc"], "option pgd_steps must be an integer from 1 to 10000, got 'abc'"),
     (["-o", "pgd_steps=2.5"], "option pgd_steps must be an integer from 1 to 10000, got 2.5"),
     (["-o", "train_steps=-1"], "option train_steps must be an integer from 0 to 100000, got -1"),
-    (["-o", "stop_accuracy=nan"], "option stop_accuracy must be a number above 0 and at most 1"),
+    (["-o", "stop_accuracy=nan"], "option stop_accuracy must be a number above 0 and at most 2"),
     (["--method", "lsp", "-o", "l2_eps=nan"], "option l2_eps must be a number from 0.00392157 (1/255) to 2000"),
     (["--method", "lsp", "-o", "l2_eps=1e-5"], "rounds away"),
     (["--method", "lsp", "-o", "patch=100000"], "option patch must be an integer from 1 to 1024"),

@@ -149,7 +149,7 @@ class SSCConfig(MethodConfig):
     pgd_steps: int = option(10, 1, 10_000)
     step_fraction: float = option(0.2, 0, 10, above=True)  # PGD step as a fraction of eps
     train_steps: int = option(10, 0, 100_000)    # SGD steps per round on each trainable path
-    stop_accuracy: float = option(0.99, 0, 1, above=True)
+    stop_accuracy: float = option(0.99, 0, 2, above=True)  # above 1 it is never reached: every round runs
     max_rounds: int = option(15, 1, 10_000)
     batch_size: int = option(128, 1, 65536)
     eval_limit: int = option(2_000, 1, 10**9)    # samples used for the stopping check

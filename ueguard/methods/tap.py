@@ -46,7 +46,8 @@ class TAPConfig(MethodConfig):
     augment: bool = False          # one crop + flip draw per PGD step (expectation over augmentation)
     target_offset: int = option(1, 1, 10**6)       # t = (y + offset) mod C
     train_epochs: int = option(40, 0, 10_000)      # clean-training epochs at most
-    fit_accuracy: float = option(0.9, 0, 1, above=True)  # stop clean training (or skip it) at this clean train accuracy
+    # stop clean training (or skip it) at this clean train accuracy; above 1: train every epoch
+    fit_accuracy: float = option(0.9, 0, 2, above=True)
     batch_size: int = option(128, 1, 65536)
     lr: float = option(0.1, 0, 10)
     momentum: float = option(0.9, 0, 1)
