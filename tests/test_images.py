@@ -64,8 +64,13 @@ def _srgb_profile() -> bytes:
 
 
 def _fake_profile(colour_space: bytes) -> bytes:
-    """Bytes shaped like an ICC header with the given data colour space; enough for metadata tests."""
-    return bytes(16) + colour_space + bytes(108)
+    """A well-formed ICC header (size, ``acsp`` signature) with the given data colour space and no tags;
+    enough for metadata tests."""
+    header = bytearray(132)
+    header[0:4] = len(header).to_bytes(4, "big")
+    header[16:20] = colour_space
+    header[36:40] = b"acsp"
+    return bytes(header)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -724,3 +729,48 @@ def test_sixteen_bit_colour_is_refused_not_truncated(tmp_path):
         assert img.mode == "RGB" and np.asarray(img)[0, 0, 1] == 1001 >> 8
     with pytest.raises(ImageReadError, match="16-bit colour is not supported.*convert it to 8-bit colour"):
         load_image(path)
+
+
+@pytest.mark.parametrize("channels, saved_channels, sixteen", [(3, 3, False), (1, 3, False), (3, 1, False), (1, 1, True)])
+def test_change_statistics_by_blocks_of_rows_equal_the_full_float64_ones(monkeypatch, channels, saved_channels, sixteen):
+    """protect's per-file statistics no longer hold float64 copies of the whole photo (24 bytes a value):
+    computed a block of rows at a time they give the same recorded numbers."""
+    import math
+    import sys
+
+    import ueguard.sdk.protect  # noqa: F401  (the package exports the function under the module's name)
+    from ueguard.data.images import DecodedImage
+
+    protect = sys.modules["ueguard.sdk.protect"]
+    rng = np.random.default_rng(channels + 3 * saved_channels)
+    h, w = 97, 61
+    if sixteen:
+        original = DecodedImage(rng.integers(0, 65536, (h, w, 1), dtype=np.uint16), None, 65535, "PNG")
+        levels = original.pixels.astype(np.int64) // 257
+    else:
+        original = DecodedImage(rng.integers(0, 256, (h, w, channels), dtype=np.uint8), None, 255, "PNG")
+        levels = original.pixels.astype(np.int64)
+    base = np.broadcast_to(levels[:, :, :1], (h, w, saved_channels)) if saved_channels != levels.shape[2] else levels
+    change = rng.integers(-4, 5, (h, w, saved_channels)) * (rng.random((h, w, 1)) < 0.3)
+    saved = DecodedImage(np.clip(base + change, 0, 255).astype(np.uint8), None, 255, "PNG")
+    diff = np.abs(original.to_float().astype(np.float64) - saved.to_float().astype(np.float64))
+    mse = float(np.mean(diff**2))
+    expected = {"linf": round(float(diff.max()) * 255, 4), "psnr": round(10 * math.log10(1.0 / mse), 3),
+                "l2": round(float(np.sqrt(np.sum(diff**2))), 6), "rms": round(math.sqrt(mse) * 255, 4),
+                "l0": int(np.count_nonzero(diff.max(axis=2) > 0))}
+    for block in (1 << 20, 500, 7):
+        monkeypatch.setattr(protect, "QUALITY_BLOCK_VALUES", block)
+        assert protect._quality(original, saved) == expected
+
+
+def test_png_text_over_pillows_memory_limit_is_not_called_a_corrupt_header(tmp_path, monkeypatch):
+    """Pillow refuses PNG text over 64 MB in all (MAX_TEXT_MEMORY); lowered here so the file stays small."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "x" * 5000)
+    Image.fromarray(_gradient_rgb()).save(tmp_path / "text.png", pnginfo=info)
+    monkeypatch.setattr(PngImagePlugin, "MAX_TEXT_MEMORY", 1000)
+    with pytest.raises(ImageReadError, match="text metadata .* takes over the 64 MB Pillow reads safely") as error:
+        load_image(tmp_path / "text.png")
+    assert "corrupt" not in str(error.value) and "text.png" in str(error.value)

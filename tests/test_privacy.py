@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import ExifTags, Image, ImageCms
 
+from fault_corpus import icc_header
 from trees import _picture, write_class_tree
 from ueguard.cli import main
 from ueguard.data.images import clean_exif, load_image, save_image
@@ -162,3 +163,46 @@ def _jpeg_with(exif: bytes) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buf, format="JPEG", exif=exif)
     return buf.getvalue()
+
+
+def test_keep_metadata_keeps_only_the_allow_listed_tags(tmp_path):
+    """Owner name, body and lens serials, host computer, user comment, artist, software and the image's
+    unique ID identify a person or a device: never written, even with --keep-metadata."""
+    from fault_corpus import PRIVATE_EXIF, PRIVATE_IFD0, private_exif_jpeg
+
+    expect = private_exif_jpeg(tmp_path)
+    source = load_image(tmp_path / "private_exif.jpg", keep_metadata=True)
+    with Image.open(io.BytesIO(_jpeg_with(source.exif))) as im:
+        kept = im.getexif()
+        assert not set(PRIVATE_IFD0) & set(kept) and not set(PRIVATE_EXIF) & set(kept.get_ifd(ExifTags.IFD.Exif))
+    for fmt in ("png", "jpeg", "webp"):
+        path = tmp_path / f"out.{fmt}"
+        save_image(path, source, source.pixels, fmt=fmt, keep_metadata=True)
+        expect["private_exif.jpg"].check(path)
+
+
+@pytest.mark.parametrize("profile, note", [
+    (lambda: bytes(icc_header(600 * 1024)), "614400 bytes, over the 512 KB that ueguard carries over"),
+    (lambda: b"\x00" * 4 + b"payload " * 40, "no 'acsp' signature at byte 36"),
+    (lambda: bytes(icc_header(200))[:132] + b"\x00" * 68 + b"appended", "its header declares 200 bytes but it holds 208"),
+    (lambda: bytes(icc_header(132)[:128]) + (5).to_bytes(4, "big"), "its tag table (5 tags) runs past its end"),
+    (lambda: bytes(icc_header(144)[:128]) + (1).to_bytes(4, "big") + b"desc" + struct.pack(">II", 100, 4000),
+     "tag 0 lies outside the profile"),
+])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_an_oversized_or_malformed_icc_profile_is_dropped_with_a_note(tmp_path, profile, note, fmt):
+    path = tmp_path / f"source.{fmt.lower()}"
+    _picture(np.random.default_rng(0), 0, 16, 16).save(path, format=fmt, icc_profile=profile())
+    image = load_image(path)
+    assert image.icc_profile is None and len(image.notes) == 1
+    assert image.notes[0].startswith("ICC profile dropped: ") and note in image.notes[0]
+    save_image(tmp_path / "out.png", image, image.pixels, fmt="png")
+    with Image.open(tmp_path / "out.png") as im:
+        assert "icc_profile" not in im.info
+
+
+def test_a_real_profile_is_kept_without_a_note(tmp_path):
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    _picture(np.random.default_rng(0), 0, 16, 16).save(tmp_path / "srgb.png", icc_profile=profile)
+    image = load_image(tmp_path / "srgb.png")
+    assert image.icc_profile == profile and image.notes == ()

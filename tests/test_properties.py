@@ -16,7 +16,7 @@ from ueguard.data.images import load_image, save_image
 from ueguard.errors import UsageError
 from ueguard.sdk.options import ProtectOptions
 from ueguard.sdk.protect import perturb_native
-from ueguard.units import MAX_EPS, parse_eps
+from ueguard.units import MAX_EPS, MIN_EPS, parse_eps
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -31,7 +31,7 @@ def test_levels_and_fractions_agree(levels):
 
 
 @FAST
-@given(st.floats(min_value=1e-6, max_value=MAX_EPS, allow_nan=False))
+@given(st.floats(min_value=MIN_EPS, max_value=MAX_EPS, allow_nan=False))
 def test_unit_values_are_taken_as_is(value):
     assert parse_eps(repr(value)) == pytest.approx(value)
 
@@ -40,7 +40,7 @@ def test_unit_values_are_taken_as_is(value):
 @given(st.floats(min_value=0.01, max_value=1000, allow_nan=False), st.floats(min_value=0.01, max_value=1000))
 def test_any_fraction_is_parsed_or_refused_as_out_of_range(numerator, denominator):
     text = f"{numerator}/{denominator}"
-    if 0 < numerator / denominator <= MAX_EPS:
+    if MIN_EPS <= numerator / denominator <= MAX_EPS:
         assert parse_eps(text) == pytest.approx(numerator / denominator)
     else:
         with pytest.raises(ValueError, match="out of range"):
@@ -55,7 +55,7 @@ def test_any_input_gives_a_valid_eps_or_a_value_error_that_says_what_is_accepted
     except ValueError as error:
         assert "eps" in str(error) and ("8/255" in str(error) or "out of range" in str(error))
     else:
-        assert math.isfinite(eps) and 0 < eps <= MAX_EPS
+        assert math.isfinite(eps) and MIN_EPS <= eps <= MAX_EPS
 
 
 VALID = {"method": ["emn"], "eps": ["8/255", "0.02", 4, 1e-3], "budget": ["quick", "standard", "thorough"],

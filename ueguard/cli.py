@@ -138,9 +138,12 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
         return
     # One streaming pass over the records (a folder's come from the manifest): a few numbers per file.
     linfs, psnrs, rms, l0 = array("d"), array("d"), array("d"), array("d")
-    over, norm, failed, failures, lossy_kept = 0, None, [], 0, 0
+    over, norm, failed, failures, lossy_kept, noted, notes = 0, None, [], 0, 0, [], 0
     for item in result.items:
         if item["status"] == "ok":
+            notes += bool(item.get("notes"))
+            if item.get("notes") and len(noted) < 10:
+                noted.append(f"{item['source']}: {'; '.join(item['notes'])}")
             lossy_kept += format_ == "keep" and lossy_suffix(item["output"])
             linfs.append(item["linf"])
             if item["psnr"] is not None:
@@ -153,7 +156,7 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
             failures += 1
             if len(failed) < 10:
                 failed.append(item)
-    line = f"protected {len(linfs)} image(s) into {result.out}"
+    line = f"protected {len(linfs)} image(s) into {result.out}" if linfs else f"protected no image into {result.out}"
     if linfs:
         linf = statistics.median(linfs)
         line += f"; median L∞ {linf:.2f}/255" + (f", mean PSNR {statistics.fmean(psnrs):.1f} dB" if psnrs else "")
@@ -172,12 +175,22 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
         click.echo(f"skipped {result.skipped} file(s): not images in class folders, or links not followed "
                    "(each listed in the manifest with the reason)")
     click.echo(f"manifest: {result.manifest_path}")
+    for note in noted:
+        click.echo(f"  note: {note}", err=True)
+    if notes:
+        click.echo(f"ueguard: note: {notes} file(s) lost metadata ueguard does not carry over (see 'notes' in "
+                   "the manifest).", err=True)
     if failures:
         for item in failed:
             click.echo(f"  failed: {item['source']}: {item['error']}", err=True)
         more = f" (first 10 shown; all in the manifest)" if failures > 10 else ""
-        click.echo(f"ueguard: {failures} file(s) failed{more}; the others were protected.", err=True)
+        click.echo(f"ueguard: {failures} file(s) failed{more}; {_protected_rest(len(linfs))}.", err=True)
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _protected_rest(protected: int) -> str:
+    """The end of the failure line: how many images were protected beside the failed ones."""
+    return "no image was protected" if protected == 0 else f"{protected} other image(s) were protected"
 
 
 @main.command()

@@ -11,6 +11,9 @@ import re
 
 #: The largest ε accepted: beyond 64/255 a perturbation is no longer "imperceptible" by any standard.
 MAX_EPS = 64 / 255
+#: The smallest ε accepted: one grey level. Below it no value of the image moves by a full level, so the
+#: 8-bit (or 8-bit-equivalent) output rounds the change away and the folder would be written unprotected.
+MIN_EPS = 1 / 255
 
 _FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*/\s*([0-9]*\.?[0-9]+)\s*$")
 
@@ -44,12 +47,25 @@ def parse_eps(value: str | float | int) -> float:
             f"invalid eps {value!r}: write it as a fraction like 8/255, as a value in [0, 1) like 0.031, "
             "or as pixel levels like 8 (meaning 8/255)"
         ) from None
-    if not (0 < eps <= MAX_EPS):
+    if not (MIN_EPS <= eps <= MAX_EPS):
+        low = eps < MIN_EPS
+        bound = MIN_EPS if low else MAX_EPS
+        why = ": below one grey level, 8-bit output would round the change away" if low else ""
         raise ValueError(
-            f"eps {value!r} = {eps * 255:.3g}/255 is out of range: it must be above 0 and at most "
-            f"{MAX_EPS * 255:.0f}/255"
+            f"eps {value!r} = {_levels(eps, bound)}/255 is out of range{why}; it must be at least "
+            f"{MIN_EPS * 255:.0f}/255 and at most {MAX_EPS * 255:.0f}/255"
         )
     return eps
+
+
+def _levels(eps: float, bound: float) -> str:
+    """ε in 1/255 levels with enough significant digits to tell it apart from ``bound`` (so ``64.0001``
+    is not shown as ``64``, which would look like an accepted value)."""
+    for digits in range(3, 18):
+        text = f"{eps * 255:.{digits}g}"
+        if float(text) != round(bound * 255, digits):
+            return text
+    return f"{eps * 255!r}"
 
 
 def format_eps(eps: float) -> str:

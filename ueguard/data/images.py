@@ -16,19 +16,27 @@ Decisions a reader should know about (each is explained where it is implemented)
   rather than flattening it onto a guessed background.
 * Mode ``F`` (32-bit float TIFF) is rejected: its values have no fixed range, so any mapping to [0, 1] would
   be a guess.
-* Only the ICC profile is carried over by default. EXIF is not written: orientation has already been
-  applied, EXIF can hold a thumbnail of the unprotected original, and GPS and maker notes are private.
-  ``load_image(..., keep_metadata=True)`` keeps a cleaned EXIF (see :func:`clean_exif`) for formats
-  that can store it (JPEG, PNG, WebP); it never keeps the thumbnail, maker notes or orientation.
+* Only the ICC profile is carried over by default, and only a well-formed one of at most
+  :data:`ICC_MAX_BYTES` (any other is dropped with a note, so no arbitrary payload rides along). EXIF is
+  not written: orientation has already been applied, EXIF can hold a thumbnail of the unprotected
+  original, and GPS and maker notes are private. ``load_image(..., keep_metadata=True)`` keeps an
+  allow-list of descriptive EXIF tags (see :func:`clean_exif`) for formats that can store it (JPEG, PNG,
+  WebP); it never keeps the thumbnail, maker notes, orientation or tags that identify a person or device.
   XMP, IPTC and PNG text chunks are never carried over.
+* A file claiming more pixels than its size can hold, or than the memory left can decode and protect,
+  is refused from its header before any pixel is decoded (see :data:`MAX_PIXELS_PER_BYTE` and
+  :data:`PEAK_BYTES_PER_VALUE`), so one bad file fails alone instead of exhausting the machine.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import io
 import os
 import pathlib
+import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import IO, Any
@@ -63,6 +71,31 @@ SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
 
 DEFAULT_MAX_PIXELS = 178_956_970
 """Decompression-bomb limit on width x height, Pillow's own default (``Image.MAX_IMAGE_PIXELS``)."""
+
+MAX_PIXELS_PER_BYTE = 10_000
+"""The most pixels a file may claim per byte it holds, once it claims over :data:`PLAUSIBLE_PIXELS`.
+
+A photo takes bits per pixel (a JPEG about 1–4, a PNG more), and even a blank image stays under this:
+Deflate expands at most about 1,032×, so a 1-bit PNG of one colour holds about 8,300 pixels per byte,
+and baseline JPEG needs some bits for every 8×8 block. A file claiming more — a 781-byte JPEG whose
+header says 13000×13000 — is a decompression bomb or a truncated file, refused from its header before
+anything is decoded, whatever ``max_pixels`` allows."""
+
+PLAUSIBLE_PIXELS = 1 << 24
+"""Below this many pixels (16.8 M; 48 MB of 8-bit RGB) a file is never refused for its pixels per byte."""
+
+PEAK_BYTES_PER_VALUE = 12
+"""Bytes of memory per pixel value (width × height × channels) that decoding one image and protecting it
+at its native size take at the peak, an upper estimate: about 10 counted over the steps (the 8-bit
+image and its array copy, the float32 perturbation resized to the native size and its resampling, the
+output, the decoded output), with some slack. A file whose
+estimate exceeds the memory this process can still get (:func:`available_memory`) fails alone, with its
+name, instead of the process being killed."""
+
+ICC_MAX_BYTES = 512 * 1024
+"""The largest ICC profile carried over. Display and working-space profiles (sRGB, Display P3, Adobe RGB)
+take a few KB and LUT-based RGB device profiles (scanners, cameras) at most a few hundred KB; a larger
+one is dropped (with a note), as is one that is not a well-formed profile (see ``_icc_problem``)."""
 
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp", "keep")
 """Values accepted for the output format; ``keep`` writes each file in its source format."""
@@ -128,7 +161,8 @@ class DecodedImage:
     format ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"). ``icc_profile`` is kept only when it describes
     ``pixels``' colour space (a CMYK profile is dropped once CMYK has been converted to RGB). ``exif``
     is a cleaned EXIF block (see :func:`clean_exif`), present only when ``load_image`` was asked to keep
-    metadata and the file had any.
+    metadata and the file had any. ``notes`` say what was dropped from the file that a user may miss
+    (an oversized or malformed ICC profile); protect records them in the manifest.
     """
 
     pixels: np.ndarray
@@ -137,6 +171,7 @@ class DecodedImage:
     source_format: str
     icc_profile: bytes | None = None
     exif: bytes | None = None
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 3 or self.pixels.shape[2] not in (1, 3):
@@ -263,7 +298,8 @@ def load_image(
     RGB. A transparency key on 16-bit grayscale is not carried over: it would need a 16-bit gray plus alpha
     image, which no Pillow writer can store losslessly.
 
-    ``max_pixels`` bounds width x height, read from the header before any pixel is decoded.
+    ``max_pixels`` bounds width x height, read from the header before any pixel is decoded; so do the
+    pixels-per-byte and memory checks (see :data:`MAX_PIXELS_PER_BYTE`, :data:`PEAK_BYTES_PER_VALUE`).
     ``keep_metadata`` keeps a cleaned EXIF block in ``exif`` (see :func:`clean_exif`). Raises
     :class:`ImageReadError` for every kind of bad file.
     """
@@ -274,7 +310,10 @@ def load_image(
         if os.fstat(fh.fileno()).st_size == 0:
             raise ImageReadError(path, "zero-byte file")
         img, source_format = _decode(path, fh, max_pixels)
-    decoded = _to_decoded(path, img, source_format)
+    try:
+        decoded = _to_decoded(path, img, source_format)
+    except MemoryError as err:
+        raise ImageReadError(path, f"not enough memory to convert {img.width}x{img.height} pixels") from err
     exif = _read_exif(img) if keep_metadata else None
     return dataclasses.replace(decoded, exif=exif) if exif else decoded
 
@@ -287,50 +326,58 @@ def _read_exif(img: Image.Image) -> bytes | None:
         return None
 
 
-# EXIF tags never kept, even with keep_metadata: orientation (already applied to the pixels), the
-# offsets/lengths of embedded image data (thumbnails, strips, tiles), and blobs that can hold a preview
-# of the unprotected image or other opaque data: MakerNote, XMP (ApplicationNotes), IPTC, ICC (kept
-# separately, checked against the pixels), PrintIM.
-_EXIF_DROPPED = frozenset({
-    0x0112,  # Orientation
-    0x0111, 0x0117, 0x0144, 0x0145, 0x0201, 0x0202,  # strip/tile/JPEG-thumbnail offsets and lengths
-    0x927C,  # MakerNote
-    0x02BC,  # XMP
-    0x83BB,  # IPTC
-    0x8773,  # ICC profile
-    0xC4A5,  # PrintIM
-})
+# The EXIF tags --keep-metadata keeps: an allow-list, so a tag not named here (owner name, body and lens
+# serial numbers, host computer, user comment, artist, image unique ID, maker notes, thumbnails, XMP,
+# IPTC, vendor blobs, ...) is never written. Orientation is not kept either: it is applied to the pixels.
+_EXIF_KEPT = {
+    "main": frozenset({
+        0x010E,  # ImageDescription
+        0x010F, 0x0110,  # Make, Model (the camera)
+        0x0132,  # DateTime
+        0x8298,  # Copyright
+    }),
+    "exif": frozenset({
+        0x9000, 0xA001,  # ExifVersion, ColorSpace (how to read the rest, and the pixels' colour space)
+        0x9003, 0x9004, 0x9010, 0x9011, 0x9012, 0x9290, 0x9291, 0x9292,  # dates, time zones, sub-seconds
+        0x829A, 0x829D, 0x8822, 0x8827, 0x8830, 0x8831, 0x8832, 0x8833,  # exposure time, f-number, program, ISO
+        0x9201, 0x9202, 0x9203, 0x9204, 0x9205, 0x9206, 0x9207, 0x9208, 0x9209, 0x920A,  # APEX values, metering,
+        # light source, flash, focal length
+        0xA215, 0xA217, 0xA402, 0xA403, 0xA404, 0xA405, 0xA406, 0xA407, 0xA408, 0xA409, 0xA40A, 0xA40C,
+        # exposure index, sensing method, exposure mode, white balance, zoom, 35 mm focal length, scene,
+        # gain, contrast, saturation, sharpness, subject distance range
+        0xA432, 0xA433, 0xA434,  # LensSpecification, LensMake, LensModel (not the lens serial number)
+    }),
+    "gps": frozenset(range(0x0000, 0x0020)),  # the GPS IFD's own tags (GPSVersionID … GPSHPositioningError)
+}
 _EXIF_MAX_VALUE_BYTES = 512  # longer byte strings are opaque blobs (previews hide there), never text
 
 
 def clean_exif(exif: Image.Exif) -> bytes | None:
     """The EXIF worth keeping with ``--keep-metadata``, as bytes for Pillow's ``exif=``, or None.
 
-    Kept: the main image's descriptive tags (camera make and model, dates, exposure, copyright, artist)
-    and the GPS block — the user asked for their metadata. Never kept: the thumbnail (IFD1 is not
-    written at all: it is a small copy of the *unprotected* image), orientation (already applied), maker
-    notes, XMP/IPTC blobs and any byte string over 512 bytes (see ``_EXIF_DROPPED``).
+    Kept: only the tags of ``_EXIF_KEPT`` — the camera (make, model, lens make/model/specification), the
+    dates, the exposure settings, the description and copyright — and the GPS block: what the user asked
+    for. Everything else is dropped, among it what identifies a person or a device beyond the camera
+    model (owner name, body and lens serial numbers, host computer, artist, user comment, image unique
+    ID), the thumbnail (IFD1 is not written at all: it is a small copy of the *unprotected* image), the
+    orientation (already applied), maker notes, XMP/IPTC, and any byte string over 512 bytes.
     """
     if not exif:
         return None
     from PIL import ExifTags
 
-    sub = {tag: dict(exif.get_ifd(tag)) for tag in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo) if exif.get_ifd(tag)}
     cleaned = Image.Exif()
-    for tag, value in exif.items():
-        if tag not in sub and _keep_exif_value(tag, value) and tag not in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo):
-            cleaned[tag] = value
-    for ifd_tag, values in sub.items():
-        kept = {tag: value for tag, value in values.items()
-                if _keep_exif_value(tag, value) and tag != ExifTags.IFD.Interop}
+    cleaned.update({tag: value for tag, value in exif.items() if _keep_exif_value(tag, value, "main")})
+    for ifd_tag, kind in ((ExifTags.IFD.Exif, "exif"), (ExifTags.IFD.GPSInfo, "gps")):
+        kept = {tag: value for tag, value in exif.get_ifd(ifd_tag).items() if _keep_exif_value(tag, value, kind)}
         if kept:
             cleaned.get_ifd(ifd_tag).update(kept)
             cleaned[ifd_tag] = cleaned.get_ifd(ifd_tag)
     return cleaned.tobytes() if len(cleaned) else None
 
 
-def _keep_exif_value(tag: int, value: Any) -> bool:
-    if tag in _EXIF_DROPPED or isinstance(value, dict):
+def _keep_exif_value(tag: int, value: Any, ifd: str) -> bool:
+    if tag not in _EXIF_KEPT[ifd] or isinstance(value, dict):
         return False
     return not (isinstance(value, bytes) and len(value) > _EXIF_MAX_VALUE_BYTES)
 
@@ -363,6 +410,34 @@ def _open_source(path: str | os.PathLike[str]) -> IO[bytes]:
         raise ImageReadError(path, reason) from err
 
 
+_HEADER_LOCK = threading.Lock()
+
+
+def open_quietly(fh: IO[bytes] | str | os.PathLike[str],
+                 formats: tuple[str, ...] | None = _PILLOW_FORMATS) -> Image.Image:
+    """``Image.open`` without Pillow's ``DecompressionBombWarning``: ueguard checks the size itself (from
+    the header, with its own message: see :func:`load_image`), so the warning would only repeat it as
+    raw text on stderr. Pillow's error for twice its limit still raises. Warning filters are
+    process-wide, so the filter is held under a lock (the header read is short)."""
+    with _HEADER_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(fh, formats=formats)
+
+
+def _header_reason(err: Exception) -> str:
+    """Why Pillow could not read a header, in words a user can act on."""
+    text = str(err)
+    if "MAX_TEXT_CHUNK" in text:  # Pillow's limit on a compressed zTXt, iTXt or iCCP chunk
+        return ("a compressed PNG metadata chunk (text or ICC profile) decompresses to over the 1 MB Pillow "
+                "reads safely; ueguard copies neither PNG text nor an ICC profile that large, so re-save the "
+                f"image without that metadata and run again ({text})")
+    if "MAX_TEXT_MEMORY" in text:
+        return ("its PNG text metadata (tEXt/zTXt/iTXt chunks) takes over the 64 MB Pillow reads safely; "
+                "ueguard never copies PNG text, so re-save the image without its text metadata and run "
+                f"again ({text})")
+    return f"corrupt image header ({text})"
+
+
 def _over_limit_reason(pixels: str, max_pixels: int) -> str:
     return (
         f"image has {pixels} pixels, over the limit of {max_pixels}; raise --max-pixels if you trust the file"
@@ -377,44 +452,114 @@ def _decode(path: str | os.PathLike[str], fh: IO[bytes], max_pixels: int) -> tup
     for corrupt data (OSError, SyntaxError, ValueError, struct.error, ...), and only Pillow calls run
     inside the broad ``except``.
     """
-    with warnings.catch_warnings():
-        # Pillow only warns between its limit and twice that; here any excess is an error. (Before Python
-        # 3.14 this filter is process-wide; a thread race can at worst leave it installed, which is benign.)
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(fh, formats=_PILLOW_FORMATS)
-        except UnidentifiedImageError as err:
-            raise ImageReadError(
-                path, "not an image (Pillow cannot identify it as PNG, JPEG, WebP, BMP, TIFF or GIF)"
-            ) from err
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageReadError(path, _over_limit_reason("too many", max_pixels)) from err
-        except Exception as err:
-            raise ImageReadError(path, f"corrupt image header ({err})") from err
+    try:
+        img = open_quietly(fh)
+    except UnidentifiedImageError as err:
+        raise ImageReadError(
+            path, "not an image (Pillow cannot identify it as PNG, JPEG, WebP, BMP, TIFF or GIF)"
+        ) from err
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(path, _over_limit_reason("too many", max_pixels)) from err
+    except Exception as err:
+        raise ImageReadError(path, _header_reason(err)) from err
 
-        width, height = img.size
-        if width * height > max_pixels:
-            size = f"{width * height} ({width}x{height})"
-            raise ImageReadError(path, _over_limit_reason(size, max_pixels))
-        source_format = "JPEG" if img.format == "MPO" else str(img.format)
-        if _is_sixteen_bit_colour(img):
-            raise ImageReadError(
-                path,
-                "16-bit colour is not supported: Pillow decodes it to its high byte only, so the protection "
-                "could not be measured against the original; convert it to 8-bit colour (or 16-bit grayscale) "
-                "first",
-            )
+    width, height = img.size
+    if width * height > max_pixels:
+        size = f"{width * height} ({width}x{height})"
+        raise ImageReadError(path, _over_limit_reason(size, max_pixels))
+    _check_plausible(path, img, os.fstat(fh.fileno()).st_size)
+    source_format = "JPEG" if img.format == "MPO" else str(img.format)
+    if _is_sixteen_bit_colour(img):
+        raise ImageReadError(
+            path,
+            "16-bit colour is not supported: Pillow decodes it to its high byte only, so the protection "
+            "could not be measured against the original; convert it to 8-bit colour (or 16-bit grayscale) "
+            "first",
+        )
 
-        try:
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageReadError(path, _over_limit_reason("too many", max_pixels)) from err
-        except MemoryError as err:
-            raise ImageReadError(path, f"not enough memory to decode {width}x{height} pixels") from err
-        except Exception as err:
-            raise ImageReadError(path, f"truncated or corrupt image data ({err})") from err
+    try:
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(path, _over_limit_reason("too many", max_pixels)) from err
+    except MemoryError as err:
+        raise ImageReadError(path, f"not enough memory to decode {width}x{height} pixels") from err
+    except Exception as err:
+        raise ImageReadError(path, f"truncated or corrupt image data ({err})") from err
     return img, source_format
+
+
+def _check_plausible(path: str | os.PathLike[str], img: Image.Image, file_bytes: int) -> None:
+    """Refuse, from the header alone, a file claiming more pixels than its bytes can hold (see
+    :data:`MAX_PIXELS_PER_BYTE`) or more than the memory left can decode and protect (see
+    :data:`PEAK_BYTES_PER_VALUE`)."""
+    width, height = img.size
+    pixels = width * height
+    if pixels > PLAUSIBLE_PIXELS and pixels > MAX_PIXELS_PER_BYTE * file_bytes:
+        raise ImageReadError(
+            path,
+            f"its header claims {width}x{height} pixels but the file has only {file_bytes} bytes, over "
+            f"{MAX_PIXELS_PER_BYTE} pixels per byte, which no real image reaches: a decompression bomb or a "
+            "truncated file",
+        )
+    need = pixels * min(len(img.getbands()), 3) * PEAK_BYTES_PER_VALUE
+    free = available_memory()
+    if free is not None and need > free:
+        raise ImageReadError(
+            path,
+            f"{width}x{height} pixels need about {_gib(need)} of memory to decode and protect, but only "
+            f"{_gib(free)} is available; protect it on a machine with more memory",
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the least of the system's available memory, the room left
+    under its address-space limit (``RLIMIT_AS``) and under its cgroup's memory limit; None when none
+    of them can be read (the check is then skipped)."""
+    limits = [_meminfo_available(), _rlimit_room(), _cgroup_room()]
+    known = [n for n in limits if n is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _rlimit_room() -> int | None:
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm") as fh:
+            used = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        return max(0, soft - used)
+    except (ImportError, OSError, ValueError, IndexError):
+        return None
+
+
+def _cgroup_room() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            return max(0, int(limit) - int(fh.read().strip()))
+    except (OSError, ValueError):
+        return None
 
 
 def _is_sixteen_bit_colour(img: Image.Image) -> bool:
@@ -477,9 +622,42 @@ def _to_decoded(path: str | os.PathLike[str], img: Image.Image, source_format: s
             pixels = values.copy()
         max_value = 255
 
+    notes: tuple[str, ...] = ()
+    problem = None if icc_profile is None else _icc_problem(icc_profile)
+    if problem is not None:
+        notes, icc_profile = (f"ICC profile dropped: {problem}",), None
     if icc_profile is not None and not _profile_matches(icc_profile, pixels.shape[2]):
         icc_profile = None
-    return DecodedImage(pixels, alpha, max_value, source_format, icc_profile)
+    return DecodedImage(pixels, alpha, max_value, source_format, icc_profile, notes=notes)
+
+
+def _icc_problem(profile: bytes) -> str | None:
+    """Why an embedded ICC profile is not carried over, or None when it is a plausible profile: at most
+    :data:`ICC_MAX_BYTES`, the ``acsp`` signature at byte 36, a header size equal to its length, and
+    (where Pillow has LittleCMS) a profile LittleCMS can parse — so no arbitrary payload rides along."""
+    if len(profile) > ICC_MAX_BYTES:
+        return f"{len(profile)} bytes, over the {ICC_MAX_BYTES // 1024} KB that ueguard carries over"
+    if len(profile) < 132 or profile[36:40] != b"acsp":
+        return "not an ICC profile (no 'acsp' signature at byte 36)"
+    declared = int.from_bytes(profile[:4], "big")
+    if declared != len(profile):
+        return f"its header declares {declared} bytes but it holds {len(profile)}"
+    count = int.from_bytes(profile[128:132], "big")
+    if 132 + 12 * count > len(profile):
+        return f"its tag table ({count} tags) runs past its end"
+    for i in range(count):
+        offset, size = struct.unpack_from(">II", profile, 132 + 12 * i + 4)
+        if offset < 132 or offset + size > len(profile):
+            return f"tag {i} lies outside the profile (offset {offset}, {size} bytes)"
+    try:
+        from PIL import ImageCms
+    except ImportError:  # a Pillow built without LittleCMS: the header checks above are all there is
+        return None
+    try:
+        ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    except Exception as err:  # only LittleCMS's parser runs here
+        return f"LittleCMS cannot parse it ({err})"
+    return None
 
 
 def _profile_matches(profile: bytes, channels: int) -> bool:

@@ -1,7 +1,7 @@
 """How an image folder reaches the training loops: ``--loader auto|memory|ffcv|torch``.
 
-Every loader decodes the same way — :func:`ueguard.data.images.load_image`, then
-:func:`ueguard.data.working_set.to_working` to uint8 ``3×S×S`` — so the pixels, labels and grayscale
+Every loader decodes the same way — :func:`ueguard.data.working_set.decode_working`
+(:func:`ueguard.data.images.load_image`, then uint8 ``3×S×S``) — so the pixels, labels and grayscale
 flags they yield are identical; they differ in where the decoding happens and whether the whole set is
 held at once:
 
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from ueguard.data.folder import FolderEntry, FolderListing
-from ueguard.data.images import DEFAULT_MAX_PIXELS, ImageReadError, load_image
-from ueguard.data.working_set import WorkingSet, load_folder_working_set, to_working
+from ueguard.data.images import DEFAULT_MAX_PIXELS, ImageReadError
+from ueguard.data.working_set import WorkingSet, decode_working, load_folder_working_set
 from ueguard.errors import UsageError
 
 LOADERS = ("auto", "memory", "ffcv", "torch")
@@ -157,14 +157,14 @@ class FolderImages(torch.utils.data.Dataset):
         entry = self.entries[i]
         label = -1 if entry.label is None else entry.label
         try:
-            image = load_image(self.root / entry.relpath, max_pixels=self.max_pixels)
+            working, gray = decode_working(self.root / entry.relpath, self.size, self.max_pixels)
         except ImageReadError:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, False, False
-        return to_working(image, self.size), label, image.grayscale, True
+        return working, label, gray, True
 
     def error(self, i: int) -> ImageReadError:
         try:
-            load_image(self.root / self.entries[i].relpath, max_pixels=self.max_pixels)
+            decode_working(self.root / self.entries[i].relpath, self.size, self.max_pixels)
         except ImageReadError as error:
             return error
         return ImageReadError(self.root / self.entries[i].relpath, "could not be read earlier (transient?)")

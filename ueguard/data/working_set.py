@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ueguard.data.folder import FolderEntry, FolderListing
-from ueguard.data.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError, load_image
+from ueguard.data.images import DEFAULT_MAX_PIXELS, DecodedImage, ImageReadError, load_image, open_quietly
 
 #: Working resolutions the automatic choice snaps to (square): CIFAR-like up to ImageNet-like.
 SIZE_STEPS = (32, 64, 96, 128, 160, 192, 224)
@@ -103,6 +103,18 @@ def to_working(image: DecodedImage, size: int) -> torch.Tensor:
     return u8.expand(3, -1, -1).clone() if u8.shape[0] == 1 else u8
 
 
+def decode_working(path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, bool]:
+    """One file at the working resolution (see :func:`to_working`) and whether it is grayscale. Every
+    failure, running out of memory included, is an :class:`ImageReadError` naming the file, so one file
+    too large for the memory left fails alone."""
+    image = load_image(path, max_pixels=max_pixels)
+    try:
+        return to_working(image, size), image.grayscale
+    except MemoryError as error:
+        raise ImageReadError(path, f"not enough memory to resize {image.width}x{image.height} pixels to the "
+                                   f"working size") from error
+
+
 def load_folder_working_set(
     listing: FolderListing,
     entries: Sequence[FolderEntry],
@@ -119,10 +131,9 @@ def load_folder_working_set(
 
     def decode(entry: FolderEntry):
         try:
-            image = load_image(listing.root / entry.relpath, max_pixels=max_pixels)
+            return entry, decode_working(listing.root / entry.relpath, size, max_pixels)
         except ImageReadError as error:
             return entry, error
-        return entry, (to_working(image, size), image.grayscale)
 
     # Filled in place (not a list stacked at the end, which would hold every image twice at the peak).
     images = torch.empty(len(entries), 3, size, size, dtype=torch.uint8)
@@ -147,13 +158,11 @@ def load_folder_working_set(
 
 def image_sides(listing: FolderListing, entries: Sequence[FolderEntry], limit: int = 512) -> list[int]:
     """Short sides of up to ``limit`` evenly spaced images, read from headers only (cheap)."""
-    from PIL import Image
-
     step = max(1, len(entries) // limit)
     sides = []
     for entry in entries[::step]:
         try:
-            with Image.open(listing.root / entry.relpath) as im:
+            with open_quietly(listing.root / entry.relpath, formats=None) as im:
                 sides.append(min(im.size))
         except Exception:  # unreadable files are reported when they are decoded
             continue

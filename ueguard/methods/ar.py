@@ -33,22 +33,18 @@ import torch
 
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.loops import batch_ranges
-from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, l2_scale, mark_rows_done,
-                                  rows_done)
+from ueguard.methods.base import (GREY_LEVEL, L2_BUDGET_WHY, METHODS, MethodConfig, Perturbation, ProtectionMethod,
+                                  l2_scale, mark_rows_done, option, rows_done)
 
 
 @dataclass(frozen=True)
 class ARConfig(MethodConfig):
-    l2_eps: float | None = None   # L2 radius per image in [0, 1] units; default 1.0·√(H·W)/32
-    crop: int = 4                 # canvas margin dropped at the top/left (the process's burn-in)
-    batch_size: int = 1024        # images generated at once
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.l2_eps is not None and self.l2_eps <= 0:
-            raise ValueError(f"l2_eps must be positive, got {self.l2_eps}")
-        if self.crop < 2:
-            raise ValueError(f"crop must be ≥ 2 (the first two rows/columns are the process's random start), got {self.crop}")
+    # L2 radius per image in [0, 1] units; default 1.0·√(H·W)/32
+    l2_eps: float | None = option(None, GREY_LEVEL, 2000, why=L2_BUDGET_WHY)
+    # canvas margin dropped at the top/left (the process's burn-in); the process runs pixel by pixel
+    # over (size + crop)², so a wide margin only costs time
+    crop: int = option(4, 2, 64, why="the first two rows/columns are the process's random start")
+    batch_size: int = option(1024, 1, 65536)  # images generated at once
 
 
 def default_l2_eps(height: int, width: int) -> float:

@@ -63,7 +63,7 @@ from torch.func import functional_call
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges
-from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, gray_project
+from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, gray_project, option
 
 PARAMETERISATIONS = ("direct", "generator")
 #: Target stages in schedule order: hardest wrong class → random wrong class → least likely class.
@@ -72,31 +72,22 @@ TARGET_STAGES = ("hardest", "random", "least")
 
 @dataclass(frozen=True)
 class BAITConfig(MethodConfig):
-    parameterisation: str = "direct"
-    iterations: int = 90             # outer iterations (the authors': 90, i.e. 30 per target stage)
-    batch_size: int = 512            # minibatch for the look-ahead, the outer pass and the real step
-    outer_batches: int | None = None  # minibatches per outer pass; None = a full pass over the set
-    lr: float = 0.1                  # surrogate SGD (real and look-ahead step), the authors' settings
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    grad_clip: float = 5.0
-    generator_lr: float = 1e-3       # Adam on φ (the authors')
-    direct_lr_fraction: float = 0.1  # Adam on δ_k: lr = fraction · ε (provisional; see bench/bait.py)
-    gen_width: int = 16              # generator base width (the authors' layout at 64 ≈ their 41 M)
-    gen_blocks: int = 2              # residual blocks at the generator's bottleneck (the authors': 8)
+    parameterisation: str = option("direct", choices=PARAMETERISATIONS)
+    iterations: int = option(90, 1, 100_000)      # outer iterations (the authors': 90, i.e. 30 per target stage)
+    batch_size: int = option(512, 1, 65536)       # minibatch for the look-ahead, the outer pass and the real step
+    outer_batches: int | None = option(None, 1, 10**9)  # minibatches per outer pass; None = a full pass over the set
+    lr: float = option(0.1, 0, 10)                # surrogate SGD (real and look-ahead step), the authors' settings
+    momentum: float = option(0.9, 0, 1)
+    weight_decay: float = option(5e-4, 0, 1)
+    grad_clip: float = option(5.0, 0, 1e6, above=True)
+    generator_lr: float = option(1e-3, 0, 10)     # Adam on φ (the authors')
+    direct_lr_fraction: float = option(0.1, 0, 10)  # Adam on δ_k: lr = fraction · ε (provisional; see bench/bait.py)
+    # generator base width (the authors' layout at 64 ≈ their 41 M); its parameters grow with the square
+    gen_width: int = option(16, 1, 512)
+    gen_blocks: int = option(2, 0, 64)            # residual blocks at the generator's bottleneck (the authors': 8)
     augment: bool = True             # crop + flip of the clean images during generation (the authors')
     second_order: bool = False       # differentiate through the look-ahead step (ueguard's option)
-    release_batch: int = 256         # images per forward pass when averaging G(x) for the release
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.parameterisation not in PARAMETERISATIONS:
-            raise ValueError(f"parameterisation must be one of {', '.join(PARAMETERISATIONS)}, "
-                             f"got {self.parameterisation!r}")
-        if min(self.iterations, self.batch_size, self.gen_width, self.release_batch) < 1 or self.gen_blocks < 0:
-            raise ValueError("iterations, batch_size, gen_width and release_batch must be ≥ 1, gen_blocks ≥ 0")
-        if self.outer_batches is not None and self.outer_batches < 1:
-            raise ValueError(f"outer_batches must be ≥ 1 or None (a full pass), got {self.outer_batches}")
+    release_batch: int = option(256, 1, 65536)    # images per forward pass when averaging G(x) for the release
 
 
 def target_stage(iteration: int, iterations: int) -> str:

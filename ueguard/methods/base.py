@@ -9,6 +9,10 @@ subclass writes only its own optimisation steps. Every method maps a :class:`Wor
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -56,16 +60,132 @@ class RankFollower:
         pass
 
 
+#: One grey level of 8-bit output in [0, 1] units: a budget below it changes no value by a full level,
+#: so saving the image rounds (nearly) all of the change away.
+GREY_LEVEL = 1 / 255
+
+
+#: Why an L2 budget (``-o l2_eps``) has the bounds it has: ‖δ‖₂ bounds every value of δ, so below 1/255
+#: none reaches a grey level; above 2000 it exceeds ‖1‖₂ of a 3×1024×1024 image (≈ 1774), the most a
+#: working image of the largest size can change.
+L2_BUDGET_WHY = ("below 1/255 every value of δ is under one grey level, which 8-bit output rounds away; "
+                 "above 2000 it exceeds the change any working image (at most 1024 px) can take")
+
+
+class OptionError(ValueError):
+    """A config field given a value of the wrong type or outside its declared :class:`Bounds`; the
+    message names the field, the value and what is valid."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The valid values of a config field, declared with :func:`option`: a closed range ``low``..``high``
+    (``low`` itself excluded when ``above``) for numbers, or ``choices`` for text. ``why`` explains a
+    bound that is not obvious (shown in the error). Upper bounds are what a run can afford: a step
+    count, a width or a size beyond them would run for days or allocate more memory than any machine
+    has, so they are refused before anything is written."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+    choices: tuple[str, ...] = ()
+    why: str = ""
+
+    def admits(self, value: float | str) -> bool:
+        if self.choices:
+            return value in self.choices
+        low_ok = self.low is None or (value > self.low if self.above else value >= self.low)
+        return low_ok and (self.high is None or value <= self.high)
+
+    def describe(self, kind: str) -> str:
+        """``'an integer from 1 to 10000'``-style text for a field of ``kind`` (int, float, str)."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        noun = {"int": "an integer", "float": "a number"}.get(kind, kind)
+        if self.low is not None and self.high is not None and not self.above:
+            return f"{noun} from {_number(self.low)} to {_number(self.high)}"
+        parts = ([] if self.low is None else [f"{'above' if self.above else 'at least'} {_number(self.low)}"]) + \
+                ([] if self.high is None else [f"at most {_number(self.high)}"])
+        return " ".join([noun, " and ".join(parts)]) if parts else noun
+
+
+def _number(value: float) -> str:
+    if float(value).is_integer():
+        return str(int(value))
+    text = f"{value:.6g}"
+    return f"{text} ({value * 255:.6g}/255)" if 0 < value < 0.1 else text
+
+
+def option(default: Any, low: float | None = None, high: float | None = None, *, above: bool = False,
+           choices: tuple[str, ...] = (), why: str = "") -> Any:
+    """A method-config field with its valid values declared (see :class:`Bounds`); its type is the
+    field's annotation (``int``, ``float``, ``bool``, ``str``, each optionally ``| None``)."""
+    return field(default=default, metadata={"bounds": Bounds(low, high, above, tuple(choices), why)})
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Settings every method has: the L∞ budget ``eps`` in [0, 1] units and the seed."""
+    """Settings every method has: the L∞ budget ``eps`` in [0, 1] units and the seed.
 
-    eps: float = 8 / 255
-    seed: int = 0
+    Every field of every method's config is checked on construction against its annotated type and its
+    declared :class:`Bounds` (:meth:`check_fields`); a numeric field without declared bounds is a bug
+    that a test catches. Integers given for a float field become floats."""
+
+    eps: float = option(8 / 255, GREY_LEVEL, 1, why="below 1/255 8-bit output rounds the change away")
+    seed: int = option(0, -(2**63), 2**64 - 1)  # what torch's generators accept
 
     def __post_init__(self) -> None:
-        if not 0 < self.eps <= 1:
-            raise ValueError(f"eps must be in (0, 1] (image units), got {self.eps}")
+        self.check_fields()
+
+    def check_fields(self) -> None:
+        """Raise :class:`OptionError` for the first field whose value has the wrong type or is out of bounds."""
+        hints = _field_types(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind, optional = hints[f.name]
+            if value is None and optional:
+                continue
+            bounds = f.metadata.get("bounds", Bounds())
+            checked = _typed(value, kind)
+            if checked is _WRONG or (kind != "bool" and not bounds.admits(checked)):
+                valid = "true or false" if kind == "bool" else bounds.describe(kind)
+                none = " (or none for the default)" if optional else ""
+                why = f": {bounds.why}" if bounds.why and checked is not _WRONG else ""
+                raise OptionError(f"{f.name} must be {valid}{none}, got {value!r}{why}")
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)
+
+
+_WRONG = object()
+
+
+def _typed(value: Any, kind: str) -> Any:
+    """``value`` as a field of ``kind`` holds it (an int for a float field becomes a float, a NumPy
+    number a Python one), or _WRONG: a bool is not a number, text is not a number, and a float is a
+    number only when finite."""
+    if kind == "bool":
+        return value if isinstance(value, bool) else _WRONG
+    if kind == "str":
+        return value if isinstance(value, str) else _WRONG
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return _WRONG
+    if kind == "int":
+        return int(value) if isinstance(value, numbers.Integral) else _WRONG
+    return float(value) if math.isfinite(value) else _WRONG
+
+
+@functools.cache
+def _field_types(config_class: type) -> dict[str, tuple[str, bool]]:
+    """Field name → (base type name, whether None is allowed), from the class's annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(config_class).items():
+        args = typing.get_args(hint) or (hint,)
+        base = [a for a in args if a is not type(None)]
+        if len(base) != 1 or base[0] not in (int, float, bool, str):
+            raise TypeError(f"{config_class.__name__}.{name}: a method constant must be int, float, bool or "
+                            f"str (optionally | None), not {hint}")
+        out[name] = (base[0].__name__, len(base) < len(args))
+    return out
 
 
 @dataclass
@@ -380,7 +500,10 @@ class ProtectionMethod(ABC):
         if unknown:
             raise ValueError(f"method {cls.name!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(valid))}")
         values = {**cls.presets.get(budget, {}), **{k: v for k, v in overrides.items() if v is not None}}
-        return cls.config_class(**values)
+        try:
+            return cls.config_class(**values)
+        except OptionError as error:
+            raise OptionError(f"method {cls.name!r}, option {error}") from None
 
     @classmethod
     def config_at(cls, revision: int, budget: str = "standard", **overrides: Any) -> MethodConfig:

@@ -37,7 +37,8 @@ from ueguard.data.working_set import WorkingSet
 from ueguard.engine import distributed
 from ueguard.engine.augment import crop_flip
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, pgd_step, predict
-from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project
+from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project,
+                                  option)
 
 PERTURBATION_KINDS = ("samplewise", "classwise")
 AUGMENT_MODES = ("none", "crop", "cropflip")
@@ -45,29 +46,22 @@ AUGMENT_MODES = ("none", "crop", "cropflip")
 
 @dataclass(frozen=True)
 class EMNConfig(MethodConfig):
-    perturbation: str = "samplewise"
-    pgd_steps: int = 20          # PGD steps per batch in each perturbation pass
-    step_fraction: float = 0.1   # PGD step size as a fraction of eps (0.8/255 at 8/255)
-    train_steps: int = 10        # surrogate SGD steps per round
-    stop_accuracy: float | None = None  # default: 0.99 sample-wise, 0.90 class-wise (the authors')
-    max_rounds: int = 40
-    batch_size: int = 128
-    eval_limit: int = 10_000     # samples used for the stopping check (a fixed random subset beyond this)
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    grad_clip: float = 5.0
-    augment: str = "none"        # crop / cropflip: the surrogate trains, and δ is optimised, through the
-                                 # victim's standard augmentation (expectation over transformations)
+    perturbation: str = option("samplewise", choices=PERTURBATION_KINDS)
+    pgd_steps: int = option(20, 1, 10_000)          # PGD steps per batch in each perturbation pass
+    step_fraction: float = option(0.1, 0, 10, above=True)  # PGD step size as a fraction of eps (0.8/255 at 8/255)
+    train_steps: int = option(10, 0, 100_000)       # surrogate SGD steps per round
+    # default: 0.99 sample-wise, 0.90 class-wise (the authors'); above 1 it is never reached: every round runs
+    stop_accuracy: float | None = option(None, 0, 2, above=True)
+    max_rounds: int = option(40, 1, 10_000)
+    batch_size: int = option(128, 1, 65536)
+    eval_limit: int = option(10_000, 1, 10**9)      # samples used for the stopping check (a fixed random subset beyond this)
+    lr: float = option(0.1, 0, 10)
+    momentum: float = option(0.9, 0, 1)
+    weight_decay: float = option(5e-4, 0, 1)
+    grad_clip: float = option(5.0, 0, 1e6, above=True)
+    augment: str = option("none", choices=AUGMENT_MODES)  # crop / cropflip: the surrogate trains, and δ is optimised,
+                                 # through the victim's standard augmentation (expectation over transformations)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.perturbation not in PERTURBATION_KINDS:
-            raise ValueError(f"perturbation must be one of {', '.join(PERTURBATION_KINDS)}, got {self.perturbation!r}")
-        if self.pgd_steps < 1 or self.train_steps < 0 or self.max_rounds < 1 or self.batch_size < 1:
-            raise ValueError("pgd_steps, max_rounds and batch_size must be ≥ 1 and train_steps ≥ 0")
-        if self.augment not in AUGMENT_MODES:
-            raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {self.augment!r}")
 
     @property
     def target_accuracy(self) -> float:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from ueguard.data.working_set import WorkingSet
-from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, l2_scale
+from ueguard.methods.base import (GREY_LEVEL, L2_BUDGET_WHY, METHODS, MethodConfig, Perturbation, ProtectionMethod,
+                                  l2_scale, option)
 
 #: The default LSP budget: an RMS of 6/255 per value, L2 = (6/255)·√(H·W·3).
 LSP_RMS = 6 / 255
@@ -35,18 +36,12 @@ LSP_RMS = 6 / 255
 
 @dataclass(frozen=True)
 class LSPConfig(MethodConfig):
-    l2_eps: float | None = None   # L2 radius per image in [0, 1] units; default (6/255)·√(H·W·3)
-    patch: int | None = None      # patch side in px; default size/4 (≤ 64 px) or size/7 (above)
-    class_sep: float = 1.0        # half-side of the hypercube the class centres sit on
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.l2_eps is not None and self.l2_eps <= 0:
-            raise ValueError(f"l2_eps must be positive, got {self.l2_eps}")
-        if self.patch is not None and self.patch < 1:
-            raise ValueError(f"patch must be ≥ 1 px, got {self.patch}")
-        if self.class_sep <= 0:
-            raise ValueError(f"class_sep must be positive, got {self.class_sep}")
+    # L2 radius per image in [0, 1] units; default (6/255)·√(H·W·3)
+    l2_eps: float | None = option(None, GREY_LEVEL, 2000, why=L2_BUDGET_WHY)
+    # patch side in px; default size/4 (≤ 64 px) or size/7 (above); one wider than the working image
+    # (at most 1024 px) is the whole image
+    patch: int | None = option(None, 1, 1024)
+    class_sep: float = option(1.0, 0, 1000, above=True)  # half-side of the hypercube the class centres sit on
 
 
 def default_l2_eps(height: int, width: int) -> float:
@@ -75,11 +70,13 @@ def separable_points(num_classes: int, dim: int, class_sep: float, generator: to
 
 
 def patch_upsample(points: torch.Tensor, size: tuple[int, int], patch: int) -> torch.Tensor:
-    """``K×d`` points → ``K×3×H×W`` images made of constant ``patch×patch`` blocks."""
+    """``K×d`` points → ``K×3×H×W`` images made of constant ``patch×patch`` blocks (the last row and
+    column of blocks cut at the border). Each pixel picks its block by index, so memory is that of the
+    ``H×W`` result whatever the patch (repeating blocks first would build ``patch·⌈H/patch⌉`` rows)."""
     h, w = size
     rows, cols = -(-h // patch), -(-w // patch)
     grid = points.view(-1, 3, rows, cols)
-    return grid.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[:, :, :h, :w].contiguous()
+    return grid[:, :, torch.arange(h) // patch][:, :, :, torch.arange(w) // patch].contiguous()
 
 
 @METHODS.register("lsp", "sp")

@@ -40,31 +40,30 @@ from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, input_gradient
 from ueguard.kernels import project_step
-from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, clean_batch, gray_project
+from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, clean_batch, gray_project,
+                                  option)
 
 
 @dataclass(frozen=True)
 class REMConfig(MethodConfig):
-    adv_eps: float | None = None       # ρa, the adversarial-training radius; default eps/2 (4/255 at 8/255)
-    pgd_steps: int = 10                # δu descent steps per minibatch
-    step_fraction: float = 0.2         # δu step as a fraction of eps (1.6/255 at 8/255)
-    adv_steps: int = 10                # inner-max ascent steps
-    adv_step_fraction: float = 0.2     # δa step as a fraction of adv_eps (0.8/255 at 4/255)
-    samples: int = 5                   # augmentation draws per expectation
-    train_steps: int = 5000            # outer iterations (one minibatch each)
-    lr_decay_every: int | None = None  # default 0.4·train_steps (2,000 of 5,000, the authors')
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    grad_clip: float | None = None
-    round_steps: int | None = None     # steps between checkpoints; default one sampler pass, at least 50
+    adv_eps: float | None = option(None, 0, 1)       # ρa, the adversarial-training radius; default eps/2 (4/255 at 8/255)
+    pgd_steps: int = option(10, 1, 10_000)           # δu descent steps per minibatch
+    step_fraction: float = option(0.2, 0, 10, above=True)  # δu step as a fraction of eps (1.6/255 at 8/255)
+    adv_steps: int = option(10, 0, 10_000)           # inner-max ascent steps
+    adv_step_fraction: float = option(0.2, 0, 10, above=True)  # δa step as a fraction of adv_eps (0.8/255 at 4/255)
+    samples: int = option(5, 1, 1000)                # augmentation draws per expectation
+    train_steps: int = option(5000, 1, 10**7)        # outer iterations (one minibatch each)
+    lr_decay_every: int | None = option(None, 1, 10**7)  # default 0.4·train_steps (2,000 of 5,000, the authors')
+    batch_size: int = option(128, 1, 65536)
+    lr: float = option(0.1, 0, 10)
+    momentum: float = option(0.9, 0, 1)
+    weight_decay: float = option(5e-4, 0, 1)
+    grad_clip: float | None = option(None, 0, 1e6, above=True)
+    round_steps: int | None = option(None, 1, 10**7)  # steps between checkpoints; default one sampler pass, at least 50
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.pgd_steps, self.samples, self.train_steps, self.batch_size, self.round_steps or 1) < 1 or self.adv_steps < 0:
-            raise ValueError("pgd_steps, samples, train_steps, batch_size and round_steps must be ≥ 1 and adv_steps ≥ 0")
-        if self.adv_eps is not None and not 0 <= self.adv_eps < self.eps:
+        if self.adv_eps is not None and not self.adv_eps < self.eps:
             raise ValueError(f"adv_eps (ρa) must be in [0, eps): REM protects against adversarial training with a "
                              f"smaller radius than its own; got adv_eps={self.adv_eps}, eps={self.eps}")
 

@@ -76,7 +76,8 @@ from ueguard.engine.augment import crop_flip
 from ueguard.engine.compiled import frozen_parameters, model_call
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, fit_linear_head, predict
 from ueguard.kernels import project_step
-from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project
+from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project,
+                                  option)
 from ueguard.methods.emn import AUGMENT_MODES, PERTURBATION_KINDS
 
 
@@ -84,55 +85,41 @@ from ueguard.methods.emn import AUGMENT_MODES, PERTURBATION_KINDS
 class SSCConfig(MethodConfig):
     frozen_stage: str = "layer1"                 # S = stem … this stage, frozen (the frozen paradigm's split)
     subspace_stages: str = "stem,layer1,layer2"  # depths with a semantic channel subspace (comma-separated)
-    energy: float = 0.9                # fraction of channel variance the subspace U_l keeps
-    camouflage_weight: float = 1.0     # λ on the out-of-subspace ratio
-    anchor_weight: float = 0.0         # κ on the class anchor: the frozen output's shift along its class's direction
-    deception_weight: float = 1.0      # ρ on the deception term: the prior + a clean linear head read class y + shift
-                                       # (0 until defaults revision 2: plain SSC)
-    deception_shift: int = 1           # the deceived class of class y: (y + shift) mod K
-    probe_images: int = 2048           # clean images the deception head is fitted on
-    frozen_weight: float = 0.5         # w: frozen-shallow path vs from-scratch path (1 − w)
-    deep_init: str = "pretrained"      # D + head of the frozen path: the prior's ("pretrained") or re-initialised ("fresh")
-    perturbation: str = "classwise"    # one δ_k per class, or one δ per image ("samplewise"); chosen by measurement
-    augment: str = "none"              # crop / cropflip: both paths train, and δ is optimised, through the victim's
-                                       # random crop (+ flip), as EMN's option and BAIT's released loop do
-    pca_images: int = 512              # clean images the subspaces are fitted on
-    pca_locations: int = 50_000        # channel vectors sampled per depth for the PCA
-    pgd_steps: int = 10
-    step_fraction: float = 0.2         # PGD step as a fraction of eps
-    train_steps: int = 10              # SGD steps per round on each trainable path
-    stop_accuracy: float = 0.99
-    max_rounds: int = 15
-    batch_size: int = 128
-    eval_limit: int = 2_000            # samples used for the stopping check
-    lr: float = 0.1                    # from-scratch path
-    deep_lr: float = 0.01              # deep part D of the pretrained path (fine-tuning rate)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    grad_clip: float = 5.0
+    energy: float = option(0.9, 0, 1, above=True)          # fraction of channel variance the subspace U_l keeps
+    camouflage_weight: float = option(1.0, 0, 1000)       # λ on the out-of-subspace ratio
+    # κ on the class anchor: the frozen output's shift along its class's direction
+    anchor_weight: float = option(0.0, 0, 1000)
+    # ρ on the deception term: the prior + a clean linear head read class y + shift (0 until defaults
+    # revision 2: plain SSC)
+    deception_weight: float = option(1.0, 0, 1000)
+    deception_shift: int = option(1, 1, 10**6)  # the deceived class of class y: (y + shift) mod K
+    probe_images: int = option(2048, 1, 10**7)  # clean images the deception head is fitted on
+    frozen_weight: float = option(0.5, 0, 1)    # w: frozen-shallow path vs from-scratch path (1 − w)
+    # D + head of the frozen path: the prior's ("pretrained") or re-initialised ("fresh")
+    deep_init: str = option("pretrained", choices=("pretrained", "fresh"))
+    # one δ_k per class, or one δ per image ("samplewise"); chosen by measurement
+    perturbation: str = option("classwise", choices=PERTURBATION_KINDS)
+    # crop / cropflip: both paths train, and δ is optimised, through the victim's random crop (+ flip), as
+    # EMN's option and BAIT's released loop do
+    augment: str = option("none", choices=AUGMENT_MODES)
+    # clean images the subspaces are fitted on: their activations are held at once (about 3 MB each at 224 px)
+    pca_images: int = option(512, 1, 8192)
+    pca_locations: int = option(50_000, 1, 10**6)  # channel vectors sampled per depth for the PCA (float64 C-vectors)
+    pgd_steps: int = option(10, 1, 10_000)
+    step_fraction: float = option(0.2, 0, 10, above=True)  # PGD step as a fraction of eps
+    train_steps: int = option(10, 0, 100_000)    # SGD steps per round on each trainable path
+    stop_accuracy: float = option(0.99, 0, 2, above=True)  # above 1 it is never reached: every round runs
+    max_rounds: int = option(15, 1, 10_000)
+    batch_size: int = option(128, 1, 65536)
+    eval_limit: int = option(2_000, 1, 10**9)    # samples used for the stopping check
+    lr: float = option(0.1, 0, 10)               # from-scratch path
+    deep_lr: float = option(0.01, 0, 10)         # deep part D of the pretrained path (fine-tuning rate)
+    momentum: float = option(0.9, 0, 1)
+    weight_decay: float = option(5e-4, 0, 1)
+    grad_clip: float = option(5.0, 0, 1e6, above=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.energy <= 1:
-            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
-        if not 0 <= self.frozen_weight <= 1:
-            raise ValueError(f"frozen_weight must be in [0, 1], got {self.frozen_weight}")
-        if self.perturbation not in PERTURBATION_KINDS:
-            raise ValueError(f"perturbation must be one of {', '.join(PERTURBATION_KINDS)}, got {self.perturbation!r}")
-        if self.augment not in AUGMENT_MODES:
-            raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {self.augment!r}")
-        if self.deep_init not in ("pretrained", "fresh"):
-            raise ValueError(f"deep_init must be 'pretrained' or 'fresh', got {self.deep_init!r}")
-        if self.camouflage_weight < 0 or self.anchor_weight < 0:
-            raise ValueError(f"camouflage_weight and anchor_weight must be ≥ 0, got {self.camouflage_weight}, "
-                             f"{self.anchor_weight}")
-        if self.deception_weight < 0 or self.deception_shift < 1:
-            raise ValueError(f"deception_weight must be ≥ 0 and deception_shift ≥ 1, got {self.deception_weight}, "
-                             f"{self.deception_shift}")
-        if min(self.pgd_steps, self.max_rounds, self.batch_size, self.pca_images, self.pca_locations,
-               self.probe_images) < 1 or self.train_steps < 0:
-            raise ValueError("pgd_steps, max_rounds, batch_size, pca_images, pca_locations and probe_images must be "
-                             "≥ 1, train_steps ≥ 0")
         if not self.stages:
             raise ValueError("subspace_stages names no stage; give e.g. 'stem,layer1,layer2'")
 
@@ -236,6 +223,10 @@ class SSC(ProtectionMethod):
         "standard": dict(pgd_steps=10, step_fraction=0.2, max_rounds=15),
         "thorough": dict(pgd_steps=20, step_fraction=0.1, max_rounds=40, pca_images=2048),
     }
+
+    def __init__(self, config: SSCConfig, **kwargs) -> None:
+        super().__init__(config, **kwargs)
+        self._split(self.surrogate)  # the stage names against the surrogate's: refused before anything is written
 
     def generate(self, data: WorkingSet) -> Perturbation:
         cfg, rt = self.config, self.runtime

@@ -34,29 +34,24 @@ from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, predict
 from ueguard.kernels import project_step
-from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, clean_batch, gray_project
+from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, clean_batch, gray_project,
+                                  option)
 
 
 @dataclass(frozen=True)
 class TAPConfig(MethodConfig):
-    steps: int = 250               # PGD steps per restart
-    step_fraction: float = 0.05    # step as a fraction of eps (0.4/255 at 8/255)
-    restarts: int = 8
+    steps: int = option(250, 1, 100_000)           # PGD steps per restart
+    step_fraction: float = option(0.05, 0, 10, above=True)  # step as a fraction of eps (0.4/255 at 8/255)
+    restarts: int = option(8, 1, 1000)
     augment: bool = False          # one crop + flip draw per PGD step (expectation over augmentation)
-    target_offset: int = 1         # t = (y + offset) mod C
-    train_epochs: int = 40         # clean-training epochs at most
-    fit_accuracy: float = 0.9      # stop clean training (or skip it) at this clean train accuracy
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if min(self.steps, self.restarts, self.batch_size) < 1 or self.train_epochs < 0:
-            raise ValueError("steps, restarts and batch_size must be ≥ 1 and train_epochs ≥ 0")
-        if not 0 < self.fit_accuracy <= 1:
-            raise ValueError(f"fit_accuracy must be in (0, 1], got {self.fit_accuracy}")
+    target_offset: int = option(1, 1, 10**6)       # t = (y + offset) mod C
+    train_epochs: int = option(40, 0, 10_000)      # clean-training epochs at most
+    # stop clean training (or skip it) at this clean train accuracy; above 1: train every epoch
+    fit_accuracy: float = option(0.9, 0, 2, above=True)
+    batch_size: int = option(128, 1, 65536)
+    lr: float = option(0.1, 0, 10)
+    momentum: float = option(0.9, 0, 1)
+    weight_decay: float = option(5e-4, 0, 1)
 
 
 @METHODS.register("tap")

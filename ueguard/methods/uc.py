@@ -38,25 +38,21 @@ from torch import nn
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
 from ueguard.engine.clusters import pseudo_labels
-from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod
+from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, option
 
 
 @dataclass(frozen=True)
 class UCConfig(MethodConfig):
-    clusters: int = 10            # p, the number of k-means clusters (capped at the number of images)
-    epochs: int = 50              # passes over each cluster's images per generator
-    lr: float = 1e-4              # Adam
-    weight_decay: float = 5e-4
-    batch_size: int = 128
-    generator_width: int = 32
-    target_offset: int = 1        # cluster i is pushed to the centre of cluster (i + offset) mod p
+    clusters: int = option(10, 1, 100_000)  # p, the number of k-means clusters (capped at the number of images)
+    epochs: int = option(50, 1, 100_000)    # passes over each cluster's images per generator
+    lr: float = option(1e-4, 0, 10)         # Adam
+    weight_decay: float = option(5e-4, 0, 1)
+    batch_size: int = option(128, 1, 65536)
+    generator_width: int = option(32, 1, 512)  # its parameters grow with the square
+    target_offset: int = option(1, 1, 10**6)  # cluster i is pushed to the centre of cluster (i + offset) mod p
     fit_all: bool = False         # train every generator on all images (the authors' loader), not its cluster's
-    gain: float = 4.0             # δ = ε·tanh(gain·G(z)): starts near the budget, as the authors' clipped output does
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if min(self.clusters, self.epochs, self.batch_size, self.generator_width) < 1:
-            raise ValueError("clusters, epochs, batch_size and generator_width must be ≥ 1")
+    # δ = ε·tanh(gain·G(z)): starts near the budget, as the authors' clipped output does
+    gain: float = option(4.0, 0, 1000, above=True)
 
 
 class NoiseGenerator(nn.Module):

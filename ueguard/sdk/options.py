@@ -30,6 +30,11 @@ STORES = ("auto", "memory", "disk")
 
 DEFAULT_EPS = 8 / 255
 
+#: Constants every method config has that are the run's own options: ``-o seed=7`` would be overridden
+#: by ``--seed`` without a word, so ``-o`` refuses them and names the option to use.
+RUN_CONSTANTS = {"seed": "--seed (it seeds the whole run: surrogate, sampling and the method)",
+                 "eps": "--eps for an L∞ method, -o l2_eps for an L2 one (see `ueguard methods`)"}
+
 
 @dataclass(frozen=True)
 class ProtectOptions:
@@ -128,6 +133,24 @@ class ProtectOptions:
             raise UsageError("give either --weights FILE or --pretrained, not both")
         if self.max_pixels < 1:
             raise UsageError("max_pixels must be positive")
+        if not -(2**63) <= self.seed < 2**64:
+            raise UsageError(f"invalid seed {self.seed}: torch's generators take -2**63 … 2**64 - 1")
+        self._check_method_options()
+
+    def _check_method_options(self) -> None:
+        """Refuse ``-o`` keys that are run options, a ``-o perturbation`` that contradicts ``--perturbation``,
+        and any constant of the wrong type or out of its declared range — before anything is written."""
+        given = dict(self.method_options)
+        for key, instead in RUN_CONSTANTS.items():
+            if key in given:
+                raise UsageError(f"-o {key}={given[key]} is not a method constant; give {instead}")
+        if self.perturbation is not None and given.get("perturbation", self.perturbation) != self.perturbation:
+            raise UsageError(f"--perturbation {self.perturbation} contradicts -o perturbation={given['perturbation']}; "
+                             "give one of them")
+        try:
+            self.method_config()
+        except ValueError as error:
+            raise UsageError(str(error)) from None
 
     @property
     def lossy(self) -> bool:

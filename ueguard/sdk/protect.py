@@ -279,12 +279,29 @@ def _environment(runtime: Runtime) -> dict[str, Any]:
             "threads": torch.get_num_threads(), **({"distributed": ranks.record()} if ranks.enabled else {})}
 
 
+#: Values per block of rows when :func:`_quality` compares a source with its output: the float64
+#: difference of one block (8 MB) is all it holds beside the two images, whatever their size.
+QUALITY_BLOCK_VALUES = 1 << 20
+
+
 def _quality(original: DecodedImage, saved: DecodedImage) -> dict[str, Any]:
-    """The change from a source to its decoded output (see :func:`change_stats`).
+    """The change from a source to its decoded output (see :func:`change_stats`), a block of rows at a
+    time so that no full-size float copy of a large photo is made.
 
     Compared as floats in [0, 1], broadcasting channels, because a lossy output may change bit depth
     (16-bit → 8-bit JPEG) or channel count (gray → RGB WebP/GIF)."""
-    return change_stats(np.abs(original.to_float().astype(np.float64) - saved.to_float().astype(np.float64)))
+    rows = max(1, QUALITY_BLOCK_VALUES // max(1, original.width * max(original.channels, saved.channels)))
+    sums = [_change_sums(np.abs(_float_rows(original, r, rows) - _float_rows(saved, r, rows)))
+            for r in range(0, original.height, rows)]
+    return _stats_from(max(s[0] for s in sums), sum(s[1] for s in sums), sum(s[2] for s in sums),
+                       sum(s[3] for s in sums))
+
+
+def _float_rows(image: DecodedImage, start: int, count: int) -> np.ndarray:
+    """Rows ``start … start + count`` of ``image.to_float()`` as float64 (the same values, computed per block)."""
+    values = image.pixels[start:start + count].astype(np.float32)
+    values /= np.float32(image.max_value)
+    return values.astype(np.float64)
 
 
 def change_stats(diff: np.ndarray) -> dict[str, Any]:
@@ -292,12 +309,22 @@ def change_stats(diff: np.ndarray) -> dict[str, Any]:
     ``linf`` (1/255 levels), ``psnr`` (dB, None when identical), ``l2`` (Euclidean, [0, 1] units),
     ``rms`` (1/255 levels: L2 / √(H·W·C), comparable across sizes) and ``l0`` (pixel positions with
     any channel changed)."""
-    mse = float(np.mean(diff**2))
-    return {"linf": round(float(diff.max()) * 255, 4),
+    return _stats_from(*_change_sums(diff))
+
+
+def _change_sums(diff: np.ndarray) -> tuple[float, float, int, int]:
+    """What :func:`change_stats` needs of (a block of rows of) a difference: its maximum, its sum of
+    squares, the changed pixel positions and the number of values — sums that add up over blocks."""
+    return float(diff.max()), float(np.sum(diff**2)), int(np.count_nonzero(diff.max(axis=2) > 0)), diff.size
+
+
+def _stats_from(largest: float, squares: float, changed: int, values: int) -> dict[str, Any]:
+    mse = squares / values
+    return {"linf": round(largest * 255, 4),
             "psnr": None if mse == 0 else round(10 * math.log10(1.0 / mse), 3),
-            "l2": round(float(np.sqrt(np.sum(diff**2))), 6),
+            "l2": round(math.sqrt(squares), 6),
             "rms": round(math.sqrt(mse) * 255, 4),
-            "l0": int(np.count_nonzero(diff.max(axis=2) > 0))}
+            "l0": changed}
 
 
 #: Relative slack on the RMS check of L2 methods: bilinear resizing to the native size keeps the RMS
@@ -963,10 +990,13 @@ def _save_one(listing: FolderListing, dst: Path, entry: FolderEntry, target: Pur
         return "failed", str(error), {}
     except (ImageFileError, OSError, ValueError) as error:
         return "failed", str(error), {}
+    except MemoryError:  # this file alone is too large for the memory left: the others go on
+        return "failed", f"{source}: not enough memory to protect this image at its native size", {}
     stats = _quality(image, saved)
     stats["within_budget"] = within_budget(stats, perturbation, tuple(working.images.shape[-2:]), (image.height, image.width))
     return "ok", None, {"output": str(target), "source_sha256": sha256_file(source),
-                        "output_sha256": sha256_file(out_file), **stats, "size": [image.width, image.height]}
+                        "output_sha256": sha256_file(out_file), **stats, "size": [image.width, image.height],
+                        **({"notes": list(image.notes)} if image.notes else {})}
 
 
 # --------------------------------------------------------------------------------------------------
