@@ -13,6 +13,7 @@ build and to protect.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from collections.abc import Callable
@@ -177,10 +178,41 @@ def private_exif_jpeg(folder: Path) -> dict[str, Expect]:
     return {"private_exif.jpg": Expect("ok", check=check)}
 
 
+def broken_name_twin(folder: Path) -> dict[str, Expect]:
+    """``photo.jpg`` (broken) and ``photo.png`` (valid) would both become ``photo.png``: the valid one keeps
+    the name, the broken one fails with its own reason, not as a collision."""
+    (folder / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    _picture(7).save(folder / "photo.png")
+    return {"photo.jpg": Expect("failed", "corrupt image header"), "photo.png": Expect("ok")}
+
+
+def hidden_entries(folder: Path) -> dict[str, Expect]:
+    """A hidden image and a hidden folder of thumbnails: listed as skipped with the reason, never silent."""
+    _picture(8).save(folder / ".secret.png")
+    (folder / ".thumbs").mkdir()
+    _picture(9).save(folder / ".thumbs" / "t.png")
+    return {".secret.png": Expect("skipped", "hidden file"), ".thumbs": Expect("skipped", "hidden folder")}
+
+
+def links(folder: Path) -> dict[str, Expect]:
+    """A link to an image outside SRC (skipped: not followed), a broken link and a link loop (failed), a
+    FIFO named like an image (skipped: never opened, a reader would block on it)."""
+    outside = folder.parent.parent / "outside.png"
+    _picture(10).save(outside)
+    (folder / "outside_link.png").symlink_to(outside)
+    (folder / "broken_link.png").symlink_to(folder / "missing.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    os.mkfifo(folder / "fifo.png")
+    return {"outside_link.png": Expect("skipped", "outside the source folder"),
+            "broken_link.png": Expect("failed", "broken symbolic link"),
+            "loop.png": Expect("failed", "symbolic link loop"),
+            "fifo.png": Expect("skipped", "not a regular file")}
+
+
 #: Every generator; :func:`build_source` spreads them over the class folders.
 CORPUS: list[Callable[[Path], dict[str, Expect]]] = [
     bomb_header_jpeg, bomb_header_png, huge_text_png, huge_compressed_icc_png, oversized_icc_png,
-    malformed_icc_jpeg, icc_size_mismatch_png, private_exif_jpeg,
+    malformed_icc_jpeg, icc_size_mismatch_png, private_exif_jpeg, broken_name_twin, hidden_entries, links,
 ]
 
 
