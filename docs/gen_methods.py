@@ -27,7 +27,9 @@ NORM_TEXT = {"linf": "L∞, the CLI's `--eps`", "l2": "L2, `-o l2_eps=VALUE` (th
 
 
 def field_comments(config_class: type) -> dict[str, str]:
-    """The ``# comment`` beside (and continuing below) each field of a dataclass, read from its source."""
+    """The ``# comment`` of each field of a dataclass, read from its source: the comment beside the field
+    (and comment-only lines continuing below it), or, for a field with none beside it, the comment-only
+    lines right above it."""
     comments: dict[str, list[str]] = {}
     for cls in reversed(config_class.__mro__):
         if not dataclasses.is_dataclass(cls) or cls is object:
@@ -36,19 +38,47 @@ def field_comments(config_class: type) -> dict[str, str]:
             source = inspect.getsource(cls)
         except (OSError, TypeError):
             continue
-        current = None
-        last_line = -1
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] != last_line:
-                current = tok.string
-                last_line = tok.start[0]
-            elif tok.type == tokenize.COMMENT and current is not None:
-                text = tok.string.lstrip("#").strip()
-                if text and not text.startswith("noqa"):
-                    comments.setdefault(current, []).append(text)
-            elif tok.type == tokenize.NAME and tok.string == "def":
-                break
+        for name, parts in _class_field_comments(source).items():
+            comments[name] = parts
     return {name: " ".join(parts) for name, parts in comments.items()}
+
+
+def _class_field_comments(source: str) -> dict[str, list[str]]:
+    """Field name → comment parts for one class body (see :func:`field_comments`)."""
+    found: dict[str, list[str]] = {}
+    pending: list[str] = []  # comment-only lines not yet given to a field
+    previous: str | None = None  # the last field, when it has a comment beside it (lines below continue it)
+    for line in source.splitlines()[1:]:
+        stripped = line.strip()
+        if line.startswith("    def ") or line.startswith("    @"):
+            break
+        if stripped.startswith("#"):
+            text = stripped.lstrip("#").strip()
+            if not text or text.startswith("noqa") or text.startswith("-" * 8):
+                continue
+            if not line.startswith("    #") and previous is not None:  # indented deeper: continues the line above
+                found[previous].append(text)
+            else:
+                pending.append(text)
+            continue
+        field = re.match(r"    (\w+)\s*:", line)
+        if not field:
+            pending, previous = ([], None) if not stripped else (pending, previous)
+            continue
+        beside = line.split("#", 1)[1].strip() if "#" in line and "option(" not in line.split("#", 1)[1] else ""
+        if beside:
+            if previous is not None and pending:
+                found[previous].extend(pending)
+            found[field.group(1)] = [beside]
+            previous = field.group(1)
+        else:
+            if pending:
+                found[field.group(1)] = pending
+            previous = None
+        pending = []
+    if previous is not None and pending:
+        found[previous].extend(pending)
+    return found
 
 
 def fmt(value) -> str:

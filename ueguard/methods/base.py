@@ -132,7 +132,7 @@ class MethodConfig:
     that a test catches. Integers given for a float field become floats."""
 
     eps: float = option(8 / 255, GREY_LEVEL, 1, why="below 1/255 8-bit output rounds the change away")
-    seed: int = option(0, -(2**63), 2**64 - 1)  # what torch's generators accept
+    seed: int = option(0, -(2**63), 2**64 - 1)  # random seed (`--seed`); any value torch's generators accept
 
     def __post_init__(self) -> None:
         self.check_fields()

@@ -48,7 +48,7 @@ class UCConfig(MethodConfig):
     lr: float = option(1e-4, 0, 10)         # Adam
     weight_decay: float = option(5e-4, 0, 1)
     batch_size: int = option(128, 1, 65536)
-    generator_width: int = option(32, 1, 512)  # its parameters grow with the square
+    generator_width: int = option(32, 1, 512)  # generator channels; its parameters grow with the square
     target_offset: int = option(1, 1, 10**6)  # cluster i is pushed to the centre of cluster (i + offset) mod p
     fit_all: bool = False         # train every generator on all images (the authors' loader), not its cluster's
     # δ = ε·tanh(gain·G(z)): starts near the budget, as the authors' clipped output does
