@@ -58,12 +58,12 @@ def test_any_input_gives_a_valid_eps_or_a_value_error_that_says_what_is_accepted
         assert math.isfinite(eps) and MIN_EPS <= eps <= MAX_EPS
 
 
-VALID = {"method": ["emn"], "eps": ["8/255", "0.02", 4, 1e-3], "budget": ["quick", "standard", "thorough"],
+VALID = {"method": ["emn"], "eps": ["8/255", "0.02", 4, 1 / 255], "budget": ["quick", "standard", "thorough"],
          "device": ["auto", "cpu"], "precision": ["auto", "fp32", "bf16"], "compile": ["auto", "on", "off"], "size": [8, 32, 1024],
          "format": ["png", "keep", "jpeg", "webp"], "quality": [1, 95, 100], "max_pixels": [1, 10**8],
          "perturbation": ["samplewise", "classwise"], "keep_metadata": [True, False],
          "follow_symlinks": [True, False], "seed": [0, 7]}
-INVALID = {"method": ["emm", ""], "eps": ["0", "abc", "300", "-1/255", float("nan")], "budget": ["fast"],
+INVALID = {"method": ["emm", ""], "eps": ["0", "abc", "300", "-1/255", float("nan"), 1e-3], "budget": ["fast"],
            "device": ["tpu"], "precision": ["fp16"], "compile": ["yes"], "size": [0, 7, 1025], "format": ["gif", "PNG"],
            "quality": [0, 101], "max_pixels": [0, -5]}
 
