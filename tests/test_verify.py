@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from trees import write_class_tree
-from ueguard.cli import format_report, main
+from ueguard.cli import main
+from ueguard.display import format_report
 from ueguard.errors import UsageError
 from ueguard.models import create_model, save_checkpoint
 from ueguard.sdk import protect, verify

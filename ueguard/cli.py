@@ -16,6 +16,7 @@ from array import array
 
 import click
 
+from ueguard.display import format_report
 from ueguard.errors import EXIT_FATAL, EXIT_SOME_FAILED, EXIT_USAGE, FatalError, PeerStopped, UsageError
 
 EXIT_INTERRUPTED = 130
@@ -233,32 +234,6 @@ def verify(protected, test, clean, json_path, report_dir, quiet, defense_options
         click.echo(f"report: {json_path}")
     if report_dir:
         click.echo(f"summary and plots: {report_dir}/summary.md")
-
-
-def format_report(report: dict) -> str:
-    """A small table: one row per run, accuracies in %, then the verdict and its rule."""
-    from ueguard.sdk.verify import STALLED_MEANING
-
-    pct = lambda v: "   —" if v is None else f"{100 * v:5.1f}"  # noqa: E731
-    rows = [f"{'defense':<10} {'paradigm':<9} {'arch':<20} {'protected-trained':>17} {'peak':>6} {'clean':>6} {'chance':>6}"]
-    for run in report["runs"]:
-        rows.append(f"{run['defense']:<10} {run['paradigm']:<9} {run['arch']:<20} {pct(run['test_accuracy']):>17} "
-                    f"{pct(run['peak_test_accuracy']):>6} {pct(run['clean_accuracy']):>6} {pct(run['chance']):>6}")
-    for skip in report.get("skipped", []):
-        rows.append(f"{skip['defense']:<10} {skip['paradigm']:<9} skipped: {skip['reason']}")
-    verdict = report["protected"]
-    text = {True: "PROTECTED: training on the protected images gives a model far below the clean baseline",
-            False: "NOT PROTECTED: a model trained on the protected images comes close to the clean baseline",
-            None: "no verdict: pass --clean ORIGINALS for a baseline (or train longer if the clean model did not learn), "
-                  "or a run stalled (below)"}
-    worst = report["worst"]
-    lines = ["", f"{text[verdict]}"]
-    for run in report.get("stalled", []):
-        lines.append(f"stalled: {run['defense']}/{run['paradigm']} {STALLED_MEANING} (for adversarial training: "
-                     "a smaller at.eps, a longer run, or --paradigm scratch)")
-    if len(report["runs"]) > 1:
-        lines.append(f"worst case: {worst['defense']}/{worst['paradigm']} at {pct(worst['test_accuracy']).strip()} %")
-    return "\n".join(rows + lines + [f"rule: {report['rule']}"])
 
 
 @main.command()

@@ -62,7 +62,7 @@ def _prepare_workdir(workdir: Path) -> None:
 def run_demo(workdir: str | Path = "ueguard-demo", *, seed: int = 0, progress: bool = False,
              echo: Callable[[str], None] = print) -> dict:
     """Build the folders, protect, verify; print and return the verify report."""
-    from ueguard.cli import format_report
+    from ueguard.display import format_report
     from ueguard.sdk import protect, verify
 
     workdir = Path(workdir)

@@ -137,7 +137,7 @@ def plot_acm(report: dict, path: Path) -> bool:
 
 
 def summary_markdown(report: dict, plots: list[str]) -> str:
-    from ueguard.sdk.verify import STALLED_MEANING
+    from ueguard.display import STALLED_MEANING
 
     verdict = {True: "**PROTECTED** — every run stayed far below its clean baseline",
                False: "**NOT PROTECTED** — at least one run came close to its clean baseline",

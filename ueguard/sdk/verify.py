@@ -56,10 +56,6 @@ EPOCHS = {"quick": 10, "standard": 30, "thorough": 60}
 MIN_CLEAN_GAIN = 0.1
 #: A run whose last training loss is still this share of ln K (at no better than chance) has stalled.
 STALL_LOSS_SHARE = 0.98
-#: What a stalled run means, as the CLI and the report summary say it.
-STALLED_MEANING = ("ended at or below chance on its own training batches with the constant predictor's loss: the "
-                   "recipe failed on this model, so a low accuracy there is no evidence of protection and never "
-                   "counts as protected")
 
 
 @dataclass(frozen=True)
