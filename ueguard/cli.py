@@ -182,10 +182,13 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
 
 @main.command()
 @click.argument("protected", type=click.Path(exists=True, file_okay=False, path_type=str))
-@click.option("--test", "test", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
-              help="Clean test images, same class folders.")
+@click.option("--test", "test", type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Clean test images, same class folders (default: a share of --clean held out, see --holdout).")
 @click.option("--clean", type=click.Path(exists=True, file_okay=False, path_type=str),
               help="The original (unprotected) training images, for the baseline and the verdict.")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), metavar="FRACTION",
+              help="Without --test: hold out this stratified share of --clean (default 0.2, at least one per class, "
+                   "seeded by --seed) as the test set, left out of both training sets.")
 @click.option("--paradigm", default="scratch", show_default=True,
               help="scratch | finetune | frozen | linear, a comma list, or all (see `ueguard defenses`).")
 @click.option("--defense", default="none", show_default=True,
@@ -221,8 +224,8 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def verify(protected, test, clean, json_path, report_dir, quiet, defense_options, **options) -> None:
-    """Train on PROTECTED (and CLEAN) under each defense and paradigm, test on TEST, and say whether the
-    protection held in the worst case."""
+    """Train on PROTECTED (and CLEAN) under each defense and paradigm, test on TEST (or on originals held out
+    of CLEAN), and say whether the protection held in the worst case."""
     from ueguard.sdk import verify as sdk_verify
     from ueguard.sdk.options import parse_method_options
 

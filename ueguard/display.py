@@ -34,4 +34,20 @@ def format_report(report: dict) -> str:
                      "a smaller at.eps, a longer run, or --paradigm scratch)")
     if len(report["runs"]) > 1:
         lines.append(f"worst case: {worst['defense']}/{worst['paradigm']} at {pct(worst['test_accuracy']).strip()} %")
-    return "\n".join(rows + lines + [f"rule: {report['rule']}"])
+    holdout = holdout_line(report)
+    return "\n".join(rows + lines + ([holdout] if holdout else []) + [f"rule: {report['rule']}"])
+
+
+def holdout_line(report: dict) -> str | None:
+    """Where the test images came from when ``verify`` held them out of ``--clean`` (``None`` otherwise),
+    with a warning when some held-out originals had no protected copy of the same name to leave out."""
+    held = report.get("data", {}).get("holdout")
+    if not held:
+        return None
+    n = len(held["files"])
+    line = (f"test set: {n} of the {held['originals']} originals held out of --clean ({100 * held['fraction']:g} %, "
+            f"stratified, seed {held['seed']}), left out of both training sets; the report lists them (data.holdout)")
+    if held["protected_left_out"] < n:
+        line += (f". Warning: only {held['protected_left_out']} of them had a protected copy of the same name; the "
+                 "others' copies (if renamed) stayed in the protected training set")
+    return line

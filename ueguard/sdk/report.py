@@ -173,8 +173,21 @@ def summary_markdown(report: dict, plots: list[str]) -> str:
               f"test images, {len(report['classes'])} classes; {cfg['arch']} at {cfg['size']} px, {cfg['epochs']} epochs, "
               f"seed {cfg['seed']}; device {report['device']}, ueguard {report['ueguard_version']}, "
               f"torch {report['torch_version']}.", ""]
+    lines += _holdout_lines(report)
     lines += [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def _holdout_lines(report: dict) -> list[str]:
+    """The held-out test set, said in words and listed file by file (folded), when there is one."""
+    from ueguard.display import holdout_line
+
+    line = holdout_line(report)
+    if line is None:
+        return []
+    files = report["data"]["holdout"]["files"]
+    return [line[0].upper() + line[1:] + ".", "", f"<details><summary>the {len(files)} held-out files</summary>", "",
+            *(f"- `{name}`" for name in files), "", "</details>", ""]
 
 
 def write_report_dir(report: dict, root: Path) -> list[Path]:
