@@ -100,6 +100,7 @@ def test_efficacy_table_says_where_a_method_does_not_halve(efficacy):
     assert "30.0" in row and "60.0" in row and "clean 98.0 %" in text
 
 
+@pytest.mark.slow  # the whole demo: minutes
 def test_demo_end_to_end_protects_the_digits(tmp_path):
     """The README's first command, for real (2.5 minutes on the 2-core EPYC of the README's table, 6–7 on an
     AVX2-only Zen 3 one — the suite's longest test by far): digits → protect with
