@@ -74,6 +74,12 @@ def _png(path: Path) -> tuple[int, int]:
         return image.size
 
 
+def _blank_edges(path: Path) -> bool:
+    """Whether the outermost pixel columns of an image are white: nothing drawn was cut off at its sides."""
+    pixels = np.asarray(Image.open(path).convert("L"))
+    return bool((pixels[:, [0, -1]] >= 250).all())
+
+
 def test_picture_grid_shows_originals_protected_and_delta_in_three_rows(tmp_path):
     rng = np.random.default_rng(0)
     originals = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(4)]
@@ -119,6 +125,7 @@ def test_demo_report_folder_holds_the_pictures_the_curves_and_a_summary(tmp_path
     for name in ("digits.png", "accuracy.png", "curves.png"):
         width, height = _png(tmp_path / "report" / name)
         assert width >= 300 and height >= 200 and 2_000 < (tmp_path / "report" / name).stat().st_size < 500_000, name
+        assert _blank_edges(tmp_path / "report" / name), f"{name}: something is cut off at its sides"
     text = summary.read_text()
     assert text.startswith("# ueguard demo report") and "ε = 64/255" in text and "**PROTECTED**" in text
     assert "](digits.png)" in text and "](curves.png)" in text and "## What verify found" in text

@@ -98,8 +98,10 @@ def plot_curves(report: dict, path: Path) -> None:
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 if rows == 1 else 0.03, 1, 1))
+    ncol = min(4, 2 * cols)  # one panel is too narrow for four entries side by side: two rows of two
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    legend_rows = math.ceil(len(legend) / ncol)
+    fig.tight_layout(rect=(0, (0.06 if rows == 1 else 0.03) * legend_rows, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -218,7 +220,7 @@ def plot_picture_grid(originals: list, protected: list, titles: list[str], eps: 
     plt = _plt()
     cols = len(originals)
     fig, axes = plt.subplots(3, cols, figsize=(0.75 * cols + 1.4, 3.0), squeeze=False)
-    row_names = ["original", "protected", f"δ, amplified\n(±ε = ±{round(255 * eps)}/255)"]
+    row_names = ["original", "protected", f"δ amplified\nwhite +ε, black −ε\n(ε = {round(255 * eps)}/255)"]
     for j, (orig, prot) in enumerate(zip(originals, protected)):
         orig, prot = np.asarray(orig, dtype=np.float64), np.asarray(prot, dtype=np.float64)
         delta = np.clip((prot - orig) / (255 * eps) * 0.5 + 0.5, 0, 1)
