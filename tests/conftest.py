@@ -15,6 +15,16 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("UEGUARD_CACHE", tempfile.mkdtemp(prefix="ueguard-test-cache-"))
 
 
+#: Where the ``slow`` marker goes: every test of a benchmark script, the full demo, and tests that run
+#: protect in subprocesses that are killed, interrupted or started by torchrun (each tens of seconds on
+#: a 2-core CPU). ``python -m pytest -q -m "not slow"`` is the fast subset; plain ``pytest`` runs all.
+SLOW_MARKER = "slow: takes tens of seconds or more (benchmark scripts, the full demo, killed subprocess runs)"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", SLOW_MARKER)
+
+
 def resume_state(out):
     """The private folder where ``protect`` keeps the resume state of output folder ``out``."""
     from ueguard.data.run_state import state_path

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # a benchmark script's tests: not in the fast subset (-m "not slow")
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 

@@ -97,6 +97,7 @@ def check_resume(src: Path, out: Path, expected: dict[str, bytes], *extra: str) 
     ("tmp-written:3", 2, 2),    # third file complete in its temporary file, not yet renamed
     ("renamed:3", 2, 3),        # third file renamed into place, its manifest line not yet written
 ])
+@pytest.mark.slow  # protect subprocesses killed and resumed
 def test_sigkill_at_a_point_then_resume(reference, tmp_path, kill, finished_before, on_disk_before):
     src, _, expected = reference
     out = tmp_path / "out"
@@ -117,6 +118,7 @@ def test_sigkill_at_a_point_then_resume(reference, tmp_path, kill, finished_befo
     check_resume(src, out, expected)
 
 
+@pytest.mark.slow  # protect subprocesses killed and resumed
 def test_sigkill_at_an_arbitrary_moment_while_saving(reference, tmp_path):
     src, _, expected = reference
     out = tmp_path / "out"
@@ -129,6 +131,7 @@ def test_sigkill_at_an_arbitrary_moment_while_saving(reference, tmp_path):
     check_resume(src, out, expected)
 
 
+@pytest.mark.slow  # a protect subprocess interrupted and resumed
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(reference, tmp_path):
     src = reference[0]
     # A generation of seconds, so that the interrupt lands inside the run on a fast idle machine too (with

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import load_bench
 
+pytestmark = pytest.mark.slow  # a benchmark script's tests: not in the fast subset (-m "not slow")
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,7 @@ def _rank_main(rank: int, world: int, port: int, perturbation: str, out: str) ->
         distributed.teardown(created)
 
 
+@pytest.mark.slow  # two worker processes
 @pytest.mark.parametrize("perturbation", ["samplewise", "classwise"])
 def test_two_processes_give_the_single_process_delta(perturbation, tmp_path):
     mp.spawn(_single_main, args=(perturbation, str(tmp_path)), nprocs=1)
@@ -157,6 +158,7 @@ CLI_ARGS = ["--method", "emn", "--budget", "quick", "--size", "16", "--surrogate
             "-o", "batch_size=16"]
 
 
+@pytest.mark.slow  # torchrun subprocesses
 @pytest.mark.skipif(shutil.which("torchrun") is None and not hasattr(tdist, "run"), reason="no torchrun")
 def test_torchrun_cli_writes_one_manifest_and_every_file_once(tmp_path):
     src = tmp_path / "src"
@@ -212,6 +214,7 @@ def _rank_protect_main(rank: int, world: int, port: int, out: str, src: str) -> 
     _protect_disk(out, src)
 
 
+@pytest.mark.slow  # torchrun subprocesses
 def test_disk_store_under_two_processes_gives_the_single_process_files(tmp_path):
     """``--store disk`` under torchrun: rank 0 keeps δ in the on-disk store, rank 1 in memory; the blocks
     all-gathered into the store each round make the same δ, hence the same files, as one process."""
@@ -257,6 +260,7 @@ def _rank_rounds_main(rank: int, world: int, port: int, out: str, src: str, stor
     _protect_rounds(out, src, store)
 
 
+@pytest.mark.slow  # torchrun subprocesses killed and resumed
 @pytest.mark.parametrize("store", ["memory", "disk"])
 def test_an_interrupted_two_process_run_resumes_after_its_last_round(store, tmp_path):
     """Under torchrun EMN checkpoints every round (rank 0 writes the shared state and each rank's own

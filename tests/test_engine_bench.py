@@ -7,6 +7,8 @@ import torch
 
 from conftest import load_bench
 
+pytestmark = pytest.mark.slow  # a benchmark script's tests: not in the fast subset (-m "not slow")
+
 
 @pytest.mark.parametrize("method", ["emn", "ssc"])
 def test_a_case_times_engine_eager_and_limit(method):

@@ -11,6 +11,8 @@ import torch
 from conftest import load_bench
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # a benchmark script's tests: not in the fast subset (-m "not slow")
+
 CLASSES = ("dog", "frog", "ship")
 
 

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import load_bench
 
+pytestmark = pytest.mark.slow  # a benchmark script's tests: not in the fast subset (-m "not slow")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -273,6 +273,7 @@ print(torch.get_num_threads(), max(int(np.abs(np.asarray(Image.open(tmp / "memor
 """
 
 
+@pytest.mark.slow  # an FFCV + two protects subprocess
 @needs_ffcv
 def test_after_an_ffcv_pass_protect_keeps_its_threads_and_pixels(tmp_path):
     """FFCV's epoch thread sets torch's thread count when it starts, after ueguard restored it; then two

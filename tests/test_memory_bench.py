@@ -4,7 +4,10 @@ files as the in-memory one, which tests/test_loaders.py checks bit for bit)."""
 
 import json
 
+import pytest
 from conftest import load_bench
+
+pytestmark = pytest.mark.slow  # a benchmark script's tests: not in the fast subset (-m "not slow")
 
 
 def test_columns_name_the_loader_only_when_it_streams():

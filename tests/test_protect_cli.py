@@ -368,6 +368,7 @@ def _protect_in_terminal(tmp_path: Path, out: str, *extra: str, tty: bool) -> tu
     return proc.wait(timeout=300), b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow  # three protect subprocesses
 def test_progress_bar_with_eta_on_a_terminal_and_quiet_otherwise(tmp_path):
     write_class_tree(tmp_path / "src", n_per_class=3, classes=2, size=16)
     status, shown = _protect_in_terminal(tmp_path, "bar", tty=True)

@@ -15,6 +15,7 @@ import pytest
 from conftest import load_bench
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # a benchmark script's tests: not in the fast subset (-m "not slow")
 
 
 @pytest.fixture(scope="module")

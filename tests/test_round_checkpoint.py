@@ -115,6 +115,7 @@ def test_resume_compares_method_options_by_the_constants_they_resolve_to(tree, u
     assert _outputs(out) == _outputs(uninterrupted("samplewise", "disk"))
 
 
+@pytest.mark.slow  # an EMN subprocess killed and resumed
 def test_sigkill_in_the_round_after_a_checkpoint_then_resume(tree, uninterrupted, tmp_path):
     """SIGKILL right after round 1's checkpoint (disk store: round 2 then writes its rows to the second data
     file, which the resumed run discards); the rounds continue from round 2."""

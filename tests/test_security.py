@@ -153,6 +153,7 @@ def test_a_link_met_while_saving_stops_the_run_and_names_it(src, tmp_path, monke
 # ---- nothing that rebuilds δ in the published folder
 
 
+@pytest.mark.slow  # protect subprocesses killed and resumed
 @pytest.mark.parametrize("kill", ["generating:1", "renamed:3", "before-complete:1"])
 def test_a_killed_run_never_leaves_the_perturbation_in_dst(src, tmp_path, kill):
     out = tmp_path / "out"

@@ -147,6 +147,7 @@ def test_store_option_is_checked(tmp_path):
         protect(np.zeros((2, 3, 8, 8), np.uint8), labels=[0, 1], store="disk")
 
 
+@pytest.mark.slow  # three AR subprocesses, one killed
 def test_generation_resumes_from_stored_rows(tmp_path):
     """SIGKILL in the middle of AR generation (after its second checkpoint): --resume continues from the
     rows on disk instead of starting over, and the files equal an uninterrupted run's."""

@@ -5,15 +5,20 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from collections import Counter
+from pathlib import Path, PurePosixPath
 
 import pytest
 from click.testing import CliRunner
 
 from trees import write_class_tree
-from ueguard.cli import format_report, main
+from ueguard.cli import main
+from ueguard.data.folder import FolderEntry, FolderListing, scan_folder
+from ueguard.display import format_report
 from ueguard.errors import UsageError
 from ueguard.models import create_model, save_checkpoint
 from ueguard.sdk import protect, verify
+from ueguard.sdk.holdout import hold_out_test, leave_out
 from ueguard.sdk.verify import stalled, verdict
 
 TINY = dict(budget="quick", epochs=2, device="cpu", size=16, batch_size=16)
@@ -41,6 +46,7 @@ def test_verify_writes_a_well_formed_report(folders, tmp_path):
                                                                           "test_accuracy"}
     assert 0 <= report["test_accuracy"] <= 1 and 0 <= report["clean_accuracy"] <= 1
     assert report["data"]["train_images"] == 36 and report["data"]["test_images"] == 12
+    assert report["data"]["holdout"] is None  # --test given: used as it is, nothing held out
 
 
 def test_arch_and_seed_are_used_and_recorded(folders):
@@ -146,3 +152,71 @@ def test_test_folder_with_unknown_class_is_refused(folders, tmp_path):
     write_class_tree(tmp_path / "other", n_per_class=1, classes=5, size=16)
     with pytest.raises(UsageError, match="not among the reference classes"):
         verify(folders / "protected", tmp_path / "other", **TINY)
+
+
+def _stems(ids) -> set[str]:
+    return {str(PurePosixPath(i).with_suffix("")) for i in ids}
+
+
+def test_holdout_split_is_stratified_seeded_and_disjoint(tmp_path):
+    write_class_tree(tmp_path / "orig", n_per_class=10, classes=3, size=8)
+    listing = scan_folder(tmp_path / "orig")
+    train, test = hold_out_test(listing, 0.2, seed=0)
+    per_class = Counter(e.label for e in test.images)
+    assert per_class == {0: 2, 1: 2, 2: 2}
+    names = lambda part: {str(e.relpath) for e in part.images}  # noqa: E731
+    assert not names(train) & names(test) and names(train) | names(test) == names(listing)
+    assert names(hold_out_test(listing, 0.2, seed=0)[1]) == names(test)   # deterministic for a seed
+    assert names(hold_out_test(listing, 0.2, seed=1)[1]) != names(test)   # and moves with it
+    assert Counter(e.label for e in hold_out_test(listing, 0.01, seed=0)[1].images) == {0: 1, 1: 1, 2: 1}
+    write_class_tree(tmp_path / "few", n_per_class=1, classes=2, size=8)
+    with pytest.raises(UsageError, match="fewer than two images"):
+        hold_out_test(scan_folder(tmp_path / "few"), 0.2, seed=0)
+
+
+def test_holdout_leaves_out_protected_copies_by_name_whatever_their_format():
+    entries = tuple(FolderEntry(PurePosixPath(p), 0) for p in ("a/x.png", "a/y.webp", "a/z.jpg"))
+    listing = FolderListing(Path("p"), ("a",), entries + (FolderEntry(PurePosixPath("a/x.txt"), None, "not an image"),))
+    kept = leave_out(listing, {"a/x", "a/y"})
+    assert [str(e.relpath) for e in kept.images] == ["a/z.jpg"] and len(kept.skipped) == 1
+
+
+def test_holdout_needs_clean_without_test_and_is_refused_beside_test(folders):
+    with pytest.raises(UsageError, match="pass --test TEST, or --clean ORIGINALS"):
+        verify(folders / "protected", **TINY)
+    with pytest.raises(UsageError, match="--holdout"):
+        verify(folders / "protected", folders / "test", clean=folders / "train", holdout=0.3, **TINY)
+    with pytest.raises(UsageError, match="between 0 and 1"):
+        verify(folders / "protected", clean=folders / "train", holdout=1.0, **TINY)
+    result = CliRunner().invoke(main, ["verify", str(folders / "protected"), "--budget", "quick", "-q"])
+    assert result.exit_code == 2 and "pass --test TEST, or --clean ORIGINALS" in result.output
+
+
+def test_holdout_files_are_tested_on_in_neither_training_set_and_recorded(folders, monkeypatch, tmp_path):
+    """verify PROTECTED --clean ORIGINALS without --test: the CLI and the SDK underneath it train both models
+    without the held-out originals (nor their protected copies), test on exactly those, and say so."""
+    module = importlib.import_module("ueguard.sdk.verify")
+    real_fit, seen = module.fit, []
+
+    def recording(model, data, test, cfg, **kwargs):
+        seen.append((list(data.ids), list(test.ids)))
+        return real_fit(model, data, test, cfg, **kwargs)
+
+    monkeypatch.setattr(module, "fit", recording)
+    args = ["verify", str(folders / "protected"), "--clean", str(folders / "train"), "--holdout", "0.25", "--seed", "3",
+            "--budget", "quick", "--epochs", "1", "--size", "16", "--device", "cpu", "--batch-size", "16",
+            "--json", str(tmp_path / "v.json"), "--report", str(tmp_path / "report"), "-q"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "v.json").read_text())
+    held = report["data"]["holdout"]
+    assert held["fraction"] == 0.25 and held["seed"] == 3 and held["originals"] == 36 and held["protected_left_out"] == 9
+    assert Counter(name.split("/")[0] for name in held["files"]) == {"class_0": 3, "class_1": 3, "class_2": 3}
+    assert len(seen) == 2  # the clean baseline and the protected run
+    for train_ids, test_ids in seen:
+        assert len(train_ids) == 27 and not _stems(train_ids) & _stems(held["files"])
+        assert sorted(test_ids) == sorted(held["files"])
+    assert report["data"]["test"] is None and report["data"]["test_images"] == 9 and report["data"]["train_images"] == 27
+    assert "test set: 9 of the 36 originals held out of --clean (25 %" in result.output
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "Test set: 9 of the 36 originals held out" in summary and f"- `{held['files'][0]}`" in summary

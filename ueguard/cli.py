@@ -17,6 +17,7 @@ from array import array
 import click
 
 from ueguard.budgets import BUDGETS
+from ueguard.display import format_report
 from ueguard.errors import EXIT_FATAL, EXIT_SOME_FAILED, EXIT_USAGE, FatalError, PeerStopped, UsageError
 
 EXIT_INTERRUPTED = 130
@@ -195,10 +196,13 @@ def _protected_rest(protected: int) -> str:
 
 @main.command()
 @click.argument("protected", type=click.Path(exists=True, file_okay=False, path_type=str))
-@click.option("--test", "test", required=True, type=click.Path(exists=True, file_okay=False, path_type=str),
-              help="Clean test images, same class folders.")
+@click.option("--test", "test", type=click.Path(exists=True, file_okay=False, path_type=str),
+              help="Clean test images, same class folders (default: a share of --clean held out, see --holdout).")
 @click.option("--clean", type=click.Path(exists=True, file_okay=False, path_type=str),
               help="The original (unprotected) training images, for the baseline and the verdict.")
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), metavar="FRACTION",
+              help="Without --test: hold out this stratified share of --clean (default 0.2, at least one per class, "
+                   "seeded by --seed) as the test set, left out of both training sets.")
 @click.option("--paradigm", default="scratch", show_default=True,
               help="scratch | finetune | frozen | linear, a comma list, or all (see `ueguard defenses`).")
 @click.option("--defense", default="none", show_default=True,
@@ -234,8 +238,8 @@ def _protected_rest(protected: int) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def verify(protected, test, clean, json_path, report_dir, quiet, defense_options, **options) -> None:
-    """Train on PROTECTED (and CLEAN) under each defense and paradigm, test on TEST, and say whether the
-    protection held in the worst case."""
+    """Train on PROTECTED (and CLEAN) under each defense and paradigm, test on TEST (or on originals held out
+    of CLEAN), and say whether the protection held in the worst case."""
     from ueguard.sdk import verify as sdk_verify
     from ueguard.sdk.options import parse_method_options
 
@@ -247,32 +251,6 @@ def verify(protected, test, clean, json_path, report_dir, quiet, defense_options
         click.echo(f"report: {json_path}")
     if report_dir:
         click.echo(f"summary and plots: {report_dir}/summary.md")
-
-
-def format_report(report: dict) -> str:
-    """A small table: one row per run, accuracies in %, then the verdict and its rule."""
-    from ueguard.sdk.verify import STALLED_MEANING
-
-    pct = lambda v: "   —" if v is None else f"{100 * v:5.1f}"  # noqa: E731
-    rows = [f"{'defense':<10} {'paradigm':<9} {'arch':<20} {'protected-trained':>17} {'peak':>6} {'clean':>6} {'chance':>6}"]
-    for run in report["runs"]:
-        rows.append(f"{run['defense']:<10} {run['paradigm']:<9} {run['arch']:<20} {pct(run['test_accuracy']):>17} "
-                    f"{pct(run['peak_test_accuracy']):>6} {pct(run['clean_accuracy']):>6} {pct(run['chance']):>6}")
-    for skip in report.get("skipped", []):
-        rows.append(f"{skip['defense']:<10} {skip['paradigm']:<9} skipped: {skip['reason']}")
-    verdict = report["protected"]
-    text = {True: "PROTECTED: training on the protected images gives a model far below the clean baseline",
-            False: "NOT PROTECTED: a model trained on the protected images comes close to the clean baseline",
-            None: "no verdict: pass --clean ORIGINALS for a baseline (or train longer if the clean model did not learn), "
-                  "or a run stalled (below)"}
-    worst = report["worst"]
-    lines = ["", f"{text[verdict]}"]
-    for run in report.get("stalled", []):
-        lines.append(f"stalled: {run['defense']}/{run['paradigm']} {STALLED_MEANING} (for adversarial training: "
-                     "a smaller at.eps, a longer run, or --paradigm scratch)")
-    if len(report["runs"]) > 1:
-        lines.append(f"worst case: {worst['defense']}/{worst['paradigm']} at {pct(worst['test_accuracy']).strip()} %")
-    return "\n".join(rows + lines + [f"rule: {report['rule']}"])
 
 
 @main.command()

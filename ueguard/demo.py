@@ -10,6 +10,7 @@ clean test images.
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -59,23 +60,71 @@ def _prepare_workdir(workdir: Path) -> None:
     (workdir / MARKER).write_text("made by `ueguard demo`; safe to delete\n")
 
 
+def demo_pictures(train: Path, protected: Path, per_class: int = 2) -> tuple[list, list, list[str]]:
+    """The first ``per_class`` training images of every class, as (originals, protected copies, titles):
+    uint8 arrays read back from the two folders, matched by relative path (protect keeps the names)."""
+    from PIL import Image
+
+    originals, copies, titles = [], [], []
+    for folder in sorted((d for d in train.iterdir() if d.is_dir()), key=lambda d: d.name):
+        for path in sorted(folder.glob("*.png"))[:per_class]:
+            originals.append(np.asarray(Image.open(path)))
+            copies.append(np.asarray(Image.open(protected / folder.name / path.name)))
+            titles.append(f"digit {folder.name}")
+    return originals, copies, titles
+
+
+def demo_intro(ran: dict, pictures: str) -> str:
+    """The demo's own part of summary.md: what it ran (``ran``: counts, budget, timings) and the picture."""
+    return "\n".join([
+        "# ueguard demo report", "",
+        f"The demo wrote scikit-learn's handwritten digits as {ran['train']} training and {ran['test']} test "
+        f"images ({DEMO_SIZE}×{DEMO_SIZE} grayscale PNG), protected the training images with sample-wise EMN "
+        f"(ε = {DEMO_EPS}, budget `quick`, {ran['rounds']} rounds, {ran['protect_seconds']:.0f} s), then trained "
+        f"one model on the protected images and one on the originals ({ran['verify_seconds']:.0f} s) and tested "
+        "both on the clean test images.", "",
+        f"![original, protected and amplified perturbation of a few training digits]({pictures})", "",
+        "Each column is one training image: the original, its protected copy, and the perturbation δ between "
+        "them amplified to be visible, (δ / ε) · 0.5 + 0.5 (mid-grey: no change; white: +ε; black: −ε).",
+    ])
+
+
+def write_demo_report(report: dict, train: Path, protected: Path, root: Path, ran: dict) -> Path:
+    """The demo's report folder: ``digits.png`` (the picture grid), verify's ``accuracy.png`` and
+    ``curves.png`` (protected vs clean, test accuracy per epoch), and ``summary.md`` linking them."""
+    from ueguard.sdk.report import plot_picture_grid, write_report_dir
+    from ueguard.units import parse_eps
+
+    root.mkdir(parents=True, exist_ok=True)
+    plot_picture_grid(*demo_pictures(train, protected), parse_eps(DEMO_EPS), root / "digits.png")
+    write_report_dir(report, root, intro=demo_intro(ran, "digits.png"))
+    return root / "summary.md"
+
+
 def run_demo(workdir: str | Path = "ueguard-demo", *, seed: int = 0, progress: bool = False,
              echo: Callable[[str], None] = print) -> dict:
-    """Build the folders, protect, verify; print and return the verify report."""
-    from ueguard.cli import format_report
+    """Build the folders, protect, verify; print the verify report, write the report folder
+    (``<workdir>/report``), and return the verify report."""
+    from ueguard.display import format_report
     from ueguard.sdk import protect, verify
 
     workdir = Path(workdir)
     _prepare_workdir(workdir)
     train, test = build_digits_folders(workdir, seed=seed)
     echo(f"1/3 wrote scikit-learn's digits to {train} and {test}")
+    started = time.perf_counter()
     result = protect(train, workdir / "train_protected", "emn", eps=DEMO_EPS, budget="quick", seed=seed,
                      progress=progress)
-    rounds = result.info.get("rounds")
-    echo(f"2/3 protected {result.ok} images with EMN (eps {DEMO_EPS}, {rounds} rounds) into {result.out}")
+    ran = {"rounds": result.info.get("rounds"), "protect_seconds": time.perf_counter() - started}
+    echo(f"2/3 protected {result.ok} images with EMN (eps {DEMO_EPS}, {ran['rounds']} rounds) into {result.out}")
     echo("3/3 training on the protected and on the clean images (this is the slow part)")
+    started = time.perf_counter()
     report = verify(result.out, test, clean=train, budget="quick", seed=seed, progress=progress,
                     json_path=workdir / "verify.json")
+    ran |= {"verify_seconds": time.perf_counter() - started, "train": report["data"]["train_images"],
+            "test": report["data"]["test_images"]}
+    summary = write_demo_report(report, train, result.out, workdir / "report", ran)
     echo(format_report(report))
-    echo(f"report: {workdir / 'verify.json'}; manifest: {result.manifest_path}")
+    echo(f"report: {summary} (pictures: {summary.parent / 'digits.png'}, learning curves: "
+         f"{summary.parent / 'curves.png'}); JSON: {workdir / 'verify.json'}; manifest: {result.manifest_path}")
     return report

@@ -6,6 +6,9 @@
 * ``acm.png``: for ``staged`` runs, ACM per stage over training, with the learning-rate cuts marked.
 * ``summary.md``: the verdict, the table, skipped runs, and links to the plots.
 
+:func:`plot_picture_grid` draws originals, protected copies and their amplified difference side by side
+(``ueguard demo`` puts it in its report folder as ``digits.png``).
+
 Matplotlib with the non-interactive Agg backend (no display needed).
 """
 
@@ -95,8 +98,10 @@ def plot_curves(report: dict, path: Path) -> None:
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 if rows == 1 else 0.03, 1, 1))
+    ncol = min(4, 2 * cols)  # one panel is too narrow for four entries side by side: two rows of two
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    legend_rows = math.ceil(len(legend) / ncol)
+    fig.tight_layout(rect=(0, (0.06 if rows == 1 else 0.03) * legend_rows, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -136,8 +141,10 @@ def plot_acm(report: dict, path: Path) -> bool:
     return True
 
 
-def summary_markdown(report: dict, plots: list[str]) -> str:
-    from ueguard.sdk.verify import STALLED_MEANING
+def summary_markdown(report: dict, plots: list[str], intro: str = "") -> str:
+    """The Markdown summary; ``intro`` (Markdown, e.g. the demo's account of what it ran) goes first,
+    and the verify report then follows as its own section."""
+    from ueguard.display import STALLED_MEANING
 
     verdict = {True: "**PROTECTED** — every run stayed far below its clean baseline",
                False: "**NOT PROTECTED** — at least one run came close to its clean baseline",
@@ -145,7 +152,7 @@ def summary_markdown(report: dict, plots: list[str]) -> str:
                      "stalled"}
     worst = report["worst"]
     lines = [
-        "# ueguard verify report", "",
+        *([intro.rstrip("\n"), "", "## What verify found"] if intro else ["# ueguard verify report"]), "",
         f"Verdict: {verdict[report['protected']]}.", "",
         f"Worst case: `{worst['defense']}` / `{worst['paradigm']}` reaches {_pct(worst['test_accuracy'])} % test "
         f"accuracy (clean baseline {_pct(worst['clean_accuracy'])} %, chance {_pct(report['chance'])} %).", "",
@@ -173,17 +180,58 @@ def summary_markdown(report: dict, plots: list[str]) -> str:
               f"test images, {len(report['classes'])} classes; {cfg['arch']} at {cfg['size']} px, {cfg['epochs']} epochs, "
               f"seed {cfg['seed']}; device {report['device']}, ueguard {report['ueguard_version']}, "
               f"torch {report['torch_version']}.", ""]
+    lines += _holdout_lines(report)
     lines += [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 
 
-def write_report_dir(report: dict, root: Path) -> list[Path]:
-    """Write ``summary.md`` and the plots into ``root``; returns the files written."""
+def _holdout_lines(report: dict) -> list[str]:
+    """The held-out test set, said in words and listed file by file (folded), when there is one."""
+    from ueguard.display import holdout_line
+
+    line = holdout_line(report)
+    if line is None:
+        return []
+    files = report["data"]["holdout"]["files"]
+    return [line[0].upper() + line[1:] + ".", "", f"<details><summary>the {len(files)} held-out files</summary>", "",
+            *(f"- `{name}`" for name in files), "", "</details>", ""]
+
+
+def write_report_dir(report: dict, root: Path, intro: str = "") -> list[Path]:
+    """Write ``summary.md`` and the plots into ``root``; returns the files written. ``intro``: Markdown
+    put before the verify summary (see :func:`summary_markdown`)."""
     root.mkdir(parents=True, exist_ok=True)
     plot_accuracy(report, root / "accuracy.png")
     plot_curves(report, root / "curves.png")
     plots = ["accuracy.png", "curves.png"]
     if plot_acm(report, root / "acm.png"):
         plots.append("acm.png")
-    (root / "summary.md").write_text(summary_markdown(report, plots))
+    (root / "summary.md").write_text(summary_markdown(report, plots, intro))
     return [root / "summary.md", *(root / p for p in plots)]
+
+
+def plot_picture_grid(originals: list, protected: list, titles: list[str], eps: float, path: Path) -> None:
+    """What protection does to the pictures: one column per image, three rows — the original, the
+    protected copy, and δ = protected − original made visible as (δ / ε) · 0.5 + 0.5 (mid-grey is no
+    change, white +ε, black −ε). Images are uint8 arrays, H×W (grayscale) or H×W×3; ``eps`` is the
+    budget as a fraction of 255, so a perturbation within budget never clips in the third row."""
+    import numpy as np
+
+    plt = _plt()
+    cols = len(originals)
+    fig, axes = plt.subplots(3, cols, figsize=(0.75 * cols + 1.4, 3.0), squeeze=False)
+    row_names = ["original", "protected", f"δ amplified\nwhite +ε, black −ε\n(ε = {round(255 * eps)}/255)"]
+    for j, (orig, prot) in enumerate(zip(originals, protected)):
+        orig, prot = np.asarray(orig, dtype=np.float64), np.asarray(prot, dtype=np.float64)
+        delta = np.clip((prot - orig) / (255 * eps) * 0.5 + 0.5, 0, 1)
+        for i, image in enumerate((orig / 255, prot / 255, delta)):
+            ax = axes[i][j]
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][j].set_title(titles[j], fontsize=8)
+    for i, name in enumerate(row_names):
+        axes[i][0].set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+    fig.tight_layout(pad=0.3, w_pad=0.1, h_pad=0.2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

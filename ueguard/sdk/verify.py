@@ -47,6 +47,7 @@ from ueguard.engine.progress import Progress
 from ueguard.engine.runtime import seed_everything
 from ueguard.errors import UsageError
 from ueguard.budgets import BUDGETS, VERIFY_EPOCHS
+from ueguard.sdk.holdout import hold_out_test, holdout_record, holdout_share, leave_out, sample_stem, stratified_indices
 from ueguard.sdk.options import SIZE_CAP, default_arch, given_options
 from ueguard.sdk.protect import make_runtime
 
@@ -56,10 +57,6 @@ EPOCHS = VERIFY_EPOCHS
 MIN_CLEAN_GAIN = 0.1
 #: A run whose last training loss is still this share of ln K (at no better than chance) has stalled.
 STALL_LOSS_SHARE = 0.98
-#: What a stalled run means, as the CLI and the report summary say it.
-STALLED_MEANING = ("ended at or below chance on its own training batches with the constant predictor's loss: the "
-                   "recipe failed on this model, so a low accuracy there is no evidence of protection and never "
-                   "counts as protected")
 
 
 @dataclass(frozen=True)
@@ -95,6 +92,7 @@ class VerifyOptions:
     resume: bool = False
     loader: str = "auto"
     cache_dir: str | None = None
+    holdout: float | None = None
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "VerifyOptions":
@@ -124,6 +122,8 @@ class VerifyOptions:
             raise UsageError("epochs must be ≥ 1")
         if not 0 <= opts.threshold <= 1:
             raise UsageError("threshold must be in [0, 1]")
+        if opts.holdout is not None and not 0 < opts.holdout < 1:
+            raise UsageError("holdout must be a fraction strictly between 0 and 1")
         for name in defenses:  # builds every config once, so a bad option fails before any training
             opts.defense_config(name)
         opts._check_option_keys(defenses)
@@ -260,19 +260,7 @@ def combine_verdicts(verdicts: list[bool | None]) -> bool | None:
 
 def validation_split(clean: WorkingSet, fraction: float, seed: int) -> torch.Tensor:
     """Indices of a stratified ``fraction`` of ``clean`` (at least one per class with two or more images)."""
-    gen = torch.Generator().manual_seed(seed)
-    picked = []
-    for c in clean.labels.unique():
-        members = torch.nonzero(clean.labels == c).flatten()
-        if len(members) < 2:
-            continue
-        k = max(1, round(fraction * len(members)))
-        picked.append(members[torch.randperm(len(members), generator=gen)[:k]])
-    return torch.cat(picked).sort().values if picked else torch.empty(0, dtype=torch.long)
-
-
-def _stem(sample_id: str) -> str:
-    return str(Path(sample_id).with_suffix(""))
+    return stratified_indices(clean.labels, fraction, seed)
 
 
 class RunStore:
@@ -329,7 +317,7 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def verify(protected, test, clean=None, *, json_path=None, report_dir=None, progress: Progress | bool | None = False,
+def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None, progress: Progress | bool | None = False,
            on_run_done: Callable[[dict], None] | None = None, **options: Any) -> dict[str, Any]:
     """Train on ``protected`` (and ``clean``) under every selected (defense, paradigm), test on ``test``,
     and return the report (also written to ``json_path``; ``report_dir`` gets a Markdown summary and
@@ -337,7 +325,9 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
     ``arch``, ``epochs``, ``budget``, ``seed``, ``weights``, ``pretrained``, ``size``, ``batch_size``,
     ``lr``, ``threshold``, ``device``, ``precision``, ``compile``, ``resume``, ``loader`` — auto, memory, ffcv or torch, see
     :mod:`ueguard.data.loaders` — and ``cache_dir`` for the FFCV cache). ``on_run_done(record)`` is called
-    after every finished (or resumed) run.
+    after every finished (or resumed) run. Without ``test``, ``holdout`` (default 0.2) of ``clean`` is held
+    out as the test set and left out of both training sets (:mod:`ueguard.sdk.holdout`); the report lists
+    those files under ``data.holdout``.
 
     Per-run checkpoints go to ``<json_path>.state/`` (or ``<report_dir>/state/``); ``resume=True``
     continues an interrupted battery at the run it stopped in (that run starts over)."""
@@ -345,8 +335,9 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
 
     opts = VerifyOptions.resolve(**options)
     reporter = progress if isinstance(progress, Progress) else Progress(progress)
+    holdout = holdout_share(test, clean, opts.holdout)
     runtime = make_runtime(opts.device, opts.precision, opts.compile)
-    protected, test = Path(protected), Path(test)
+    protected = Path(protected)
     pretrained = opts.weights is not None or opts.pretrained
 
     skipped: list[dict[str, str]] = []
@@ -369,8 +360,9 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
 
     listing = _scan(protected, "protected")
     classes = listing.classes
-    test_listing = _scan(test, "test", classes)
     clean_listing = _scan(Path(clean), "clean", classes) if clean is not None else None
+    listing, clean_listing, test_listing, held_out = _test_split(listing, clean_listing, test, holdout, opts.seed,
+                                                                 reporter)
     size = opts.size or suggest_size(image_sides(listing, listing.images), cap=SIZE_CAP[opts.budget])
     loader = resolve_loader(opts.loader, len(listing.images) + (len(clean_listing.images) if clean_listing else 0),
                             size, runtime.device)
@@ -381,7 +373,8 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
     arch = opts.arch or default_arch(size, opts.budget)
     chance = 1.0 / len(classes)
     epochs = opts.resolved_epochs
-    data_info = {"protected": str(protected), "test": str(test), "clean": None if clean is None else str(clean),
+    data_info = {"protected": str(protected), "test": None if test is None else str(test),
+                 "clean": None if clean is None else str(clean), "holdout": held_out,
                  "train_images": len(train_p), "test_images": len(test_set)}
     config = dataclasses.asdict(opts) | {"epochs": epochs, "size": size, "arch": arch,
                                          "defense_options": dict(opts.defense_options), "resolved_loader": loader}
@@ -488,10 +481,24 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
     return report
 
 
+def _test_split(listing: FolderListing, clean: FolderListing | None, test, holdout: float | None, seed: int,
+                reporter: Progress) -> tuple[FolderListing, FolderListing | None, FolderListing, dict | None]:
+    """(protected, clean, test listings, the holdout record): the ``test`` folder as given when ``holdout``
+    is ``None``; otherwise a held-out share of the originals, left out of both training listings."""
+    if holdout is None:
+        return listing, clean, _scan(Path(test), "test", listing.classes), None
+    clean_train, held = hold_out_test(clean, holdout, seed)
+    protected_train = leave_out(listing, {sample_stem(e.relpath) for e in held.images})
+    record = holdout_record(held, len(clean.images), len(listing.images) - len(protected_train.images), holdout, seed)
+    reporter.log(f"holding out {len(held.images)} of the {len(clean.images)} originals as the test set "
+                 f"(left out of both training sets: {record['protected_left_out']} protected copies matched)")
+    return protected_train, clean_train, held, record
+
+
 def _hold_out(protected: WorkingSet, clean: WorkingSet, fraction: float, seed: int) -> tuple[WorkingSet, WorkingSet]:
     """The clean validation split for early stopping, and the protected training set without the protected
     versions of those images (matched by relative path, extension aside)."""
     val_idx = validation_split(clean, fraction, seed)
-    held = {_stem(clean.ids[i]) for i in val_idx.tolist()}
-    keep = [i for i, sample in enumerate(protected.ids) if _stem(sample) not in held]
+    held = {sample_stem(clean.ids[i]) for i in val_idx.tolist()}
+    keep = [i for i, sample in enumerate(protected.ids) if sample_stem(sample) not in held]
     return protected.subset(keep), clean.subset(val_idx)
