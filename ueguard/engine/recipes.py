@@ -34,6 +34,7 @@ from torch import nn
 
 from ueguard._registry import Registry
 from ueguard.engine.augment import crop_flip
+from ueguard.engine.loops import batch_ranges
 
 RECIPES: Registry["Recipe"] = Registry("recipe")
 
@@ -95,7 +96,7 @@ class Recipe:
         if not self.whiten_images or pretrained or init is None or images is None:
             return {}
         sample = images[: self.whiten_images]
-        init(model.normalize(runtime.to_float(sample)))
+        init(torch.cat([model.normalize(runtime.to_float(sample[s])) for s in batch_ranges(len(sample), 1024)]))
         return {"whitening_images": len(sample)}
 
     def param_groups(self, model: nn.Module, params, cfg) -> list[dict]:

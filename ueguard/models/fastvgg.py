@@ -70,8 +70,13 @@ class Whitening(nn.Module):
         rows ``λ_i^{-1/2} v_i`` of the patch second-moment matrix, largest eigenvalue first. A function
         of ``x`` alone (float64 eigendecomposition), so the same images give the same filters."""
         c, p = x.shape[1], self.patch
-        patches = F.unfold(x.double(), p).transpose(1, 2).reshape(-1, c * p * p)
-        moment = patches.T @ patches / len(patches)
+        moment = torch.zeros(c * p * p, c * p * p, dtype=torch.float64, device=x.device)
+        count = 0
+        for chunk in x.split(256):  # 5,000 CIFAR images are 58 M patch values: accumulate, don't hold them
+            patches = F.unfold(chunk.double(), p).transpose(1, 2).reshape(-1, c * p * p)
+            moment += patches.T @ patches
+            count += len(patches)
+        moment /= count
         eigvals, eigvecs = torch.linalg.eigh(moment)  # ascending
         eigvals, eigvecs = eigvals.flip(0), eigvecs.flip(1)
         # eigh's eigenvector signs are arbitrary; fix them (largest entry positive) so the channel order is too.
