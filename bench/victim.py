@@ -20,6 +20,9 @@ default ``../shared/data/cifar10`` from the repository root, i.e. /work/shared/d
    train their ResNet-18 victims for, ueguard's ``thorough`` budget, where that recipe reaches its best
    accuracy; not measured here). ``ratio`` = that projection ÷ the fast victim's wall time for its recipe's
    epochs (measured when ``--epochs`` is the recipe's, else scaled from the epochs run, and said so).
+   Because runs that follow one another on a shared CPU see different load, the per-image cost of one
+   training step of every architecture is also timed **interleaved** (``--step-repeat``), and the same
+   protocol ratio computed from it (``step_ratios``, training only).
 
 Every run records ``arch``, ``images``, ``epochs``, ``test_accuracy``, ``wall_s``, ``threads``, the epoch
 times, ``precision``, ``channels_last``, the CPU model and torch version. The JSON is rewritten after
@@ -131,6 +134,39 @@ def time_formats(device: str, batch: int, repeat: int) -> dict:
     return {"batch": batch, "repeat": repeat, "rows": rows, "fastest": min(rows, key=lambda r: r["min_s"])}
 
 
+def time_archs(archs: list[str], rt: Runtime, repeat: int, batch_cap: int) -> dict:
+    """Seconds per training image of each architecture under its own recipe (batch: the recipe's, capped at
+    ``batch_cap``), one optimiser step each, interleaved round-robin so load on a shared machine hits all
+    alike; best step of ``repeat``. Then each ResNet's protocol (``--resnet-epochs``) against the fast
+    victim's recipe epochs, training only."""
+    from ueguard.engine.loops import Trainer
+
+    gen = torch.Generator().manual_seed(0)
+    steps = {}
+    for arch in archs:
+        recipe = create_recipe(default_recipe(arch))
+        batch = min(recipe.batch_size, batch_cap)
+        model = rt.prepare_model(create_model(arch, 10)).train()
+        cfg = recipe.fit_config(1, batch)
+        trainer = Trainer(model, rt, cfg.optim(), params=recipe.param_groups(model, None, cfg), loss=recipe.loss)
+        x = rt.to_float(torch.randint(0, 256, (batch, 3, 32, 32), generator=gen, dtype=torch.uint8))
+        y = torch.randint(0, 10, (batch,), generator=gen).to(rt.device)
+        steps[arch] = (batch, recipe, lambda t=trainer, x=x, y=y: t.step(x, y))
+    for _, _, fn in steps.values():
+        fn()  # warm-up
+    times = {arch: [] for arch in steps}
+    for _ in range(repeat):
+        for arch, (_, _, fn) in steps.items():
+            start = time.perf_counter()
+            fn()
+            _sync(rt.device.type)
+            times[arch].append(time.perf_counter() - start)
+    rows = {arch: {"batch": steps[arch][0], "recipe": steps[arch][1].name, "min_step_s": min(ts),
+                   "median_step_s": statistics.median(ts), "s_per_image": min(ts) / steps[arch][0]}
+            for arch, ts in times.items()}
+    return {"repeat": repeat, "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------ runs
 
 def run(arch: str, recipe_name: str, train: WorkingSet, test: WorkingSet, epochs: int | None, rt: Runtime,
@@ -206,6 +242,9 @@ def main() -> None:
                         help="auto: the fastest in the format measurement")
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--format-batch", type=int, default=256)
+    parser.add_argument("--step-repeat", type=int, default=5,
+                        help="interleaved training steps per architecture for the per-image ratios (0: skip)")
+    parser.add_argument("--step-batch", type=int, default=256, help="cap on those steps' batch size")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -218,6 +257,8 @@ def main() -> None:
         args.resnet_images = min(args.resnet_images, 128)
         args.epochs = args.epochs or 1
         args.format_batch = min(args.format_batch, 32)
+        args.step_repeat = min(args.step_repeat, 1)
+        args.step_batch = min(args.step_batch, 8)
 
     if args.npz:
         train, test = load_npz(Path(args.npz))
@@ -238,6 +279,18 @@ def main() -> None:
     results = {"settings": vars(args), "formats": formats, "precision": precision, "channels_last": channels_last,
                "records": [], "ratios": []}
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    if args.step_repeat and FAST in archs and len(archs) > 1:
+        steps = time_archs(archs, rt, args.step_repeat, args.step_batch)
+        fast_s = steps["rows"][FAST]["s_per_image"] * create_recipe(default_recipe(FAST)).epochs
+        print(f"training step per image, interleaved (best of {steps['repeat']}):")
+        for arch, row in steps["rows"].items():
+            row["protocol_epochs"] = create_recipe(default_recipe(arch)).epochs if arch == FAST else args.resnet_epochs
+            row["ratio_vs_fast"] = round(row["s_per_image"] * row["protocol_epochs"] / fast_s, 2)
+            print(f"  {arch:<20} batch {row['batch']:>4}: {row['s_per_image'] * 1e3:7.2f} ms/image; × "
+                  f"{row['protocol_epochs']} epochs = {row['ratio_vs_fast']:.1f}x the fast victim's training time "
+                  f"({'its recipe' if arch == FAST else 'the UE papers protocol, stated, not measured'})")
+        results["step_ratios"] = steps
+        write_report(args.json, results, __file__, started)
     fast = None
     for arch in sorted(archs, key=lambda a: a != FAST):  # the fast victim first: the ratios' baseline
         is_fast = arch == FAST
