@@ -186,7 +186,8 @@ def run(arch: str, recipe_name: str, train: WorkingSet, test: WorkingSet, epochs
     epoch_s = [h["seconds"] for h in trained]
     return {"arch": arch, "recipe": recipe.describe(), "images": len(train), "test_images": len(test),
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "test_accuracy": trained[-1]["test_accuracy"], "best_test_accuracy": max(h["test_accuracy"] for h in trained),
+            "test_accuracy": trained[-1]["test_accuracy"],
+            "best_test_accuracy": max(h["test_accuracy"] for h in trained),
             "best_epoch": max(trained, key=lambda h: h["test_accuracy"])["epoch"],
             "wall_s": round(wall, 2), "epoch_s": epoch_s, "eval_s": round(eval_s, 2),
             "train_s_per_epoch_median": round(statistics.median(epoch_s) - eval_s, 2),
@@ -272,7 +273,8 @@ def main() -> None:
     rt = Runtime.create(args.device, precision, "off", channels_last=channels_last)
     print(f"formats (fastvgg step, batch {formats['batch']}):")
     for r in formats["rows"]:
-        print(f"  {r['precision']:>4} channels_last={r['channels_last']!s:<5} {r['median_s'] * 1e3:8.1f} ms/step median "
+        print(f"  {r['precision']:>4} channels_last={r['channels_last']!s:<5} "
+              f"{r['median_s'] * 1e3:8.1f} ms/step median "
               f"({r['min_s'] * 1e3:.1f} min)  {r['speedup_vs_fp32_nchw']:.2f}x vs fp32 NCHW (medians)")
     print(f"using {precision}, channels_last={channels_last}, {torch.get_num_threads()} threads")
 
@@ -297,8 +299,10 @@ def main() -> None:
         images = args.images if is_fast else min(args.resnet_images, args.images or len(train))
         epochs = args.epochs if is_fast else args.resnet_epochs_measured
         record = run(arch, default_recipe(arch), take(train, images), test, epochs, rt, args.seed)
-        print(f"{arch}: {record['images']} images × {record['epochs']} epochs: test {100 * record['test_accuracy']:.2f} % "
-              f"(best {100 * record['best_test_accuracy']:.2f} % at epoch {record['best_epoch']}) in {record['wall_s']:.1f} s "
+        print(f"{arch}: {record['images']} images × {record['epochs']} epochs: "
+              f"test {100 * record['test_accuracy']:.2f} % "
+              f"(best {100 * record['best_test_accuracy']:.2f} % at epoch {record['best_epoch']}) "
+              f"in {record['wall_s']:.1f} s "
               f"(epochs {record['epoch_s']} s, test pass {record['eval_s']} s)")
         if is_fast:
             fast = record

@@ -140,7 +140,8 @@ def test_defenses_run_through_fastvgg(defense):
     options = {"steps": 2} if defense == "at" else {"probe_size": 8, "checks_per_epoch": 1}
     data = _set(24)
     model = create_model("fastvgg_cifar", 3)
-    history = fit(model, data, data, create_recipe("fast").fit_config(1, 12), defense=create_defense(defense, **options),
+    history = fit(model, data, data, create_recipe("fast").fit_config(1, 12),
+                  defense=create_defense(defense, **options),
                   paradigm=create_paradigm("scratch"), runtime=CPU, generator=seed_everything(0),
                   recipe=create_recipe("fast", whiten_images=16))
     trained = [h for h in history if h["epoch"] >= 1]
@@ -244,7 +245,8 @@ def test_bench_quick_writes_the_fields(tmp_path):
     out = tmp_path / "victim.json"
     done = subprocess.run([sys.executable, str(REPO / "bench/victim.py"), "--quick", "--npz", str(npz), "--json",
                            str(out), "--archs", "fastvgg_cifar,resnet18_cifar_slim", "--format-batch", "4"],
-                          capture_output=True, text=True, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
                           timeout=600)
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())

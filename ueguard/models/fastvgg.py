@@ -101,7 +101,8 @@ class Pool(nn.Module):
 
 
 class ConvBlock(nn.Sequential):
-    """``conv → pool → BN → GELU → conv → BN → GELU`` (keys ``conv1, pool, norm1, act1, conv2, norm2, act2``)."""
+    """``conv → pool → BN → GELU → conv → BN → GELU``
+    (keys ``conv1, pool, norm1, act1, conv2, norm2, act2``)."""
 
     def __init__(self, in_channels: int, width: int) -> None:
         super().__init__()

@@ -346,7 +346,8 @@ def verify(protected, test, clean=None, *, json_path=None, report_dir=None, prog
     and return the report (also written to ``json_path``; ``report_dir`` gets a Markdown summary and
     plots). ``options``: the CLI's long options (``paradigm``, ``defense``, ``defense_options``,
     ``arch``, ``epochs``, ``budget``, ``seed``, ``weights``, ``pretrained``, ``size``, ``batch_size``,
-    ``lr``, ``recipe``, ``threshold``, ``device``, ``precision``, ``compile``, ``resume``, ``loader`` — auto, memory, ffcv or torch, see
+    ``lr``, ``recipe``, ``threshold``, ``device``, ``precision``, ``compile``, ``resume``, ``loader`` — auto, memory,
+    ffcv or torch, see
     :mod:`ueguard.data.loaders` — and ``cache_dir`` for the FFCV cache). ``on_run_done(record)`` is called
     after every finished (or resumed) run.
 
