@@ -53,7 +53,7 @@ t0 = time.time()
 class Aug(Defense):
     name = "x"; description = ""
     def __init__(self, mode): self.mode = mode
-    def augment(self, x, g):
+    def augment(self, x, g, standard=None):
         if self.mode == "none": return x
         return crop_flip(x, g, flip=self.mode == "cropflip")
 info = {}

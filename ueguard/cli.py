@@ -217,8 +217,12 @@ def _protected_rest(protected: int) -> str:
               help="Pretrained checkpoint for finetune/frozen/linear.")
 @click.option("--pretrained", is_flag=True, help="Pretrained weights from the timm hub for finetune/frozen/linear.")
 @click.option("--size", type=click.IntRange(8, 1024), help="Training resolution in px.")
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--lr", type=float, help="Peak learning rate (default: 0.1 scratch, 1e-3 finetune).")
+@click.option("--batch-size", type=click.IntRange(1), help="Training batch size (default: the recipe's; 128 standard, "
+              "1024 fast).")
+@click.option("--lr", type=float, help="Peak learning rate (default: the recipe's; standard: 0.1 scratch, 1e-3 "
+              "finetune).")
+@click.option("--recipe", help="Training recipe: standard | fast (default: the architecture's; fast for "
+              "fastvgg_cifar). See docs/victim.md.")
 @click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Verdict: protected iff acc - chance <= threshold * (clean acc - chance).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))

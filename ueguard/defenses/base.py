@@ -91,9 +91,10 @@ class Defense(ABC):
         """Called once before the first step; returns extra fields for an epoch-0 record (none by default)."""
         return {}
 
-    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Per-batch training augmentation of float images in [0, 1]: random crop + flip."""
-        return crop_flip(x, generator)
+    def augment(self, x: torch.Tensor, generator: torch.Generator, standard=crop_flip) -> torch.Tensor:
+        """Per-batch training augmentation of float images in [0, 1]: the recipe's ``standard`` one (random
+        crop + flip; the run's recipe says how far the crop translates)."""
+        return standard(x, generator)
 
     def step(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step on an augmented batch; returns (loss, number correct)."""

@@ -187,8 +187,9 @@ class Staged(Defense):
 
     def end_epoch(self, state: FitState, epoch: int) -> dict[str, Any]:
         latest = {name: values[-1] for name, values in self.curve.items()}
-        lrs = {g.get("name", str(i)): lr for i, (g, lr) in
-               enumerate(zip(state.trainer.optimizer.param_groups, state.trainer.step_lrs))}
+        lrs = {}
+        for i, (g, lr) in enumerate(zip(state.trainer.optimizer.param_groups, state.trainer.step_lrs)):
+            lrs.setdefault(g.get("name", str(i)), lr)  # a stage's first group (a recipe may split off its BN shifts)
         return {"acm": latest, "group_lr": lrs}
 
     def summary(self) -> dict[str, Any]:

@@ -116,8 +116,8 @@ class UEraser(Defense):
         self._max_steps = math.ceil(self.config.max_fraction * state.epochs) * state.steps_per_epoch
         return {}
 
-    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return x  # the whole pipeline runs in step(), where the model is at hand
+    def augment(self, x: torch.Tensor, generator: torch.Generator, standard=None) -> torch.Tensor:
+        return x  # the whole pipeline (its own crop + flip included) runs in step(), where the model is at hand
 
     def step(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor):
         self._steps += 1

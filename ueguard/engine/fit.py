@@ -3,6 +3,9 @@
 The training set stays on the device as uint8; each epoch is one shuffled pass of minibatches, each
 batch converted to float, augmented by the defense and stepped by the defense (standard SGD by
 default), with a one-cycle learning-rate schedule. Test accuracy is measured after every epoch.
+What is not a plain optimiser number — a data-dependent init, the parameter groups, the loss, the
+standard augmentation, test-time augmentation — comes from the run's recipe
+(:mod:`ueguard.engine.recipes`; ``standard`` by default).
 """
 
 from __future__ import annotations
@@ -27,12 +30,20 @@ class FitConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = True
+    warmup: float = 0.15
+    lr_start: float = 0.1
+    lr_end: float = 0.001
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(self.lr, self.momentum, self.weight_decay, self.nesterov, grad_clip=None,
+                           warmup=self.warmup, lr_start=self.lr_start, lr_end=self.lr_end)
 
 
-def accuracy(model: nn.Module, data: WorkingSet, runtime: Runtime, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on clean ``data`` (already on the run's device)."""
+def accuracy(model: nn.Module, data: WorkingSet, runtime: Runtime, batch_size: int = 512, logits=None) -> float:
+    """Top-1 accuracy of ``model`` (eval mode) on clean ``data`` (already on the run's device); ``logits``:
+    a recipe's test-time logits (see :func:`ueguard.engine.loops.predict`)."""
     batches = (runtime.to_float(data.images[s]) for s in batch_ranges(len(data), batch_size))
-    pred = predict(model, batches, runtime)
+    pred = predict(model, batches, runtime, logits)
     return (pred == data.labels).float().mean().item() if len(data) else float("nan")
 
 
@@ -46,16 +57,20 @@ def can_stream(defense) -> bool:
 
 def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *, defense, paradigm=None,
         params=None, runtime: Runtime, generator: torch.Generator, validation: WorkingSet | None = None,
-        progress: Progress = SILENT, desc: str = "training") -> list[dict]:
+        progress: Progress = SILENT, desc: str = "training", recipe=None) -> list[dict]:
     """Train ``model`` on ``train`` (a working set, or a ``StreamedSet`` read batch by batch when the
     defense :func:`can_stream`) under ``defense`` (and ``paradigm``: which parameters train, per-stage
     groups, frozen stages kept in eval mode) and return the per-epoch history: ``epoch``,
     ``train_loss``, ``train_accuracy`` (on the batches actually trained on), ``test_accuracy``,
     ``val_accuracy`` (with ``validation``), ``lr``, ``seconds``, plus the defense's own fields.
     A defense whose ``start`` reports something (the staged schedule's ACM before training) adds an
-    epoch-0 record."""
+    epoch-0 record. The ``recipe`` (default ``standard``) inits the model from the data before training
+    (for a from-scratch start), builds the optimiser's groups and loss, and gives the standard augmentation
+    and the test-time logits."""
     from ueguard.defenses.base import FitState
+    from ueguard.engine.recipes import Recipe
 
+    recipe = recipe if recipe is not None else Recipe()
     model = runtime.prepare_model(model)
     if paradigm is not None:
         params = paradigm.prepare(model)
@@ -68,15 +83,16 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
     test = test.to(runtime.device)  # once, not every epoch
     validation = validation.to(runtime.device) if validation is not None else None
     sampler = BatchSampler(len(train), cfg.batch_size, generator, drop_last=len(train) > cfg.batch_size)
-    trainer = Trainer(model, runtime, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay, cfg.nesterov, grad_clip=None),
-                      total_steps=cfg.epochs * sampler.steps_per_epoch(), params=params)
+    recipe.prepare(model, images, runtime, pretrained=paradigm is not None and paradigm.needs_pretrained)
+    trainer = Trainer(model, runtime, cfg.optim(), total_steps=cfg.epochs * sampler.steps_per_epoch(),
+                      params=recipe.param_groups(model, params, cfg), loss=recipe.loss)
     train_mode = paradigm.train_mode if paradigm is not None else nn.Module.train
     state = FitState(model, trainer, runtime, generator, images, labels, sampler.steps_per_epoch(), cfg.epochs,
                      validation)
-    history = []
+    history, tta = [], recipe.test_logits
     extra = defense.start(state)
     if extra:
-        history.append({"epoch": 0, "test_accuracy": round(accuracy(model, test, runtime), 5), **extra})
+        history.append({"epoch": 0, "test_accuracy": round(accuracy(model, test, runtime, logits=tta), 5), **extra})
     step = 0
     passes = train.epochs(sampler, generator, runtime.device) if streamed else None
     with progress.bar(cfg.epochs, desc, unit="epoch") as bar:
@@ -89,7 +105,7 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
             batches = (next(passes) if streamed else
                        ((images[idx], labels[idx]) for idx in (i.to(runtime.device) for i in sampler.epoch())))
             for batch_images, batch_labels in batches:
-                x = defense.augment(runtime.to_float(batch_images), generator)
+                x = defense.augment(runtime.to_float(batch_images), generator, recipe.augment)
                 loss, hits = defense.step(trainer, x, batch_labels)
                 loss_sum += loss * batch_labels.numel()
                 correct += hits
@@ -98,9 +114,9 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
                 defense.after_step(state, step)
             record = {"epoch": epoch, "train_loss": round(loss_sum.item() / seen, 5),
                       "train_accuracy": round(correct.item() / seen, 5),
-                      "test_accuracy": round(accuracy(model, test, runtime), 5)}
+                      "test_accuracy": round(accuracy(model, test, runtime, logits=tta), 5)}
             if validation is not None:
-                record["val_accuracy"] = round(accuracy(model, validation, runtime), 5)
+                record["val_accuracy"] = round(accuracy(model, validation, runtime, logits=tta), 5)
             record.update(lr=trainer.step_lrs[-1], **defense.end_epoch(state, epoch),
                           seconds=round(time.perf_counter() - started, 3))
             history.append(record)

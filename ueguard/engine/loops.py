@@ -31,24 +31,30 @@ class OptimConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
     grad_clip: float | None = 5.0
+    warmup: float = 0.15    # one-cycle schedule: share of steps to the peak, start and end as fractions of it
+    lr_start: float = 0.1
+    lr_end: float = 0.001
 
 
 class Trainer:
-    """Owns a model, its SGD optimiser and (optionally) a per-step learning-rate schedule."""
+    """Owns a model, its SGD optimiser and (optionally) a per-step learning-rate schedule (linear one-cycle;
+    a group with its own ``lr`` peaks there). ``loss(logits, y)``: the training loss (cross-entropy)."""
 
     def __init__(self, model: nn.Module, runtime: Runtime, optim: OptimConfig = OptimConfig(),
-                 total_steps: int | None = None, params=None) -> None:
+                 total_steps: int | None = None, params=None, loss=None) -> None:
         self.model = model
         self.runtime = runtime
         self.optim = optim
+        self.loss = loss if loss is not None else _cross_entropy
         groups = _param_groups(params if params is not None else model.parameters())
         if not groups:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
                                          weight_decay=optim.weight_decay, nesterov=optim.nesterov)
         self.scheduler = (torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=optim.lr, total_steps=total_steps, pct_start=0.15,
-            anneal_strategy="linear", div_factor=10, final_div_factor=100)
+            self.optimizer, max_lr=[g.get("lr", optim.lr) for g in groups], total_steps=total_steps,
+            pct_start=optim.warmup, anneal_strategy="linear", div_factor=1 / optim.lr_start,
+            final_div_factor=optim.lr_start / optim.lr_end)
             if total_steps else None)
         #: The learning rate of every group in the last step taken (the schedule's value after the run's
         #: final step lies past its end, extrapolated below zero: never used, so never reported).
@@ -60,7 +66,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self.runtime.autocast():
             logits = model_call(self.model, self.runtime)(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = self.loss(logits, y)
         loss.backward()
         if self.optim.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
@@ -69,6 +75,10 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), y)
 
 
 def _param_groups(params) -> list[dict]:
@@ -110,15 +120,16 @@ def pgd_step(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, y: torch.Te
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches, runtime: Runtime) -> torch.Tensor:
-    """Argmax predictions over an iterable of float batches, in eval mode, concatenated."""
+def predict(model: nn.Module, batches, runtime: Runtime, logits=None) -> torch.Tensor:
+    """Argmax predictions over an iterable of float batches, in eval mode, concatenated. ``logits(forward,
+    x)`` replaces the plain forward pass (test-time augmentation, :mod:`ueguard.engine.recipes`)."""
     was_training = model.training
     model.eval()
     forward = model_call(model, runtime)
     out = []
     for x in batches:
         with runtime.autocast():
-            out.append(forward(x).argmax(1))
+            out.append((forward(x) if logits is None else logits(forward, x)).argmax(1))
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=runtime.device)
 

@@ -43,3 +43,9 @@ def model_entrypoint(name: str) -> ModelBuilder:
         return _model_entrypoints[name]
     except KeyError:
         raise ValueError(f"unknown ueguard model {name!r}; registered: {', '.join(list_models())}") from None
+
+
+def default_recipe(name: str) -> str:
+    """The verify recipe (:mod:`ueguard.engine.recipes`) an architecture trains with when none is asked for:
+    the builder's ``default_recipe`` attribute, else ``standard`` (timm names included)."""
+    return getattr(_model_entrypoints.get(name), "default_recipe", "standard")

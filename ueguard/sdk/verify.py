@@ -42,8 +42,9 @@ from ueguard.data.images import DEFAULT_MAX_PIXELS
 from ueguard.data.loaders import LOADERS, StreamedSet, load_working_set, require_ffcv, resolve_loader
 from ueguard.data.working_set import WorkingSet, image_sides, suggest_size
 from ueguard.defenses import DEFENSES, PARADIGMS, create_paradigm, defense_names, paradigm_names
-from ueguard.engine.fit import FitConfig, can_stream, fit
+from ueguard.engine.fit import can_stream, fit
 from ueguard.engine.progress import Progress
+from ueguard.engine.recipes import RECIPES, create_recipe
 from ueguard.engine.runtime import seed_everything
 from ueguard.errors import UsageError
 from ueguard.budgets import BUDGETS, VERIFY_EPOCHS
@@ -70,6 +71,10 @@ class VerifyOptions:
     Paradigms that start from pretrained weights (finetune, frozen, linear) need ``weights`` or
     ``pretrained``: named explicitly without them they are a usage error; under ``all`` they are
     skipped, and the report says why. The same holds for ``earlystop`` without ``--clean``.
+
+    ``recipe`` names the training recipe (:mod:`ueguard.engine.recipes`); ``None`` means the architecture's
+    default (``fast`` for ``fastvgg_cifar``, ``standard`` otherwise). ``epochs``, ``batch_size`` and ``lr``
+    given explicitly override the recipe's.
     """
 
     paradigm: str = "scratch"
@@ -82,8 +87,9 @@ class VerifyOptions:
     weights: str | None = None
     pretrained: bool = False
     size: int | None = None
-    batch_size: int = 128
+    batch_size: int | None = None
     lr: float | None = None
+    recipe: str | None = None
     threshold: float = 0.5
     device: str = "auto"
     precision: str = "auto"
@@ -118,6 +124,11 @@ class VerifyOptions:
         if pretrained and not any(PARADIGMS.get(p).needs_pretrained for p in paradigms):
             raise UsageError(f"paradigm {opts.paradigm!r} trains from random initialisation; --weights/--pretrained "
                              "are for --paradigm finetune, frozen, linear or all")
+        if opts.recipe is not None and opts.recipe not in RECIPES:
+            try:
+                RECIPES.get(opts.recipe)
+            except ValueError as error:
+                raise UsageError(f"--recipe: {error}") from None
         if opts.epochs is not None and opts.epochs < 1:
             raise UsageError("epochs must be ≥ 1")
         if not 0 <= opts.threshold <= 1:
@@ -137,9 +148,9 @@ class VerifyOptions:
     def defenses(self) -> list[str]:
         return _names(self.defense, DEFENSES, defense_names(), "defense")
 
-    @property
-    def resolved_epochs(self) -> int:
-        return self.epochs or EPOCHS[self.budget]
+    def resolved_epochs(self, recipe=None) -> int:
+        """--epochs, else the recipe's own, else the budget's."""
+        return self.epochs or (recipe.epochs if recipe is not None else None) or EPOCHS[self.budget]
 
     def defense_overrides(self, name: str) -> dict[str, Any]:
         fields = {f.name for f in dataclasses.fields(DEFENSES.get(name).config_class)}
@@ -323,7 +334,8 @@ def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None,
     and return the report (also written to ``json_path``; ``report_dir`` gets a Markdown summary and
     plots). ``options``: the CLI's long options (``paradigm``, ``defense``, ``defense_options``,
     ``arch``, ``epochs``, ``budget``, ``seed``, ``weights``, ``pretrained``, ``size``, ``batch_size``,
-    ``lr``, ``threshold``, ``device``, ``precision``, ``compile``, ``resume``, ``loader`` — auto, memory, ffcv or torch, see
+    ``lr``, ``recipe``, ``threshold``, ``device``, ``precision``, ``compile``, ``resume``, ``loader`` — auto, memory,
+    ffcv or torch, see
     :mod:`ueguard.data.loaders` — and ``cache_dir`` for the FFCV cache). ``on_run_done(record)`` is called
     after every finished (or resumed) run. Without ``test``, ``holdout`` (default 0.2) of ``clean`` is held
     out as the test set and left out of both training sets (:mod:`ueguard.sdk.holdout`); the report lists
@@ -371,12 +383,14 @@ def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None,
     test_set, test_problems = _load(test_listing, size, opts.max_pixels, "test", reporter, loader, opts.cache_dir)
     clean_set = _training_set(clean_listing, size, opts, loader, "clean", reporter)[0] if clean_listing else None
     arch = opts.arch or default_arch(size, opts.budget)
+    recipe = create_recipe(opts.recipe or models.default_recipe(arch))
     chance = 1.0 / len(classes)
-    epochs = opts.resolved_epochs
+    epochs = opts.resolved_epochs(recipe)
     data_info = {"protected": str(protected), "test": None if test is None else str(test),
                  "clean": None if clean is None else str(clean), "holdout": held_out,
                  "train_images": len(train_p), "test_images": len(test_set)}
-    config = dataclasses.asdict(opts) | {"epochs": epochs, "size": size, "arch": arch,
+    config = dataclasses.asdict(opts) | {"epochs": epochs, "size": size, "arch": arch, "recipe": recipe.name,
+                                         "batch_size": opts.batch_size or recipe.batch_size,
                                          "defense_options": dict(opts.defense_options), "resolved_loader": loader}
     fingerprint = {k: v for k, v in config.items()
                    if k not in ("resume", "device", "precision", "compile", "loader", "cache_dir", "resolved_loader")}
@@ -388,7 +402,7 @@ def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None,
               validation: WorkingSet | None = None) -> dict[str, Any]:
         paradigm = create_paradigm(paradigm_name)
         defense = DEFENSES.get(defense_name)(opts.defense_config(defense_name))
-        fit_cfg = FitConfig(epochs=epochs, batch_size=opts.batch_size, lr=opts.lr or paradigm.default_lr)
+        fit_cfg = recipe.fit_config(epochs, opts.batch_size, opts.lr, paradigm_lr=paradigm.default_lr)
         generator = seed_everything(opts.seed)  # same init and batch order for the clean and protected runs
         try:
             model = models.create_model(arch, len(classes), weights=opts.weights if paradigm.needs_pretrained else None,
@@ -401,13 +415,14 @@ def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None,
         try:
             history = fit(model, data, test_set, fit_cfg, defense=defense, paradigm=paradigm, runtime=runtime,
                           generator=generator, validation=validation, progress=reporter,
-                          desc=f"{label}: {defense_name}/{paradigm_name}")
+                          desc=f"{label}: {defense_name}/{paradigm_name}", recipe=recipe)
         except ValueError as error:  # a paradigm or defense that does not fit the architecture
             raise UsageError(f"{defense_name}/{paradigm_name} with {arch}: {error}") from None
         trained = [h for h in history if h["epoch"] >= 1]
         chosen = trained[defense.selected_epoch(trained)]
         return {"defense": defense_name, "paradigm": paradigm_name, "arch": arch, "size": size, "epochs": epochs,
-                "lr": fit_cfg.lr, "test_accuracy": chosen["test_accuracy"], "selected_epoch": chosen["epoch"],
+                "lr": fit_cfg.lr, "batch_size": fit_cfg.batch_size, "recipe": recipe.describe(),
+                "test_accuracy": chosen["test_accuracy"], "selected_epoch": chosen["epoch"],
                 "final_test_accuracy": trained[-1]["test_accuracy"],
                 "peak_test_accuracy": max(h["test_accuracy"] for h in trained),
                 "train_images": len(data), "defense_config": dataclasses.asdict(defense.config),
