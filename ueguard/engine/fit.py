@@ -11,7 +11,6 @@ standard augmentation, test-time augmentation — comes from the run's recipe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,24 +18,8 @@ from torch import nn
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, predict
 from ueguard.engine.progress import SILENT, Progress
+from ueguard.engine.recipes import FitConfig, Recipe  # noqa: F401 (FitConfig: re-exported)
 from ueguard.engine.runtime import Runtime
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    epochs: int
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = True
-    warmup: float = 0.15
-    lr_start: float = 0.1
-    lr_end: float = 0.001
-
-    def optim(self) -> OptimConfig:
-        return OptimConfig(self.lr, self.momentum, self.weight_decay, self.nesterov, grad_clip=None,
-                           warmup=self.warmup, lr_start=self.lr_start, lr_end=self.lr_end)
 
 
 def accuracy(model: nn.Module, data: WorkingSet, runtime: Runtime, batch_size: int = 512, logits=None) -> float:
@@ -68,7 +51,6 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
     (for a from-scratch start), builds the optimiser's groups and loss, and gives the standard augmentation
     and the test-time logits."""
     from ueguard.defenses.base import FitState
-    from ueguard.engine.recipes import Recipe
 
     recipe = recipe if recipe is not None else Recipe()
     model = runtime.prepare_model(model)

@@ -34,7 +34,27 @@ from torch import nn
 
 from ueguard._registry import Registry
 from ueguard.engine.augment import crop_flip
-from ueguard.engine.loops import batch_ranges
+from ueguard.engine.loops import OptimConfig, batch_ranges
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """The plain optimiser settings of one training run (what a recipe resolves to; see :meth:`Recipe.fit_config`)."""
+
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    warmup: float = 0.15
+    lr_start: float = 0.1
+    lr_end: float = 0.001
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(self.lr, self.momentum, self.weight_decay, self.nesterov, grad_clip=None,
+                           warmup=self.warmup, lr_start=self.lr_start, lr_end=self.lr_end)
+
 
 RECIPES: Registry["Recipe"] = Registry("recipe")
 
@@ -47,7 +67,7 @@ SCRATCH_LR = 0.1
 class Recipe:
     """The ``standard`` recipe; subclasses change constants (and, where needed, a hook)."""
 
-    name: ClassVar[str] = "standard"
+    name: ClassVar[str]  # set by the registration
     description: ClassVar[str] = ("ueguard's default victim recipe: batch 128, SGD 0.1 one-cycle, crop + flip, "
                                   "cross-entropy, single-view test")
 
@@ -71,8 +91,6 @@ class Recipe:
         """The resolved FitConfig: the caller's epochs / batch size / peak rate where given, else the recipe's.
         A paradigm's rate (``paradigm_lr``: 1e-3 finetune) scales the recipe's by ``paradigm_lr / 0.1``. The
         rate is the recipe's for its own batch size: another ``batch_size`` leaves it as it is."""
-        from ueguard.engine.fit import FitConfig
-
         batch = batch_size or self.batch_size
         peak = lr if lr is not None else paradigm_lr * (self.lr / SCRATCH_LR)
         epochs = epochs or self.epochs
@@ -143,7 +161,6 @@ FAST_MOMENTUM = 0.85
 @RECIPES.register("fast")
 @dataclass(frozen=True)
 class FastRecipe(Recipe):
-    name: ClassVar[str] = "fast"
     description: ClassVar[str] = ("airbench-style (fastvgg_cifar): batch 1024, Nesterov SGD with decoupled rate, "
                                   "label smoothing 0.2, translate-2 crop, whitening init, flip test-time augmentation")
 
