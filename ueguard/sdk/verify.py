@@ -342,16 +342,51 @@ def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None,
     those files under ``data.holdout``.
 
     Per-run checkpoints go to ``<json_path>.state/`` (or ``<report_dir>/state/``); ``resume=True``
-    continues an interrupted battery at the run it stopped in (that run starts over)."""
-    from ueguard import models
+    continues an interrupted battery at the run it stopped in (that run starts over).
 
+    Stages: plan the runs (:func:`_select_runs`) → load the data and resolve the recipe (:func:`_plan`) →
+    train each run and judge it (:func:`_run_battery`) → assemble the report (:func:`_assemble_report`)."""
     opts = VerifyOptions.resolve(**options)
     reporter = progress if isinstance(progress, Progress) else Progress(progress)
-    holdout = holdout_share(test, clean, opts.holdout)
-    runtime = make_runtime(opts.device, opts.precision, opts.compile)
-    protected = Path(protected)
-    pretrained = opts.weights is not None or opts.pretrained
+    plan = _plan(Path(protected), test, clean, opts, reporter, json_path, report_dir)
+    runs, baselines = _run_battery(plan, opts, reporter, on_run_done)
+    report = _assemble_report(plan, opts, runs, baselines)
+    if json_path is not None:
+        _write_json(Path(json_path), report)
+    if report_dir is not None:
+        from ueguard.sdk.report import write_report_dir
 
+        write_report_dir(report, Path(report_dir))
+    return report
+
+
+@dataclass
+class _VerifyPlan:
+    """What a verify battery trains on and how: resolved before the first run."""
+
+    runtime: Any
+    paradigms: list[str]
+    defenses: list[str]
+    skipped: list[dict[str, str]]
+    classes: tuple[str, ...]
+    train_p: Any
+    test_set: WorkingSet
+    clean_set: Any
+    problems: list
+    size: int
+    arch: str
+    recipe: Any
+    chance: float
+    epochs: int
+    data_info: dict[str, Any]
+    config: dict[str, Any]
+    store: "RunStore"
+
+
+def _select_runs(opts: VerifyOptions, clean) -> tuple[list[str], list[str], list[dict[str, str]]]:
+    """The paradigms and defenses that can run, and the (defense, paradigm) pairs skipped with the reason:
+    pretrained paradigms without weights, and validation defenses without ``--clean`` (under ``all``)."""
+    pretrained = opts.weights is not None or opts.pretrained
     skipped: list[dict[str, str]] = []
     paradigms = []
     for name in opts.paradigms:
@@ -369,7 +404,17 @@ def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None,
                             "reason": "needs a clean validation split: pass --clean"})
         else:
             defenses.append(name)
+    return paradigms, defenses, skipped
 
+
+def _plan(protected: Path, test, clean, opts: VerifyOptions, reporter: Progress, json_path, report_dir) -> _VerifyPlan:
+    """Scan and load the folders (the test set held out of ``clean`` without ``test``), resolve the size,
+    architecture, recipe and epochs, and open the per-run checkpoint store."""
+    from ueguard import models
+
+    holdout = holdout_share(test, clean, opts.holdout)
+    runtime = make_runtime(opts.device, opts.precision, opts.compile)
+    paradigms, defenses, skipped = _select_runs(opts, clean)
     listing = _scan(protected, "protected")
     classes = listing.classes
     clean_listing = _scan(Path(clean), "clean", classes) if clean is not None else None
@@ -384,7 +429,6 @@ def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None,
     clean_set = _training_set(clean_listing, size, opts, loader, "clean", reporter)[0] if clean_listing else None
     arch = opts.arch or default_arch(size, opts.budget)
     recipe = create_recipe(opts.recipe or models.default_recipe(arch))
-    chance = 1.0 / len(classes)
     epochs = opts.resolved_epochs(recipe)
     data_info = {"protected": str(protected), "test": None if test is None else str(test),
                  "clean": None if clean is None else str(clean), "holdout": held_out,
@@ -397,103 +441,119 @@ def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None,
     state_root = (Path(str(json_path) + ".state") if json_path is not None
                   else Path(report_dir) / "state" if report_dir is not None else None)
     store = RunStore(state_root, fingerprint | {"data": data_info}, opts.resume)
+    return _VerifyPlan(runtime, paradigms, defenses, skipped, classes, train_p, test_set, clean_set,
+                       problems + test_problems, size, arch, recipe, 1.0 / len(classes), epochs, data_info, config, store)
 
-    def train(data: WorkingSet, defense_name: str, paradigm_name: str, label: str,
-              validation: WorkingSet | None = None) -> dict[str, Any]:
-        paradigm = create_paradigm(paradigm_name)
-        defense = DEFENSES.get(defense_name)(opts.defense_config(defense_name))
-        fit_cfg = recipe.fit_config(epochs, opts.batch_size, opts.lr, paradigm_lr=paradigm.default_lr)
-        generator = seed_everything(opts.seed)  # same init and batch order for the clean and protected runs
-        try:
-            model = models.create_model(arch, len(classes), weights=opts.weights if paradigm.needs_pretrained else None,
-                                        pretrained=opts.pretrained and paradigm.needs_pretrained)
-        except (ValueError, FileNotFoundError) as error:
-            raise UsageError(str(error)) from None
-        if isinstance(data, StreamedSet) and not can_stream(defense):
-            data = _in_memory(data, opts, reporter)  # this defense needs the whole set at once
-        started = time.perf_counter()
-        try:
-            history = fit(model, data, test_set, fit_cfg, defense=defense, paradigm=paradigm, runtime=runtime,
-                          generator=generator, validation=validation, progress=reporter,
-                          desc=f"{label}: {defense_name}/{paradigm_name}", recipe=recipe)
-        except ValueError as error:  # a paradigm or defense that does not fit the architecture
-            raise UsageError(f"{defense_name}/{paradigm_name} with {arch}: {error}") from None
-        trained = [h for h in history if h["epoch"] >= 1]
-        chosen = trained[defense.selected_epoch(trained)]
-        return {"defense": defense_name, "paradigm": paradigm_name, "arch": arch, "size": size, "epochs": epochs,
-                "lr": fit_cfg.lr, "batch_size": fit_cfg.batch_size, "recipe": recipe.describe(),
-                "test_accuracy": chosen["test_accuracy"], "selected_epoch": chosen["epoch"],
-                "final_test_accuracy": trained[-1]["test_accuracy"],
-                "peak_test_accuracy": max(h["test_accuracy"] for h in trained),
-                "train_images": len(data), "defense_config": dataclasses.asdict(defense.config),
-                "history": history, **defense.summary(), "seconds": round(time.perf_counter() - started, 2)}
 
-    plan = [step for p in paradigms
-            for step in ([("clean", "none", p)] if clean_set is not None else []) + [("protected", d, p) for d in defenses]]
+def _train(plan: _VerifyPlan, opts: VerifyOptions, reporter: Progress, data, defense_name: str, paradigm_name: str,
+           label: str, validation: WorkingSet | None = None) -> dict[str, Any]:
+    """One training run (same seed, init and batch order for the clean and the protected data) and its record."""
+    from ueguard import models
+
+    paradigm = create_paradigm(paradigm_name)
+    defense = DEFENSES.get(defense_name)(opts.defense_config(defense_name))
+    fit_cfg = plan.recipe.fit_config(plan.epochs, opts.batch_size, opts.lr, paradigm_lr=paradigm.default_lr)
+    generator = seed_everything(opts.seed)
+    try:
+        model = models.create_model(plan.arch, len(plan.classes),
+                                    weights=opts.weights if paradigm.needs_pretrained else None,
+                                    pretrained=opts.pretrained and paradigm.needs_pretrained)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    if isinstance(data, StreamedSet) and not can_stream(defense):
+        data = _in_memory(data, opts, reporter)  # this defense needs the whole set at once
+    started = time.perf_counter()
+    try:
+        history = fit(model, data, plan.test_set, fit_cfg, defense=defense, paradigm=paradigm, runtime=plan.runtime,
+                      generator=generator, validation=validation, progress=reporter,
+                      desc=f"{label}: {defense_name}/{paradigm_name}", recipe=plan.recipe)
+    except ValueError as error:  # a paradigm or defense that does not fit the architecture
+        raise UsageError(f"{defense_name}/{paradigm_name} with {plan.arch}: {error}") from None
+    trained = [h for h in history if h["epoch"] >= 1]
+    chosen = trained[defense.selected_epoch(trained)]
+    return {"defense": defense_name, "paradigm": paradigm_name, "arch": plan.arch, "size": plan.size,
+            "epochs": plan.epochs, "lr": fit_cfg.lr, "batch_size": fit_cfg.batch_size, "recipe": plan.recipe.describe(),
+            "test_accuracy": chosen["test_accuracy"], "selected_epoch": chosen["epoch"],
+            "final_test_accuracy": trained[-1]["test_accuracy"],
+            "peak_test_accuracy": max(h["test_accuracy"] for h in trained),
+            "train_images": len(data), "defense_config": dataclasses.asdict(defense.config),
+            "history": history, **defense.summary(), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _run_battery(plan: _VerifyPlan, opts: VerifyOptions, reporter: Progress,
+                 on_run_done: Callable[[dict], None] | None) -> tuple[list[dict], dict[str, dict]]:
+    """Every run of the plan — per paradigm the clean baseline first, then each defense on the protected
+    data — trained or resumed from its checkpoint, each protected run judged against its baseline."""
+    steps = [step for p in plan.paradigms
+             for step in ([("clean", "none", p)] if plan.clean_set is not None else [])
+             + [("protected", d, p) for d in plan.defenses]]
     baselines: dict[str, dict] = {}
     runs: list[dict] = []
-    for number, (kind, defense_name, paradigm_name) in enumerate(plan, 1):
+    for number, (kind, defense_name, paradigm_name) in enumerate(steps, 1):
         key = f"{kind}-{defense_name}-{paradigm_name}"
-        record = store.load(key)
+        record = plan.store.load(key)
         if record is not None:
-            reporter.log(f"[{number}/{len(plan)}] {kind} {defense_name}/{paradigm_name}: resumed from checkpoint")
+            reporter.log(f"[{number}/{len(steps)}] {kind} {defense_name}/{paradigm_name}: resumed from checkpoint")
             record["resumed"] = True
         else:
-            reporter.log(f"[{number}/{len(plan)}] training on {kind} images: {defense_name}/{paradigm_name}")
-            data, validation = (clean_set if kind == "clean" else train_p), None
+            reporter.log(f"[{number}/{len(steps)}] training on {kind} images: {defense_name}/{paradigm_name}")
+            data, validation = (plan.clean_set if kind == "clean" else plan.train_p), None
             if kind == "protected" and DEFENSES.get(defense_name).needs_validation:
-                held = [_in_memory(d, opts, reporter) for d in (train_p, clean_set)]  # split by sample id
+                held = [_in_memory(d, opts, reporter) for d in (plan.train_p, plan.clean_set)]  # split by sample id
                 data, validation = _hold_out(*held, opts.defense_config(defense_name).val_fraction, opts.seed)
-            record = train(data, defense_name, paradigm_name, kind, validation)
+            record = _train(plan, opts, reporter, data, defense_name, paradigm_name, kind, validation)
             record["kind"] = kind
-            store.save(key, record)
+            plan.store.save(key, record)
             record["resumed"] = False
         if kind == "clean":
             baselines[paradigm_name] = record
         else:
-            base = baselines.get(paradigm_name)
-            record.update(clean_accuracy=base["test_accuracy"] if base else None,
-                          clean_peak_accuracy=base["peak_test_accuracy"] if base else None,
-                          clean_history=base["history"] if base else None,
-                          clean_seconds=base["seconds"] if base else 0.0, chance=chance)
-            record["stalled"] = stalled(record["history"], chance)
-            record["protected"] = verdict(record["test_accuracy"], record["clean_accuracy"], chance, opts.threshold,
-                                          record["stalled"])
-            runs.append(record)
+            runs.append(_judge(record, baselines.get(paradigm_name), plan.chance, opts.threshold))
         if on_run_done is not None:
             on_run_done(record)
+    return runs, baselines
 
+
+def _judge(record: dict, base: dict | None, chance: float, threshold: float) -> dict:
+    """A protected run's record with its clean baseline beside it, whether it stalled, and its verdict."""
+    record.update(clean_accuracy=base["test_accuracy"] if base else None,
+                  clean_peak_accuracy=base["peak_test_accuracy"] if base else None,
+                  clean_history=base["history"] if base else None,
+                  clean_seconds=base["seconds"] if base else 0.0, chance=chance)
+    record["stalled"] = stalled(record["history"], chance)
+    record["protected"] = verdict(record["test_accuracy"], record["clean_accuracy"], chance, threshold,
+                                  record["stalled"])
+    return record
+
+
+def _assemble_report(plan: _VerifyPlan, opts: VerifyOptions, runs: list[dict], baselines: dict[str, dict]) -> dict:
+    """The report: the worst run's numbers on top, the combined verdict and its rule, every run, what was
+    skipped, the baselines, the data and the resolved configuration."""
     if not runs:
         raise UsageError("nothing to run: every selected (defense, paradigm) pair was skipped: "
-                         + "; ".join(f"{s['defense']}/{s['paradigm']}: {s['reason']}" for s in skipped))
+                         + "; ".join(f"{s['defense']}/{s['paradigm']}: {s['reason']}" for s in plan.skipped))
     worst = max(runs, key=lambda r: r["test_accuracy"])
-    report = {**{k: worst[k] for k in ("defense", "paradigm", "arch", "test_accuracy", "clean_accuracy", "chance",
-                                       "history")},
-              "protected": combine_verdicts([r["protected"] for r in runs]),
-              "rule": f"a run is protected iff test_accuracy - chance <= {opts.threshold} * (clean_accuracy - chance), "
-                      "clean_accuracy from clean data trained under the same paradigm without defense; the verdict is "
-                      "the worst case over all runs (null without a clean baseline, when the clean model does not "
-                      f"learn; a run that stalled, final train accuracy <= chance at a train loss >= "
-                      f"{STALL_LOSS_SHARE} * ln K, is never counted as protected)",
-              "runs": runs,
-              "worst": {k: worst[k] for k in ("defense", "paradigm", "test_accuracy", "clean_accuracy", "protected")},
-              "stalled": [{"defense": r["defense"], "paradigm": r["paradigm"]} for r in runs if r["stalled"]],
-              "skipped": skipped,
-              "baselines": {p: {k: b[k] for k in ("test_accuracy", "peak_test_accuracy", "lr", "history", "seconds")}
-                            for p, b in baselines.items()},
-              "classes": list(classes),
-              "data": data_info | {"unreadable": problems + test_problems},
-              "config": config,
-              "ueguard_version": ueguard.__version__, "torch_version": torch.__version__,
-              "device": str(runtime.device), "precision": runtime.precision,
-              "compile": runtime.compile}
-    if json_path is not None:
-        _write_json(Path(json_path), report)
-    if report_dir is not None:
-        from ueguard.sdk.report import write_report_dir
-
-        write_report_dir(report, Path(report_dir))
-    return report
+    runtime = plan.runtime
+    return {**{k: worst[k] for k in ("defense", "paradigm", "arch", "test_accuracy", "clean_accuracy", "chance",
+                                     "history")},
+            "protected": combine_verdicts([r["protected"] for r in runs]),
+            "rule": f"a run is protected iff test_accuracy - chance <= {opts.threshold} * (clean_accuracy - chance), "
+                    "clean_accuracy from clean data trained under the same paradigm without defense; the verdict is "
+                    "the worst case over all runs (null without a clean baseline, when the clean model does not "
+                    f"learn; a run that stalled, final train accuracy <= chance at a train loss >= "
+                    f"{STALL_LOSS_SHARE} * ln K, is never counted as protected)",
+            "runs": runs,
+            "worst": {k: worst[k] for k in ("defense", "paradigm", "test_accuracy", "clean_accuracy", "protected")},
+            "stalled": [{"defense": r["defense"], "paradigm": r["paradigm"]} for r in runs if r["stalled"]],
+            "skipped": plan.skipped,
+            "baselines": {p: {k: b[k] for k in ("test_accuracy", "peak_test_accuracy", "lr", "history", "seconds")}
+                          for p, b in baselines.items()},
+            "classes": list(plan.classes),
+            "data": plan.data_info | {"unreadable": plan.problems},
+            "config": plan.config,
+            "ueguard_version": ueguard.__version__, "torch_version": torch.__version__,
+            "device": str(runtime.device), "precision": runtime.precision,
+            "compile": runtime.compile}
 
 
 def _test_split(listing: FolderListing, clean: FolderListing | None, test, holdout: float | None, seed: int,
