@@ -267,6 +267,17 @@ def test_a_torn_last_line_is_cut_off_by_the_next_writer(tmp_path):
                                                                           {"kind": "file", "source": "a"}]
 
 
+def test_an_empty_manifest_left_alone_in_dst_does_not_refuse_the_next_run(src, tmp_path):
+    """A run stopped before its first record (the disk filled as it began) left a 0-byte manifest: the
+    corrected command, without --resume, proceeds."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST_NAME).write_bytes(b"")
+    result = CliRunner().invoke(main, ["protect", str(src), "--out", str(out), *LSP])
+    assert result.exit_code == 0, result.output
+    assert next(read_manifest(out / MANIFEST_NAME))["kind"] == "run"
+
+
 def test_a_busy_output_folder_says_so_rather_than_asking_for_resume(src, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -407,6 +407,7 @@ def _check_destination(src: Path, dst: Path, resume: bool) -> None:
     _refuse_overlap(src, dst)
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"the output path {dst} exists and is not a folder")
+    _drop_empty_manifest(dst)
     if dst.is_dir() and any(dst.iterdir()):
         if is_busy(dst / MANIFEST_NAME):
             raise UsageError(busy_message(dst))
@@ -430,6 +431,16 @@ def _check_destination(src: Path, dst: Path, resume: bool) -> None:
         raise UsageError(f"cannot create the output folder {dst}: {error.strerror or error}") from None
     if not os.access(dst, os.W_OK):
         raise UsageError(f"the output folder {dst} is not writable")
+
+
+def _drop_empty_manifest(dst: Path) -> None:
+    """A DST holding nothing but an empty manifest (a run refused or stopped before its first record) is
+    an empty DST: the file is ueguard's own and records nothing, so it never makes a corrected command
+    refuse the folder."""
+    manifest = dst / MANIFEST_NAME
+    if (dst.is_dir() and not manifest.is_symlink() and manifest.is_file() and manifest.stat().st_size == 0
+            and [p.name for p in dst.iterdir()] == [MANIFEST_NAME] and not is_busy(manifest)):
+        manifest.unlink()
 
 
 def _inside(inner: Path, outer: Path) -> bool:
