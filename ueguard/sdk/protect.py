@@ -180,23 +180,15 @@ def protect(src, out=None, method: str = "emn", *, labels=None, layout: str = "a
 # shared pieces
 
 
-def _surrogate(opts: ProtectOptions, size: int, num_classes: int, needs_pretrained: bool = False):
-    """The surrogate named by the options (default architecture for the size and budget) with its weights.
-    ``needs_pretrained``: the hub weights were chosen for the user (see :func:`_hub_surrogate`), so a
-    failed download says what to pass instead."""
+def _surrogate(opts: ProtectOptions, size: int, num_classes: int):
+    """The surrogate named by the options (default architecture for the size and budget) with its weights."""
     from ueguard import models
 
     name = opts.surrogate or default_arch(size, opts.budget)
     try:
         return name, models.create_model(name, num_classes, weights=opts.weights, pretrained=opts.pretrained)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:  # RuntimeError: hub weights not downloaded
         raise UsageError(str(error)) from None
-    except RuntimeError as error:
-        if not needs_pretrained:
-            raise UsageError(str(error)) from None
-        raise UsageError(f"method {opts.method!r} needs a pretrained surrogate; it tried timm's {name} from the hub "
-                         f"and could not get it ({error}). Pass --weights FILE (a local checkpoint, e.g. a CIFAR "
-                         "ResNet-20's) or --surrogate NAME --pretrained") from None
 
 
 def _hub_surrogate(opts: ProtectOptions, progress: Progress) -> ProtectOptions:
@@ -232,7 +224,14 @@ def _build_method(opts: ProtectOptions, size: int, num_classes: int, runtime: Ru
         given = opts
         if cls.needs_pretrained and not (opts.weights or opts.pretrained):
             opts = _hub_surrogate(opts, progress)
-        name, surrogate = _surrogate(opts, size, num_classes, needs_pretrained=opts is not given)
+        try:
+            name, surrogate = _surrogate(opts, size, num_classes)
+        except UsageError as error:
+            if opts is given:
+                raise
+            raise UsageError(f"method {opts.method!r} needs a pretrained surrogate; it tried timm's {opts.surrogate} "
+                             f"from the hub and could not get it ({error}). Pass --weights FILE (a local "
+                             "checkpoint, e.g. a CIFAR ResNet-20's) or --surrogate NAME --pretrained") from None
         record = {"surrogate": name, "surrogate_sha256": models.state_dict_sha256(surrogate),
                   "weights_sha256": models.weights_sha256(opts.weights) if opts.weights else None,
                   **({"surrogate_from_hub": True} if opts is not given else {})}
