@@ -63,7 +63,7 @@ def recipe_lines(report: dict) -> list[str]:
             continue
         d = info["default"]
         head = (f"recipe ({paradigm}): the default (lr {d['lr']:g}, {d['epochs']} epochs) reached "
-                f"{100 * d['test_accuracy']:.1f} % clean, too little to learn")
+                f"{100 * d['test_accuracy']:.1f} % trained on the clean images, too little to count as learned")
         tried = info.get("tried", [])
         best = max((t["val_accuracy"] for t in tried), default=None)
         split = info.get("split")
