@@ -223,6 +223,10 @@ def _protected_rest(protected: int) -> str:
               "finetune).")
 @click.option("--recipe", help="Training recipe: standard | fast (default: the architecture's; fast for "
               "fastvgg_cifar). See docs/victim.md.")
+@click.option("--recipe-search", default="auto", show_default=True, type=click.Choice(["auto", "off"]),
+              help="When the clean model does not learn under the default recipe, choose the learning rate and "
+                   "epochs on a held-out split of the clean training images and train both with them (auto; never "
+                   "with --lr or --epochs). See docs/verify.md.")
 @click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Verdict: protected iff acc - chance <= threshold * (clean acc - chance).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))

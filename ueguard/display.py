@@ -25,10 +25,10 @@ def format_report(report: dict) -> str:
     verdict = report["protected"]
     text = {True: "PROTECTED: training on the protected images gives a model far below the clean baseline",
             False: "NOT PROTECTED: a model trained on the protected images comes close to the clean baseline",
-            None: "no verdict: pass --clean ORIGINALS for a baseline (or train longer if the clean model did not learn), "
-                  "or a run stalled (below)"}
+            None: "no verdict: no clean baseline (pass --clean ORIGINALS), the clean model did not learn (what to try: "
+                  "below), or a run stalled (below)"}
     worst = report["worst"]
-    lines = ["", f"{text[verdict]}"]
+    lines = ["", f"{text[verdict]}", *recipe_lines(report)]
     for run in report.get("stalled", []):
         lines.append(f"stalled: {run['defense']}/{run['paradigm']} {STALLED_MEANING} (for adversarial training: "
                      "a smaller at.eps, a longer run, or --paradigm scratch)")
@@ -51,3 +51,34 @@ def holdout_line(report: dict) -> str | None:
         line += (f". Warning: only {held['protected_left_out']} of them had a protected copy of the same name; the "
                  "others' copies (if renamed) stayed in the protected training set")
     return line
+
+
+def recipe_lines(report: dict) -> list[str]:
+    """One line per paradigm whose clean recipe was not simply the default that learned: what the recipe
+    search (:mod:`ueguard.sdk.recipe_search`) chose or why there was none, then what to try if the clean model
+    still did not learn. Empty when every default learned."""
+    lines = []
+    for paradigm, info in report.get("recipe_search", {}).items():
+        if info["status"] == "default":
+            continue
+        d = info["default"]
+        head = (f"recipe ({paradigm}): the default (lr {d['lr']:g}, {d['epochs']} epochs) reached "
+                f"{100 * d['test_accuracy']:.1f} % trained on the clean images, too little to count as learned")
+        tried = info.get("tried", [])
+        best = max((t["val_accuracy"] for t in tried), default=None)
+        split = info.get("split")
+        where = (f"scored on {split['val_images']} of the clean training images held out for it (never the test set)"
+                 if split else "")
+        tail = {"searched": lambda: (f"; chose lr {info['chosen']['lr']:g}, {info['chosen']['epochs']} epochs, the "
+                                     f"best of {len(tried)} tried ({100 * best:.1f} %), {where}; the clean and "
+                                     "protected runs both trained with it"),
+                "none learned": lambda: f"; none of the {len(tried)} recipes tried learned (best {100 * best:.1f} %), "
+                                        f"{where}",
+                "too few images": lambda: "; too few clean training images per class to hold some out for choosing "
+                                          "another recipe",
+                "off": lambda: "; no other recipe tried (--recipe-search off)",
+                "given": lambda: "; no other recipe tried (--lr/--epochs given)"}[info["status"]]()
+        lines.append(head + tail)
+        if info.get("advice"):
+            lines.append(f"  {info['advice']}")
+    return lines

@@ -144,7 +144,7 @@ def plot_acm(report: dict, path: Path) -> bool:
 def summary_markdown(report: dict, plots: list[str], intro: str = "") -> str:
     """The Markdown summary; ``intro`` (Markdown, e.g. the demo's account of what it ran) goes first,
     and the verify report then follows as its own section."""
-    from ueguard.display import STALLED_MEANING
+    from ueguard.display import STALLED_MEANING, recipe_lines
 
     verdict = {True: "**PROTECTED** — every run stayed far below its clean baseline",
                False: "**NOT PROTECTED** — at least one run came close to its clean baseline",
@@ -168,6 +168,9 @@ def summary_markdown(report: dict, plots: list[str], intro: str = "") -> str:
     if report.get("stalled"):
         lines += ["", "Stalled: " + ", ".join(f"`{r['defense']}` / `{r['paradigm']}`" for r in report["stalled"])
                   + f" {STALLED_MEANING}."]
+    if recipe_lines(report):
+        lines += ["", "Clean recipe (verify chooses it when the default does not learn):", ""]
+        lines += [f"- {line.strip()}" for line in recipe_lines(report)]
     if report.get("skipped"):
         lines += ["", "Skipped:", ""] + [f"- `{s['defense']}` / `{s['paradigm']}`: {s['reason']}" for s in report["skipped"]]
     cuts = [(r, c) for r in report["runs"] for c in r.get("stage_cuts", [])]

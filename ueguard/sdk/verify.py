@@ -11,7 +11,10 @@ acc_protected is the run's reported test accuracy (the final epoch; the best-val
 ``earlystop``), acc_clean the final test accuracy of clean data trained under the same paradigm with
 standard training. The battery's verdict is the worst case: not protected as soon as one run breaks it.
 Without a clean baseline there is no verdict (``protected`` is ``None``); when the clean model itself
-does not learn (acc_clean − c < 0.1) there is none either, and the report says to train longer.
+does not learn (acc_clean − c < 0.1) there is none either. Before giving up, verify chooses the clean recipe
+as a competent adversary would (:mod:`ueguard.sdk.recipe_search`: a small, bounded search of learning rate and
+epochs on a held-out split of the clean *training* images) and trains the protected images with the recipe it
+chose; when no recipe learns, the report says what to try.
 A protected run that *stalled* cannot count as protected either: its last epoch's training accuracy (on
 the batches the defense trained on: adversarial ones under ``at``) at or below chance with its training
 loss still at least 0.98 · ln K, the constant predictor's. Such a run never learned its own objective —
@@ -50,6 +53,7 @@ from ueguard.errors import UsageError
 from ueguard.budgets import BUDGETS, VERIFY_EPOCHS
 from ueguard.sdk.holdout import hold_out_test, holdout_record, holdout_share, leave_out, sample_stem, stratified_indices
 from ueguard.sdk.options import SIZE_CAP, default_arch, given_options
+from ueguard.sdk.recipe_search import MODES as SEARCH_MODES, SEARCH_FRACTION, Candidate, advice, search
 from ueguard.sdk.protect import make_runtime
 
 #: Training epochs per budget (the authors evaluate with 60).
@@ -74,7 +78,9 @@ class VerifyOptions:
 
     ``recipe`` names the training recipe (:mod:`ueguard.engine.recipes`); ``None`` means the architecture's
     default (``fast`` for ``fastvgg_cifar``, ``standard`` otherwise). ``epochs``, ``batch_size`` and ``lr``
-    given explicitly override the recipe's.
+    given explicitly override the recipe's. ``recipe_search`` (``auto`` or ``off``): whether a paradigm whose
+    clean baseline does not learn under the default recipe gets a recipe search (:mod:`ueguard.sdk.recipe_search`;
+    never when ``lr`` or ``epochs`` is given).
     """
 
     paradigm: str = "scratch"
@@ -99,6 +105,7 @@ class VerifyOptions:
     loader: str = "auto"
     cache_dir: str | None = None
     holdout: float | None = None
+    recipe_search: str = "auto"
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "VerifyOptions":
@@ -133,6 +140,8 @@ class VerifyOptions:
             raise UsageError("epochs must be ≥ 1")
         if not 0 <= opts.threshold <= 1:
             raise UsageError("threshold must be in [0, 1]")
+        if opts.recipe_search not in SEARCH_MODES:
+            raise UsageError(f"invalid recipe_search {opts.recipe_search!r}; choose one of {', '.join(SEARCH_MODES)}")
         if opts.holdout is not None and not 0 < opts.holdout < 1:
             raise UsageError("holdout must be a fraction strictly between 0 and 1")
         for name in defenses:  # builds every config once, so a bad option fails before any training
@@ -247,10 +256,15 @@ def _in_memory(data: WorkingSet | StreamedSet | None, opts: VerifyOptions, progr
 def verdict(test_accuracy: float, clean_accuracy: float | None, chance: float, threshold: float,
             stalled: bool = False) -> bool | None:
     """The rule in this module's docstring (``stalled``: the run's, from :func:`stalled`)."""
-    if clean_accuracy is None or clean_accuracy - chance < MIN_CLEAN_GAIN:
+    if clean_accuracy is None or not learned(clean_accuracy, chance):
         return None
     held = test_accuracy - chance <= threshold * (clean_accuracy - chance)
     return None if held and stalled else held
+
+
+def learned(accuracy: float, chance: float) -> bool:
+    """Whether a clean model learned enough for a verdict: its accuracy at least ``MIN_CLEAN_GAIN`` over chance."""
+    return accuracy - chance >= MIN_CLEAN_GAIN
 
 
 def stalled(history: list[dict], chance: float) -> bool:
@@ -336,7 +350,8 @@ def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None,
     ``arch``, ``epochs``, ``budget``, ``seed``, ``weights``, ``pretrained``, ``size``, ``batch_size``,
     ``lr``, ``recipe``, ``threshold``, ``device``, ``precision``, ``compile``, ``resume``, ``loader`` — auto, memory,
     ffcv or torch, see
-    :mod:`ueguard.data.loaders` — and ``cache_dir`` for the FFCV cache). ``on_run_done(record)`` is called
+    :mod:`ueguard.data.loaders` — ``cache_dir`` for the FFCV cache, and ``recipe_search``, ``auto`` or ``off``:
+    :mod:`ueguard.sdk.recipe_search`). ``on_run_done(record)`` is called
     after every finished (or resumed) run. Without ``test``, ``holdout`` (default 0.2) of ``clean`` is held
     out as the test set and left out of both training sets (:mod:`ueguard.sdk.holdout`); the report lists
     those files under ``data.holdout``.
@@ -345,7 +360,9 @@ def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None,
     continues an interrupted battery at the run it stopped in (that run starts over).
 
     Stages: plan the runs (:func:`_select_runs`) → load the data and resolve the recipe (:func:`_plan`) →
-    train each run and judge it (:func:`_run_battery`) → assemble the report (:func:`_assemble_report`)."""
+    train each run and judge it (:func:`_run_battery`; per paradigm the clean baseline first, its recipe
+    chosen by :func:`_choose_recipe` when the default does not learn) → assemble the report
+    (:func:`_assemble_report`)."""
     opts = VerifyOptions.resolve(**options)
     reporter = progress if isinstance(progress, Progress) else Progress(progress)
     plan = _plan(Path(protected), test, clean, opts, reporter, json_path, report_dir)
@@ -381,6 +398,8 @@ class _VerifyPlan:
     data_info: dict[str, Any]
     config: dict[str, Any]
     store: "RunStore"
+    #: The recipe each paradigm trains with when the search chose one (absent: the default).
+    tuned: dict[str, Candidate] = dataclasses.field(default_factory=dict)
 
 
 def _select_runs(opts: VerifyOptions, clean) -> tuple[list[str], list[str], list[dict[str, str]]]:
@@ -446,13 +465,19 @@ def _plan(protected: Path, test, clean, opts: VerifyOptions, reporter: Progress,
 
 
 def _train(plan: _VerifyPlan, opts: VerifyOptions, reporter: Progress, data, defense_name: str, paradigm_name: str,
-           label: str, validation: WorkingSet | None = None) -> dict[str, Any]:
-    """One training run (same seed, init and batch order for the clean and the protected data) and its record."""
+           label: str, validation: WorkingSet | None = None, *, candidate: Candidate | None = None,
+           test: WorkingSet | None = None) -> dict[str, Any]:
+    """One training run (same seed, init and batch order for the clean and the protected data) and its record:
+    with the paradigm's chosen recipe (``plan.tuned``) or ``candidate`` when given, tested on ``test`` (a
+    recipe search's validation split) instead of the test set when given."""
     from ueguard import models
 
     paradigm = create_paradigm(paradigm_name)
     defense = DEFENSES.get(defense_name)(opts.defense_config(defense_name))
-    fit_cfg = plan.recipe.fit_config(plan.epochs, opts.batch_size, opts.lr, paradigm_lr=paradigm.default_lr)
+    chosen_recipe = candidate or plan.tuned.get(paradigm_name)
+    fit_cfg = (plan.recipe.fit_config(plan.epochs, opts.batch_size, opts.lr, paradigm_lr=paradigm.default_lr)
+               if chosen_recipe is None else plan.recipe.fit_config(chosen_recipe.epochs, opts.batch_size,
+                                                                    chosen_recipe.lr))
     generator = seed_everything(opts.seed)
     try:
         model = models.create_model(plan.arch, len(plan.classes),
@@ -464,15 +489,15 @@ def _train(plan: _VerifyPlan, opts: VerifyOptions, reporter: Progress, data, def
         data = _in_memory(data, opts, reporter)  # this defense needs the whole set at once
     started = time.perf_counter()
     try:
-        history = fit(model, data, plan.test_set, fit_cfg, defense=defense, paradigm=paradigm, runtime=plan.runtime,
-                      generator=generator, validation=validation, progress=reporter,
-                      desc=f"{label}: {defense_name}/{paradigm_name}", recipe=plan.recipe)
+        history = fit(model, data, plan.test_set if test is None else test, fit_cfg, defense=defense,
+                      paradigm=paradigm, runtime=plan.runtime, generator=generator, validation=validation,
+                      progress=reporter, desc=f"{label}: {defense_name}/{paradigm_name}", recipe=plan.recipe)
     except ValueError as error:  # a paradigm or defense that does not fit the architecture
         raise UsageError(f"{defense_name}/{paradigm_name} with {plan.arch}: {error}") from None
     trained = [h for h in history if h["epoch"] >= 1]
     chosen = trained[defense.selected_epoch(trained)]
     return {"defense": defense_name, "paradigm": paradigm_name, "arch": plan.arch, "size": plan.size,
-            "epochs": plan.epochs, "lr": fit_cfg.lr, "batch_size": fit_cfg.batch_size, "recipe": plan.recipe.describe(),
+            "epochs": fit_cfg.epochs, "lr": fit_cfg.lr, "batch_size": fit_cfg.batch_size, "recipe": plan.recipe.describe(),
             "test_accuracy": chosen["test_accuracy"], "selected_epoch": chosen["epoch"],
             "final_test_accuracy": trained[-1]["test_accuracy"],
             "peak_test_accuracy": max(h["test_accuracy"] for h in trained),
@@ -506,12 +531,80 @@ def _run_battery(plan: _VerifyPlan, opts: VerifyOptions, reporter: Progress,
             plan.store.save(key, record)
             record["resumed"] = False
         if kind == "clean":
+            record = _choose_recipe(plan, opts, reporter, record, paradigm_name)
             baselines[paradigm_name] = record
         else:
             runs.append(_judge(record, baselines.get(paradigm_name), plan.chance, opts.threshold))
         if on_run_done is not None:
             on_run_done(record)
     return runs, baselines
+
+
+def _choose_recipe(plan: _VerifyPlan, opts: VerifyOptions, reporter: Progress, record: dict,
+                   paradigm_name: str) -> dict:
+    """The paradigm's clean baseline once its recipe is chosen (:mod:`ueguard.sdk.recipe_search`): ``record``,
+    the default recipe's run, when it learned or no search applies; otherwise the search (checkpointed as one
+    step) and, when it chose a recipe, the clean run with it, which the protected runs then share. The
+    baseline carries ``recipe_search``: what was done and why, and what to try when the clean model did not
+    learn."""
+    default = {"lr": record["lr"], "epochs": record["epochs"], "test_accuracy": record["test_accuracy"]}
+    status = ("default" if learned(record["test_accuracy"], plan.chance) else "off" if opts.recipe_search == "off"
+              else "given" if opts.lr is not None or opts.epochs is not None else None)
+    info: dict[str, Any] = {"status": status, "default": default}
+    if status is None:
+        key = f"search-{paradigm_name}"
+        saved = plan.store.load(key)
+        if saved is None:
+            saved = _search_recipe(plan, opts, reporter, paradigm_name, default)
+            plan.store.save(key, saved)
+        elif saved["baseline"] is not None:
+            saved["baseline"]["resumed"] = True
+        info = saved["search"] | {"default": default}
+        if info["chosen"] is not None:
+            plan.tuned[paradigm_name] = Candidate(**info["chosen"])
+            record = saved["baseline"]
+    if not learned(record["test_accuracy"], plan.chance):
+        info["advice"] = advice(record["train_images"], len(plan.classes), plan.size,
+                                PARADIGMS.get(paradigm_name).needs_pretrained, opts.budget)
+    record["recipe_search"] = info
+    return record
+
+
+def _search_recipe(plan: _VerifyPlan, opts: VerifyOptions, reporter: Progress, paradigm_name: str,
+                   default: dict) -> dict[str, Any]:
+    """The search on a seeded, stratified split of the clean training images (never the test set), and the
+    clean run with the recipe it chose on the full clean training set (``None`` when none learned)."""
+    clean = _in_memory(plan.clean_set, opts, reporter)
+    val_idx = validation_split(clean, SEARCH_FRACTION, opts.seed)
+    split = {"fraction": SEARCH_FRACTION, "seed": opts.seed, "val_images": len(val_idx),
+             "train_images": len(clean) - len(val_idx)}
+    if len(val_idx) == 0 or len(val_idx) == len(clean):
+        return {"search": {"status": "too few images", "split": split, "tried": [], "chosen": None}, "baseline": None}
+    held = set(val_idx.tolist())
+    train, val = clean.subset([i for i in range(len(clean)) if i not in held]), clean.subset(val_idx)
+    reporter.log(f"recipe search ({paradigm_name}): the default recipe (lr {default['lr']:g}, {default['epochs']} "
+                 f"epochs) did not learn; trying others on {len(train)} clean training images, scored on "
+                 f"{len(val)} held out of them")
+
+    def trial(candidate: Candidate) -> float:
+        run = _train(plan, opts, reporter, train, "none", paradigm_name, "recipe search", candidate=candidate,
+                     test=val)
+        return run["test_accuracy"]
+
+    def said(t: dict) -> None:
+        reporter.log(f"  lr {t['lr']:g}, {t['epochs']} epochs: {100 * t['val_accuracy']:.1f} % held out"
+                     + (" (learned)" if t["learned"] else ""))
+
+    ceiling = plan.recipe.lr  # the recipe's from-scratch rate
+    found = search(trial, default["lr"], default["epochs"], ceiling, lambda a: learned(a, plan.chance), said)
+    found |= {"status": "searched" if found["chosen"] else "none learned", "split": split}
+    if found["chosen"] is None:
+        return {"search": found, "baseline": None}
+    reporter.log(f"recipe search ({paradigm_name}): chose lr {found['chosen']['lr']:g}, "
+                 f"{found['chosen']['epochs']} epochs; training the clean baseline with it")
+    baseline = _train(plan, opts, reporter, plan.clean_set, "none", paradigm_name, "clean",
+                      candidate=Candidate(**found["chosen"]))
+    return {"search": found, "baseline": baseline | {"kind": "clean", "resumed": False}}
 
 
 def _judge(record: dict, base: dict | None, chance: float, threshold: float) -> dict:
@@ -540,14 +633,17 @@ def _assemble_report(plan: _VerifyPlan, opts: VerifyOptions, runs: list[dict], b
             "rule": f"a run is protected iff test_accuracy - chance <= {opts.threshold} * (clean_accuracy - chance), "
                     "clean_accuracy from clean data trained under the same paradigm without defense; the verdict is "
                     "the worst case over all runs (null without a clean baseline, when the clean model does not "
-                    f"learn; a run that stalled, final train accuracy <= chance at a train loss >= "
+                    "learn under the default recipe nor one chosen on a held-out split of the clean training data; "
+                    f"a run that stalled, final train accuracy <= chance at a train loss >= "
                     f"{STALL_LOSS_SHARE} * ln K, is never counted as protected)",
             "runs": runs,
             "worst": {k: worst[k] for k in ("defense", "paradigm", "test_accuracy", "clean_accuracy", "protected")},
             "stalled": [{"defense": r["defense"], "paradigm": r["paradigm"]} for r in runs if r["stalled"]],
             "skipped": plan.skipped,
-            "baselines": {p: {k: b[k] for k in ("test_accuracy", "peak_test_accuracy", "lr", "history", "seconds")}
+            "baselines": {p: {k: b[k] for k in ("test_accuracy", "peak_test_accuracy", "lr", "epochs", "history",
+                                                "seconds")}
                           for p, b in baselines.items()},
+            "recipe_search": {p: b["recipe_search"] for p, b in baselines.items()},
             "classes": list(plan.classes),
             "data": plan.data_info | {"unreadable": plan.problems},
             "config": plan.config,
