@@ -11,14 +11,15 @@ selects one; without it the architecture's default (:func:`ueguard.models.defaul
   Nesterov, weight decay 5e-4), one-cycle (warm-up 15 %, 0.1 → 1 → 0.001 of the peak, linear), plain
   cross-entropy, pad-4 crop + flip, single-view test.
 * ``fast`` — airbench's (Jordan 2024, arXiv 2404.00498) for ``fastvgg_cifar``, as ueguard writes it; each
-  constant and why in docs/victim.md. Batch 1024; Nesterov SGD, momentum 0.85, the learning rate stated
-  per 1024 examples and divided by the momentum's gain 1 + 1/(1 − m), weight decay decoupled (a fixed
-  decay per step at the peak, independent of the rate); BatchNorm shifts at 64× the rate, same decay;
-  a triangular schedule 0.2 → 1 at 23 % → 0.07; label smoothing 0.2; translate-2 crop + random flip;
-  whitening stem from the first 5,000 training images (from-scratch runs only: a pretrained body keeps
-  its own); test logits averaged over the image and its mirror. Differences from airbench: no lookahead
-  / EMA, random rather than alternating flips, zero rather than reflect padding, no learned whitening
-  bias, mean-reduced loss (the rates are rescaled to match), and a whole number of epochs.
+  constant and why in docs/victim.md. Batch 1024; Nesterov SGD, momentum 0.85 held fixed (not one-cycle's
+  momentum cycle), the learning rate stated per 1024 examples and divided by the momentum's gain
+  1 + 1/(1 − m), weight decay decoupled (a fixed decay per step at the peak, independent of the rate);
+  BatchNorm shifts at 64× the rate, same decay; a triangular schedule 0.2 → 1 at 23 % → 0.07; label
+  smoothing 0.2; translate-2 crop + random flip; whitening stem from the first 5,000 training images
+  (from-scratch runs only: a pretrained body keeps its own); lookahead every 5 steps (:class:`Lookahead`);
+  test logits averaged over the image and its mirror, and on the final test also over its ±1-px shifts.
+  Differences from airbench: random rather than alternating flips, zero rather than reflect padding, no
+  learned whitening bias, mean-reduced loss (the rates are rescaled to match), and a whole number of epochs.
 """
 
 from __future__ import annotations
