@@ -39,6 +39,24 @@ def measure(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 3, r
             "repeat": repeat, "warmup": warmup}
 
 
+def interleaved_times(fns: dict[str, Callable[[], object]], *, device: str = "cpu", warmup: int = 1,
+                      repeat: int = 5) -> dict[str, list[float]]:
+    """Time several callables round-robin (``warmup`` untimed calls of each first), so a load change on a
+    shared machine hits all of them alike; the raw seconds of every timed call, per name, in call order."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout

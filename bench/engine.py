@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import command_line, _sync, environment, write_json  # noqa: E402
+from _timing import command_line, _sync, environment, interleaved_times, write_json  # noqa: E402
 
 from ueguard.data.working_set import WorkingSet  # noqa: E402
 from ueguard.engine.compiled import frozen_parameters, model_call  # noqa: E402
@@ -64,21 +64,10 @@ ARCH = {32: "resnet18_cifar", 224: "resnet18"}
 # ------------------------------------------------------------------------------------------ timing
 
 def interleaved(fns: dict, *, device: str, warmup: int, repeat: int) -> dict:
-    """Time several callables round-robin (warm-up excluded), so a load change on a shared machine hits
-    all of them alike; seconds per call, median and spread per name."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    times = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+    """Time several callables round-robin (:func:`_timing.interleaved_times`); seconds per call, median and
+    spread per name."""
     out = {}
-    for name, ts in times.items():
+    for name, ts in interleaved_times(fns, device=device, warmup=warmup, repeat=repeat).items():
         ts.sort()
         out[name] = {"median_s": statistics.median(ts), "min_s": ts[0], "max_s": ts[-1],
                      "iqr_s": ts[(3 * len(ts)) // 4] - ts[len(ts) // 4], "repeat": repeat, "warmup": warmup}

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import _sync, environment, write_report  # noqa: E402
+from _timing import environment, interleaved_times, write_report  # noqa: E402
 
 from ueguard.data.working_set import WorkingSet  # noqa: E402
 from ueguard.defenses import create_defense, create_paradigm  # noqa: E402
@@ -116,15 +116,7 @@ def time_formats(device: str, batch: int, repeat: int) -> dict:
             trainer = Trainer(model, rt, cfg.optim(), params=recipe.param_groups(model, None, cfg), loss=recipe.loss)
             x, y = rt.to_float(images), labels.to(rt.device)
             steps[(precision, channels_last)] = lambda t=trainer, x=x, y=y: t.step(x, y)
-    for fn in steps.values():
-        fn()  # warm-up
-    times = {key: [] for key in steps}
-    for _ in range(repeat):
-        for key, fn in steps.items():
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[key].append(time.perf_counter() - start)
+    times = interleaved_times(steps, device=device, warmup=1, repeat=repeat)
     rows = [{"precision": p, "channels_last": cl, "median_s": statistics.median(ts), "min_s": min(ts),
              "images_per_s": batch / statistics.median(ts)} for (p, cl), ts in times.items()]
     base = next(r["median_s"] for r in rows if r["precision"] == "fp32" and not r["channels_last"])
@@ -152,15 +144,8 @@ def time_archs(archs: list[str], rt: Runtime, repeat: int, batch_cap: int) -> di
         x = rt.to_float(torch.randint(0, 256, (batch, 3, 32, 32), generator=gen, dtype=torch.uint8))
         y = torch.randint(0, 10, (batch,), generator=gen).to(rt.device)
         steps[arch] = (batch, recipe, lambda t=trainer, x=x, y=y: t.step(x, y))
-    for _, _, fn in steps.values():
-        fn()  # warm-up
-    times = {arch: [] for arch in steps}
-    for _ in range(repeat):
-        for arch, (_, _, fn) in steps.items():
-            start = time.perf_counter()
-            fn()
-            _sync(rt.device.type)
-            times[arch].append(time.perf_counter() - start)
+    times = interleaved_times({arch: fn for arch, (_, _, fn) in steps.items()}, device=rt.device.type, warmup=1,
+                              repeat=repeat)
     rows = {arch: {"batch": steps[arch][0], "recipe": steps[arch][1].name, "min_step_s": min(ts),
                    "median_step_s": statistics.median(ts), "s_per_image": min(ts) / steps[arch][0]}
             for arch, ts in times.items()}
@@ -180,7 +165,7 @@ def run(arch: str, recipe_name: str, train: WorkingSet, test: WorkingSet, epochs
                   runtime=rt, generator=generator, recipe=recipe)
     wall = time.perf_counter() - started
     eval_started = time.perf_counter()
-    accuracy(model, test.to(rt.device), rt, logits=recipe.test_logits)
+    accuracy(model, test.to(rt.device), rt, logits=recipe.final_test_logits)
     eval_s = time.perf_counter() - eval_started
     trained = [h for h in history if h["epoch"] >= 1]
     epoch_s = [h["seconds"] for h in trained]

@@ -135,6 +135,87 @@ def test_fit_with_the_fast_recipe_uses_its_loss_augmentation_and_test_views(monk
     assert history[-1]["lr"] == pytest.approx(1.5 * 0.07, rel=0.2)  # the triangle ends at 0.07 of the peak
 
 
+def _momenta(recipe, steps=6):
+    model = torch.nn.Linear(4, 3)
+    cfg = recipe.fit_config(1, 8)
+    trainer = Trainer(model, CPU, cfg.optim(), total_steps=steps, loss=recipe.loss)
+    seen = []
+    for _ in range(steps):
+        seen.append(trainer.optimizer.param_groups[0]["momentum"])
+        trainer.step(torch.rand(8, 4), torch.arange(8) % 3)
+    return seen
+
+
+def test_cycle_momentum_off_keeps_the_recipes_momentum():
+    # airbench's rate is scaled for momentum 0.85; one-cycle's default momentum cycle (0.95 at both ends)
+    # multiplies the early and late steps by ~2.7. The recipes keep the cycle by default (measured better).
+    assert _momenta(create_recipe("fast", cycle_momentum=False)) == [0.85] * 6
+    cycled = _momenta(Recipe(), steps=40)
+    assert cycled[0] == pytest.approx(0.95) and min(cycled) < 0.9  # the standard recipe as it always was
+
+
+def test_lookahead_averages_trained_tensors_and_leaves_frozen_ones():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    model[0].bias.requires_grad_(False)
+    frozen = model[0].bias.detach().clone()
+    recipe = create_recipe("fast", lookahead_every=5)
+    assert create_recipe("fast").averager(model, 10) is None  # off by default (docs/bench/victim.md)
+    avg = recipe.averager(model, total_steps=10)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.add_(2.0)
+    avg.step(4)  # not a multiple of lookahead_every (5): nothing happens
+    assert torch.equal(model[0].weight, start + 1)
+    avg.step(5)
+    d = recipe.lookahead_decay * 0.5 ** 3
+    assert torch.allclose(model[0].weight, start + (1 - d))  # slow ← d·slow + (1 − d)·fast, fast ← slow
+    assert torch.allclose(model[1].running_mean, torch.full((3,), 2 * (1 - d)))
+    with torch.no_grad():
+        model[0].weight.add_(5.0)
+    avg.finish()  # the slow copy goes into the model: the steps since the last sync are dropped
+    assert torch.allclose(model[0].weight, start + (1 - d)) and torch.equal(model[0].bias, frozen)
+
+
+def test_translate_test_views_only_in_the_final_logits():
+    fast = create_recipe("fast")
+    assert fast.tta_translate == 1 and fast.final_test_logits is not fast.test_logits
+    assert create_recipe("fast", tta_translate=0).final_test_logits is fast.test_logits
+    views = []
+
+    def forward(x):
+        views.append(x.clone())
+        return x.mean(dim=(1, 2, 3)).unsqueeze(1).repeat(1, 3)
+
+    x = torch.rand(2, 3, 8, 8)
+    logits = fast.final_test_logits(forward, x)
+    assert len(views) == 6 and logits.shape == (2, 3)
+    padded = F.pad(x, (1,) * 4, mode="reflect")
+    assert torch.equal(views[0], padded[..., :8, :8]) and torch.equal(views[2], padded[..., 2:, 2:])
+    assert torch.equal(views[1], views[0].flip(-1)) and torch.equal(views[4], x)
+    const = torch.full((2, 3, 8, 8), 0.3)  # every view of a constant image is the image: the logits are its own
+    assert torch.allclose(fast.final_test_logits(forward, const), forward(const))
+
+
+def test_fit_uses_the_final_test_views_after_the_last_epoch_only():
+    calls = []
+
+    class Counting(type(create_recipe("fast"))):
+        @property
+        def test_logits(self):
+            return lambda forward, x: calls.append("epoch") or forward(x)
+
+        @property
+        def final_test_logits(self):
+            return lambda forward, x: calls.append("final") or forward(x)
+
+    data = _set(24)
+    fit(create_model("fastvgg_cifar", 3), data, data, create_recipe("fast").fit_config(2, 12),
+        defense=create_defense("none"), paradigm=create_paradigm("scratch"), runtime=CPU,
+        generator=seed_everything(0), recipe=Counting(whiten_images=16, lookahead_every=1))
+    assert calls == ["epoch", "final"]
+
+
 @pytest.mark.parametrize("defense", ["at", "staged"])
 def test_defenses_run_through_fastvgg(defense):
     options = {"steps": 2} if defense == "at" else {"probe_size": 8, "checks_per_epoch": 1}

@@ -66,8 +66,10 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
     validation = validation.to(runtime.device) if validation is not None else None
     sampler = BatchSampler(len(train), cfg.batch_size, generator, drop_last=len(train) > cfg.batch_size)
     recipe.prepare(model, images, runtime, pretrained=paradigm is not None and paradigm.needs_pretrained)
-    trainer = Trainer(model, runtime, cfg.optim(), total_steps=cfg.epochs * sampler.steps_per_epoch(),
+    total_steps = cfg.epochs * sampler.steps_per_epoch()
+    trainer = Trainer(model, runtime, cfg.optim(), total_steps=total_steps,
                       params=recipe.param_groups(model, params, cfg), loss=recipe.loss)
+    averager = recipe.averager(model, total_steps)
     train_mode = paradigm.train_mode if paradigm is not None else nn.Module.train
     state = FitState(model, trainer, runtime, generator, images, labels, sampler.steps_per_epoch(), cfg.epochs,
                      validation)
@@ -93,7 +95,13 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
                 correct += hits
                 seen += batch_labels.numel()
                 step += 1
+                if averager is not None:
+                    averager.step(step)
                 defense.after_step(state, step)
+            if averager is not None and epoch == cfg.epochs:
+                averager.finish()
+            if epoch == cfg.epochs:
+                tta = recipe.final_test_logits
             record = {"epoch": epoch, "train_loss": round(loss_sum.item() / seen, 5),
                       "train_accuracy": round(correct.item() / seen, 5),
                       "test_accuracy": round(accuracy(model, test, runtime, logits=tta), 5)}

@@ -34,6 +34,7 @@ class OptimConfig:
     warmup: float = 0.15    # one-cycle schedule: share of steps to the peak, start and end as fractions of it
     lr_start: float = 0.1
     lr_end: float = 0.001
+    cycle_momentum: bool = True  # one-cycle's momentum cycle (0.95 → 0.85 at the peak → 0.95) instead of ``momentum``
 
 
 class Trainer:
@@ -54,7 +55,7 @@ class Trainer:
         self.scheduler = (torch.optim.lr_scheduler.OneCycleLR(
             self.optimizer, max_lr=[g.get("lr", optim.lr) for g in groups], total_steps=total_steps,
             pct_start=optim.warmup, anneal_strategy="linear", div_factor=1 / optim.lr_start,
-            final_div_factor=optim.lr_start / optim.lr_end)
+            final_div_factor=optim.lr_start / optim.lr_end, cycle_momentum=optim.cycle_momentum)
             if total_steps else None)
         #: The learning rate of every group in the last step taken (the schedule's value after the run's
         #: final step lies past its end, extrapolated below zero: never used, so never reported).

@@ -11,19 +11,22 @@ selects one; without it the architecture's default (:func:`ueguard.models.defaul
   Nesterov, weight decay 5e-4), one-cycle (warm-up 15 %, 0.1 → 1 → 0.001 of the peak, linear), plain
   cross-entropy, pad-4 crop + flip, single-view test.
 * ``fast`` — airbench's (Jordan 2024, arXiv 2404.00498) for ``fastvgg_cifar``, as ueguard writes it; each
-  constant and why in docs/victim.md. Batch 1024; Nesterov SGD, momentum 0.85, the learning rate stated
-  per 1024 examples and divided by the momentum's gain 1 + 1/(1 − m), weight decay decoupled (a fixed
-  decay per step at the peak, independent of the rate); BatchNorm shifts at 64× the rate, same decay;
-  a triangular schedule 0.2 → 1 at 23 % → 0.07; label smoothing 0.2; translate-2 crop + random flip;
-  whitening stem from the first 5,000 training images (from-scratch runs only: a pretrained body keeps
-  its own); test logits averaged over the image and its mirror. Differences from airbench: no lookahead
-  / EMA, random rather than alternating flips, zero rather than reflect padding, no learned whitening
-  bias, mean-reduced loss (the rates are rescaled to match), and a whole number of epochs.
+  constant and why in docs/victim.md. Batch 1024; Nesterov SGD, momentum 0.85 (as one-cycle cycles it,
+  0.95 → 0.85 at the peak → 0.95, unless ``cycle_momentum=False``), the learning rate stated per 1024
+  examples and divided by the momentum's gain 1 + 1/(1 − m), weight decay decoupled (a fixed decay per step at the peak, independent of the rate);
+  BatchNorm shifts at 64× the rate, same decay; a triangular schedule 0.2 → 1 at 23 % → 0.07; label
+  smoothing 0.2; translate-2 crop + random flip; whitening stem from the first 5,000 training images
+  (from-scratch runs only: a pretrained body keeps its own); lookahead (:class:`Lookahead`) available but
+  off (``lookahead_every``); test logits averaged over the image and its mirror, and on the final test also over its ±1-px shifts.
+  Differences from airbench: cycled momentum and no lookahead (measured, docs/bench/victim.md), random
+  rather than alternating flips, zero rather than reflect padding, no
+  learned whitening bias, mean-reduced loss (the rates are rescaled to match), and a whole number of epochs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -50,10 +53,12 @@ class FitConfig:
     warmup: float = 0.15
     lr_start: float = 0.1
     lr_end: float = 0.001
+    cycle_momentum: bool = True
 
     def optim(self) -> OptimConfig:
         return OptimConfig(self.lr, self.momentum, self.weight_decay, self.nesterov, grad_clip=None,
-                           warmup=self.warmup, lr_start=self.lr_start, lr_end=self.lr_end)
+                           warmup=self.warmup, lr_start=self.lr_start, lr_end=self.lr_end,
+                           cycle_momentum=self.cycle_momentum)
 
 
 RECIPES: Registry["Recipe"] = Registry("recipe")
@@ -80,11 +85,17 @@ class Recipe:
     warmup: float = 0.15             # fraction of the steps to the peak
     lr_start: float = 0.1            # schedule ends, as fractions of the peak
     lr_end: float = 0.001
+    # PyTorch's one-cycle also cycles momentum 0.95 → 0.85 (peak) → 0.95, overriding ``momentum`` (what the
+    # standard recipe has always done); False keeps ``momentum`` fixed, as the rate was scaled for.
+    cycle_momentum: bool = True
     bias_lr_scale: float = 1.0       # BatchNorm shifts: lr × this, weight decay ÷ this (same decay per step)
     label_smoothing: float = 0.0
     crop_pad: int | None = None      # random-crop translation in px; None: H/8
     flip_test: bool = False          # average the test logits of the image and its mirror
+    tta_translate: int = 0           # final test only: also views shifted ±this many px (reflect), with flip_test
     whiten_images: int = 0           # training images for a data-dependent stem init (0: none)
+    lookahead_every: int = 0         # steps between lookahead syncs of the weights with their average (0: off)
+    lookahead_decay: float = 0.95 ** 5  # the average's decay at the end of the run (ramped up by (step/total)³)
 
     def fit_config(self, epochs: int | None, batch_size: int | None = None, lr: float | None = None,
                    paradigm_lr: float = SCRATCH_LR):
@@ -98,7 +109,7 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r} has no default epochs; give them")
         return FitConfig(epochs=epochs, batch_size=batch, lr=peak, momentum=self.momentum,
                          weight_decay=self.weight_decay, nesterov=self.nesterov, warmup=self.warmup,
-                         lr_start=self.lr_start, lr_end=self.lr_end)
+                         lr_start=self.lr_start, lr_end=self.lr_end, cycle_momentum=self.cycle_momentum)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -144,12 +155,68 @@ class Recipe:
 
     @property
     def test_logits(self) -> Callable | None:
-        """``(forward, x) -> logits`` for evaluation, or ``None`` for the plain forward pass."""
+        """``(forward, x) -> logits`` for the per-epoch evaluation, or ``None`` for the plain forward pass."""
         return _mirror_logits if self.flip_test else None
+
+    @property
+    def final_test_logits(self) -> Callable | None:
+        """The test logits after the last epoch: :attr:`test_logits`, plus (``tta_translate``) the mirrored
+        views of the image shifted by ``tta_translate`` px up-left and down-right, weighted ½ (unshifted) and
+        ¼ + ¼. Only the final test pays their 2× extra cost."""
+        if not (self.flip_test and self.tta_translate):
+            return self.test_logits
+        return functools.partial(_translate_logits, shift=self.tta_translate)
+
+    def averager(self, model: nn.Module, total_steps: int) -> "Lookahead | None":
+        """The run's weight averaging (:class:`Lookahead`), or ``None`` when ``lookahead_every`` is 0."""
+        if not self.lookahead_every:
+            return None
+        return Lookahead(model, self.lookahead_every, self.lookahead_decay, total_steps)
 
 
 def _mirror_logits(forward: Callable, x: torch.Tensor) -> torch.Tensor:
     return (forward(x).float() + forward(x.flip(-1)).float()) / 2
+
+
+def _translate_logits(forward: Callable, x: torch.Tensor, shift: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (shift,) * 4, mode="reflect")
+    views = (padded[..., :h, :w], padded[..., 2 * shift:2 * shift + h, 2 * shift:2 * shift + w])
+    shifted = sum(_mirror_logits(forward, v.contiguous(memory_format=_format(x))) for v in views) / 2
+    return (_mirror_logits(forward, x) + shifted) / 2
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+class Lookahead:
+    """Lookahead with an averaged slow copy (airbench's form): every ``every`` steps the slow copy of every
+    floating-point tensor of the state dict (parameters and BatchNorm statistics) moves toward the fast
+    weights, ``slow ← d·slow + (1 − d)·fast``, and the fast weights restart from it; ``d = decay ·
+    (step / total)³`` is near 0 early (plain SGD) and reaches ``decay`` at the end, so the late, noisy
+    steps are averaged. :meth:`finish` puts the slow copy in the model. Tensors nobody trains (frozen
+    stages) stay as they are: the average of a constant is that constant."""
+
+    def __init__(self, model: nn.Module, every: int, decay: float, total_steps: int) -> None:
+        self.every, self.decay, self.total = every, decay, max(1, total_steps)
+        self.fast = [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+        self.slow = [t.detach().clone() for t in self.fast]
+
+    def step(self, step: int) -> None:
+        """After optimiser step ``step`` (1-based over the run)."""
+        if step % self.every == 0:
+            self._sync(self.decay * (min(step, self.total) / self.total) ** 3)
+
+    def finish(self) -> None:
+        self._sync(1.0)
+
+    @torch.no_grad()
+    def _sync(self, decay: float) -> None:
+        for slow, fast in zip(self.slow, self.fast):
+            slow.lerp_(fast.detach(), 1 - decay)
+            fast.detach().copy_(slow)
 
 
 #: airbench's constants, as stated there per 1024 examples (docs/victim.md).
@@ -179,7 +246,12 @@ class FastRecipe(Recipe):
     label_smoothing: float = 0.2
     crop_pad: int | None = 2
     flip_test: bool = True
+    tta_translate: int = 1
     whiten_images: int = 5000
+    # airbench's fixed momentum (cycle_momentum=False) and lookahead (lookahead_every=5) are available but off:
+    # on a 2,000-image proxy they scored 2–3 points below this setting (docs/bench/victim.md, 2026-12-07).
+    cycle_momentum: bool = True
+    lookahead_every: int = 0
 
 
 def create_recipe(name: str, **overrides: Any) -> Recipe:
