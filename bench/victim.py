@@ -32,11 +32,13 @@ every run, so a long run can be watched.
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -154,9 +156,24 @@ def time_archs(archs: list[str], rt: Runtime, repeat: int, batch_cap: int) -> di
 
 # ------------------------------------------------------------------------------------------------ runs
 
+def recipe_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings → recipe overrides, each value parsed as JSON (``5``, ``0.9``, ``false``) or
+    kept as text; an unknown key fails in :func:`create_recipe` with the valid ones."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--recipe-set {pair!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def run(arch: str, recipe_name: str, train: WorkingSet, test: WorkingSet, epochs: int | None, rt: Runtime,
-        seed: int) -> dict:
-    recipe = create_recipe(recipe_name)
+        seed: int, overrides: dict[str, Any] | None = None) -> dict:
+    recipe = create_recipe(recipe_name, **(overrides or {}))
     cfg = recipe.fit_config(epochs or recipe.epochs or 1)
     generator = seed_everything(seed)
     model = create_model(arch, len(train.classes))
@@ -233,6 +250,9 @@ def main() -> None:
     parser.add_argument("--step-batch", type=int, default=256, help="cap on those steps' batch size")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a constant of the fast victim's recipe (repeatable), e.g. "
+                             "cycle_momentum=false or lookahead_every=5; recorded in the results")
     args = parser.parse_args()
     started = time.perf_counter()
     if args.threads:
@@ -283,7 +303,8 @@ def main() -> None:
         is_fast = arch == FAST
         images = args.images if is_fast else min(args.resnet_images, args.images or len(train))
         epochs = args.epochs if is_fast else args.resnet_epochs_measured
-        record = run(arch, default_recipe(arch), take(train, images), test, epochs, rt, args.seed)
+        record = run(arch, default_recipe(arch), take(train, images), test, epochs, rt, args.seed,
+                     recipe_overrides(args.recipe_set) if is_fast else None)
         print(f"{arch}: {record['images']} images × {record['epochs']} epochs: "
               f"test {100 * record['test_accuracy']:.2f} % "
               f"(best {100 * record['best_test_accuracy']:.2f} % at epoch {record['best_epoch']}) "

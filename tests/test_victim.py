@@ -325,7 +325,8 @@ def test_bench_quick_writes_the_fields(tmp_path):
              test_x=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), test_y=np.arange(16) % 4)
     out = tmp_path / "victim.json"
     done = subprocess.run([sys.executable, str(REPO / "bench/victim.py"), "--quick", "--npz", str(npz), "--json",
-                           str(out), "--archs", "fastvgg_cifar,resnet18_cifar_slim", "--format-batch", "4"],
+                           str(out), "--archs", "fastvgg_cifar,resnet18_cifar_slim", "--format-batch", "4",
+                           "--recipe-set", "cycle_momentum=false", "--recipe-set", "lookahead_every=2"],
                           capture_output=True, text=True, cwd=REPO,
                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
                           timeout=600)
@@ -338,6 +339,9 @@ def test_bench_quick_writes_the_fields(tmp_path):
                     "channels_last", "cpu", "torch"):
             assert key in record, key
     assert records["fastvgg_cifar"]["images"] == 32 and records["fastvgg_cifar"]["epochs"] == 1
+    recipe = records["fastvgg_cifar"]["recipe"]  # --recipe-set reaches the fast victim's recipe, and only it
+    assert recipe["cycle_momentum"] is False and recipe["lookahead_every"] == 2
+    assert records["resnet18_cifar_slim"]["recipe"]["lookahead_every"] == 0
     assert results["ratios"][0]["arch"] == "resnet18_cifar_slim" and results["ratios"][0]["ratio_vs_fast"] > 0
     assert {(r["precision"], r["channels_last"]) for r in results["formats"]["rows"]} == {
         ("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)}
