@@ -98,8 +98,8 @@ def pil_objective(logits_clean: torch.Tensor, logits_delta: torch.Tensor, y: tor
 
 @METHODS.register("pil")
 class PIL(ProtectionMethod):
-    description = ("perturbation-induced linearization (Liu et al. ICLR 2026): sample-wise δ against its own "
-                   "bias-free linear classifier, no deep surrogate (seconds for CIFAR-10)")
+    description = ("perturbation-induced linearization (Liu et al. ICLR 2026): sample-wise δ against a bias-free "
+                   "linear classifier it trains itself on the clean images; no deep surrogate")
     config_class = PILConfig
     needs_surrogate = False  # it trains its own linear surrogate
     presets = {
@@ -165,15 +165,16 @@ class PIL(ProtectionMethod):
         released-image hits, summed objective) under the linear classifier."""
         cfg, rt = self.config, self.runtime
         x, y, gray = clean_batch(data, idx, rt)
+        keep_gray = (lambda d: gray_project(d, gray)) if bool(gray.any()) else (lambda d: d)  # noqa: E731
         start = ((torch.rand(x.shape, generator=self.generator) * 2 - 1) * cfg.eps).to(rt.device)
-        delta = gray_project((x + start).clamp(0, 1) - x, gray)
+        delta = keep_gray((x + start).clamp(0, 1) - x)
         with torch.no_grad():
             logits_clean = model(x).float()
         for _ in range(cfg.steps):
             delta.requires_grad_(True)
             loss = pil_objective(logits_clean, model(delta).float(), y, cfg.balance).sum()
             (grad,) = torch.autograd.grad(loss, delta)
-            delta = gray_project(project_step(delta.detach(), grad, x, cfg.step_fraction * cfg.eps, cfg.eps, 1.0), gray)
+            delta = keep_gray(project_step(delta.detach(), grad, x, cfg.step_fraction * cfg.eps, cfg.eps, 1.0))
         with torch.no_grad():
             logits_delta = model(delta).float()
             objective = pil_objective(logits_clean, logits_delta, y, cfg.balance)
