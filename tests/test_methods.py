@@ -75,11 +75,11 @@ def results(digits):
 
 def test_registry_has_every_method_and_the_alias():
     names = dict(list_methods())
-    assert {"emn", "rem", "tap", "lsp", "sp", "ops", "ar", "uc"} <= set(names)
+    assert {"emn", "rem", "tap", "lsp", "sp", "ops", "ar", "uc", "pil"} <= set(names)
     assert METHODS.get("sp") is METHODS.get("lsp") and names["sp"] == "alias of lsp"
     assert all(METHODS.get(n).norm in NORMS for n in CANONICAL)
     assert not METHODS.get("uc").needs_labels and METHODS.get("uc").needs_pretrained
-    assert {n for n in CANONICAL if not METHODS.get(n).needs_surrogate} == {"lsp", "ops", "ar"}
+    assert {n for n in CANONICAL if not METHODS.get(n).needs_surrogate} == {"lsp", "ops", "ar", "pil"}
 
 
 @pytest.mark.parametrize("name", CANONICAL)

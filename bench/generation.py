@@ -1,0 +1,149 @@
+"""How long does generating the protection of all 50,000 CIFAR-10 training images take: PIL against EMN.
+
+PIL's claim is speed — its only model is a bias-free linear classifier, so CIFAR-10 takes about a
+GPU-minute where REM takes 15+ GPU-hours. This script measures it on this machine, with EMN (the bi-level
+baseline every later method builds on) at the same budget in the same run:
+
+* **data**: the real CIFAR-10 training set, the five python batches under ``--data`` (default
+  ``$UEGUARD_SHARED_DATA/cifar10`` or ``/work/shared/data/cifar10``); 32×32, sample-wise, L∞ ε = 8/255;
+* **pil**: the method's ``generate`` on all 50,000 images (its linear surrogate's training included),
+  at the run's budget preset (``quick`` with ``--quick``, else ``standard``) and, unless ``--quick``,
+  also at ``thorough`` (the authors' constants);
+* **emn**: the same budget preset and ε, with protect's default surrogate for 32 px at that budget
+  (``resnet18_cifar_slim`` for quick, ``resnet18_cifar`` otherwise) and ``stop_accuracy`` above 1, so
+  every round of the preset runs (the preset's full cost; a run that converges stops earlier). EMN on
+  50,000 images would take hours here, so it is timed on two subsets (the first n₁ and n₂ images) and
+  the time is fitted as a + b·n (a: the per-round surrogate steps, independent of n; b: the PGD pass
+  and stopping check per image) and **projected** to 50,000 images: a + b·50,000. That projection is
+  stated as such in the JSON and the table; it assumes the same number of rounds at 50,000 images and
+  slightly overstates the stopping check, which EMN caps at 10,000 images;
+* both run through ``ProtectionMethod.generate`` on the same CPU runtime (fp32, no compile), one after
+  the other; file writing (protect's PNG output) is not timed for either. Each record holds wall seconds
+  and the process's CPU seconds (all its threads): on a shared machine the CPU seconds are the steadier
+  measure, and the ratio is given in both.
+
+    PYTHONPATH=. python bench/generation.py --quick --json bench/results/generation-cifar10-cpu-quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import torch  # noqa: E402
+
+from _timing import environment, write_report  # noqa: E402
+from ueguard.budgets import default_arch  # noqa: E402
+from ueguard.engine.runtime import Runtime  # noqa: E402
+from ueguard.methods import create_method  # noqa: E402
+from ueguard.models import create_model  # noqa: E402
+from victim import load_cifar, take  # noqa: E402
+
+FULL = 50_000
+EPS = 8 / 255
+
+
+def default_data() -> Path:
+    return Path(os.environ.get("UEGUARD_SHARED_DATA", "/work/shared/data")) / "cifar10"
+
+
+def time_pil(data, budget: str, runtime: Runtime, seed: int) -> dict:
+    method = create_method("pil", budget=budget, runtime=runtime, seed=seed, eps=EPS)
+    started, cpu = time.perf_counter(), time.process_time()
+    p = method(data)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"method": "pil", "budget": budget, "images": len(data), "seconds": round(seconds, 2),
+            "cpu_seconds": round(cpu, 2),
+            "ms_per_image": round(1000 * seconds / len(data), 4), "max_linf_255": round(float(p.delta.abs().max()) * 255, 3),
+            "config": vars(method.config), "info": p.info}
+
+
+def time_emn(data, n: int, budget: str, runtime: Runtime, seed: int) -> dict:
+    subset = take(data, n)
+    arch = default_arch(32, budget)
+    torch.manual_seed(seed)
+    surrogate = create_model(arch, data.num_classes)
+    method = create_method("emn", budget=budget, runtime=runtime, surrogate=surrogate, seed=seed, eps=EPS,
+                           stop_accuracy=2.0)
+    started, cpu = time.perf_counter(), time.process_time()
+    p = method(subset)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"method": "emn", "budget": budget, "surrogate": arch, "images": n, "seconds": round(seconds, 2),
+            "cpu_seconds": round(cpu, 2),
+            "ms_per_image": round(1000 * seconds / n, 2), "rounds": p.info["rounds"],
+            "config": vars(method.config)}
+
+
+def projection(small: dict, large: dict, key: str = "seconds") -> dict:
+    """EMN's time as a + b·n through the two subset runs, evaluated at :data:`FULL` images. Should noise
+    make the fitted b non-positive, the larger subset's mean rate × :data:`FULL` is used instead (an upper
+    bound: it charges the per-round fixed cost to every image), and the record says so."""
+    b = (large[key] - small[key]) / (large["images"] - small["images"])
+    a = small[key] - b * small["images"]
+    fitted = b > 0
+    seconds = a + b * FULL if fitted else large[key] / large["images"] * FULL
+    how = "linear fit a + b·n" if fitted else "mean rate of the larger subset (the fit was not positive)"
+    return {"fixed_seconds": round(a, 1), "seconds_per_image": round(b, 4), "projected_seconds": round(seconds),
+            "projected_hours": round(seconds / 3600, 2),
+            "note": f"projected by {how} from {small['images']} and {large['images']} images, not measured at {FULL}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the quick presets, smaller EMN subsets, no thorough PIL")
+    parser.add_argument("--data", type=Path, default=default_data(), help="folder holding cifar-10-batches-py/")
+    parser.add_argument("--emn-sizes", help="two EMN subset sizes n1,n2 (default 128,256; --quick 64,128)")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads for both methods (default: torch's own); "
+                        "on a machine shared beyond its cores, 1 avoids two threads spin-waiting on each other")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = "quick" if args.quick else "standard"
+    sizes = [int(s) for s in (args.emn_sizes or ("64,128" if args.quick else "128,256")).split(",")]
+    if len(sizes) != 2 or not 0 < sizes[0] < sizes[1] <= FULL:
+        parser.error("--emn-sizes: two sizes n1 < n2 ≤ 50000, e.g. 64,128")
+    started = time.perf_counter()
+    train, _ = load_cifar(args.data)
+    if len(train) != FULL:
+        raise SystemExit(f"{args.data}: expected the {FULL} CIFAR-10 training images, found {len(train)}")
+    runtime = Runtime.create("cpu", "fp32", "off")
+    results: dict = {"data": f"CIFAR-10 train, {len(train)} images, from {args.data}", "eps_255": 8,
+                     "budget": budget, "load_before": environment()["load_average_1min"], "pil": [], "emn": []}
+    for pil_budget in ([budget] if args.quick else [budget, "thorough"]):
+        record = time_pil(train, pil_budget, runtime, args.seed)
+        results["pil"].append(record)
+        print(f"pil {pil_budget}: {record['seconds']:.1f} s ({record['cpu_seconds']:.1f} s CPU) for {FULL} images "
+              f"(linear surrogate {record['info']['surrogate_seconds']:.1f} s)", flush=True)
+    for n in sizes:
+        record = time_emn(train, n, budget, runtime, args.seed)
+        results["emn"].append(record)
+        print(f"emn {budget}: {record['seconds']:.1f} s ({record['cpu_seconds']:.1f} s CPU) for {n} images "
+              f"({record['rounds']} rounds)", flush=True)
+    results["emn_projection"] = projection(*results["emn"])
+    results["emn_projection_cpu"] = projection(*results["emn"], key="cpu_seconds")
+    pil_same = results["pil"][0]
+    results["ratio_emn_projected_over_pil"] = round(results["emn_projection"]["projected_seconds"] / pil_same["seconds"])
+    results["ratio_emn_projected_over_pil_cpu"] = round(results["emn_projection_cpu"]["projected_seconds"]
+                                                        / pil_same["cpu_seconds"])
+    results["load_after"] = environment()["load_average_1min"]
+    write_report(args.json, results, __file__, started)
+    print(f"EMN {budget} projected to {FULL} images: {results['emn_projection']['projected_hours']} h wall, "
+          f"{results['emn_projection_cpu']['projected_hours']} h CPU ({results['emn_projection']['note']}); "
+          f"PIL {budget} measured: {pil_same['seconds']:.1f} s wall, {pil_same['cpu_seconds']:.1f} s CPU; ratio "
+          f"{results['ratio_emn_projected_over_pil']}× wall, {results['ratio_emn_projected_over_pil_cpu']}× CPU")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
