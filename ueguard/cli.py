@@ -57,7 +57,9 @@ def _handle_errors(func):
 def _progress(command: str, quiet: bool):
     """The progress display of a command: stage, step k/N and ETA on stderr (see
     :mod:`ueguard.engine.progress`), unless ``--quiet``."""
-    return not quiet and sys.stderr.isatty()
+    from ueguard.engine.progress import Progress
+
+    return Progress(not quiet, name=command)
 
 
 class SdkCommand(click.Command):

@@ -162,7 +162,7 @@ def protect(src: str | os.PathLike | Any, out: str | os.PathLike | None = None, 
     if isinstance(method_options, Mapping):
         method_options = tuple(sorted(method_options.items()))
     opts = ProtectOptions.resolve(**call_options(ProtectOptions, locals() | {"labels": label_source}))
-    reporter = progress if isinstance(progress, Progress) else Progress(progress)
+    reporter = progress if isinstance(progress, Progress) else Progress(progress, name="protect")
     if isinstance(src, (str, os.PathLike)):
         if labels is not None:
             raise UsageError("labels= is for in-memory data; a folder's labels come from its class subfolders "
@@ -852,14 +852,16 @@ def _write_folder(run: _FolderRun, opts: ProtectOptions, manifest: ManifestWrite
     todo = [e for e in run.listing.images if e.relpath in planned]
     if all(str(e.relpath) in run.done for e in todo):
         return _finish(run, opts, manifest, items, None)
-    working, kept = _decode(run, opts, todo, record, progress)
+    with progress.step(1, 3, "decoding"):
+        working, kept = _decode(run, opts, todo, record, progress)
     if not kept:
         return _finish(run, opts, manifest, items, None)
-    if run.pseudo:
-        working = _label_by_clusters(run, opts, working, manifest, record, progress)
-    perturbation = _generate(run, opts, working, manifest, progress, handoff)
+    with progress.step(2, 3, "generating perturbations"):
+        if run.pseudo:
+            working = _label_by_clusters(run, opts, working, manifest, record, progress)
+        perturbation = _generate(run, opts, working, manifest, progress, handoff)
     pending = [(i, e) for i, e in enumerate(kept) if str(e.relpath) not in run.done]
-    with progress.bar(len(pending), "saving", unit="img") as bar:
+    with progress.step(3, 3, "saving"), progress.bar(len(pending), "", unit="image") as bar:
         for i, entry in pending:
             status, error, extra = _save_one(run.listing, run.dst, entry, planned[entry.relpath], working,
                                              perturbation, i, opts)
@@ -899,7 +901,7 @@ def _decode(run: _FolderRun, opts: ProtectOptions, todo: list[FolderEntry], reco
             progress: Progress) -> tuple[WorkingSet, list[FolderEntry]]:
     """The working set of the images to protect; each that cannot be decoded is recorded as failed. A
     streaming loader spills it into the private state folder (it is the originals at the working size)."""
-    with progress.bar(len(todo), "decoding", unit="img") as bar:
+    with progress.bar(len(todo), "", unit="image") as bar:
         loader = resolve_loader(opts.loader, len(todo), run.size, run.runtime.device)
         # the methods index the whole set round after round: in memory when it fits, else (a streaming
         # loader) spilled into a memory-mapped file, paged in batch by batch

@@ -220,7 +220,7 @@ def _scan(root, role: str, classes: tuple[str, ...] | None = None) -> FolderList
 def _load(listing: FolderListing, size: int, max_pixels: int, role: str,
           progress: Progress, loader: str = "memory", cache_dir=None) -> tuple[WorkingSet, list[str]]:
     problems: list[str] = []
-    with progress.bar(len(listing.images), f"loading {role}", unit="img") as bar:
+    with progress.bar(len(listing.images), f"loading {role}", unit="image") as bar:
         data, _ = load_working_set(listing, listing.images, size, loader, max_pixels=max_pixels, cache_dir=cache_dir,
                                    on_error=lambda entry, error: problems.append(str(error)), on_progress=bar.update)
     if len(data) == 0:
@@ -358,7 +358,7 @@ def verify(protected: str | os.PathLike, test: str | os.PathLike | None = None, 
     Stages: plan the runs (:func:`_select_runs`) → load the data and resolve the recipe (:func:`_plan`) →
     train each run and judge it (:func:`_run_battery`) → assemble the report (:func:`_assemble_report`)."""
     opts = VerifyOptions.resolve(**call_options(VerifyOptions, locals()))
-    reporter = progress if isinstance(progress, Progress) else Progress(progress)
+    reporter = progress if isinstance(progress, Progress) else Progress(progress, name="verify")
     plan = _plan(Path(protected), test, clean, opts, reporter, json_path, report_dir)
     runs, baselines = _run_battery(plan, opts, reporter, on_run_done)
     report = _assemble_report(plan, opts, runs, baselines)
@@ -477,7 +477,7 @@ def _train(plan: _VerifyPlan, opts: VerifyOptions, reporter: Progress, data, def
     try:
         history = fit(model, data, plan.test_set, fit_cfg, defense=defense, paradigm=paradigm, runtime=plan.runtime,
                       generator=generator, validation=validation, progress=reporter,
-                      desc=f"{label}: {defense_name}/{paradigm_name}", recipe=plan.recipe)
+                      desc="training", recipe=plan.recipe)
     except ValueError as error:  # a paradigm or defense that does not fit the architecture
         raise UsageError(f"{defense_name}/{paradigm_name} with {plan.arch}: {error}") from None
     trained = [h for h in history if h["epoch"] >= 1]
@@ -504,15 +504,15 @@ def _run_battery(plan: _VerifyPlan, opts: VerifyOptions, reporter: Progress,
         key = f"{kind}-{defense_name}-{paradigm_name}"
         record = plan.store.load(key)
         if record is not None:
-            reporter.log(f"[{number}/{len(steps)}] {kind} {defense_name}/{paradigm_name}: resumed from checkpoint")
-            record["resumed"] = True
+            with reporter.step(number, len(steps), f"{kind} {defense_name}/{paradigm_name}: resumed from checkpoint"):
+                record["resumed"] = True
         else:
-            reporter.log(f"[{number}/{len(steps)}] training on {kind} images: {defense_name}/{paradigm_name}")
-            data, validation = (plan.clean_set if kind == "clean" else plan.train_p), None
-            if kind == "protected" and DEFENSES.get(defense_name).needs_validation:
-                held = [_in_memory(d, opts, reporter) for d in (plan.train_p, plan.clean_set)]  # split by sample id
-                data, validation = _hold_out(*held, opts.defense_config(defense_name).val_fraction, opts.seed)
-            record = _train(plan, opts, reporter, data, defense_name, paradigm_name, kind, validation)
+            with reporter.step(number, len(steps), f"{kind} {defense_name}/{paradigm_name}", show_eta=True):
+                data, validation = (plan.clean_set if kind == "clean" else plan.train_p), None
+                if kind == "protected" and DEFENSES.get(defense_name).needs_validation:
+                    held = [_in_memory(d, opts, reporter) for d in (plan.train_p, plan.clean_set)]  # by sample id
+                    data, validation = _hold_out(*held, opts.defense_config(defense_name).val_fraction, opts.seed)
+                record = _train(plan, opts, reporter, data, defense_name, paradigm_name, kind, validation)
             record["kind"] = kind
             plan.store.save(key, record)
             record["resumed"] = False
