@@ -16,7 +16,6 @@ from array import array
 
 import click
 
-from ueguard.budgets import BUDGETS
 from ueguard.display import format_report
 from ueguard.errors import EXIT_FATAL, EXIT_SOME_FAILED, EXIT_USAGE, FatalError, PeerStopped, UsageError
 
@@ -97,7 +96,7 @@ def _click_option(option) -> click.Option:
 
     spec, default = option.spec, option.signature_default
     limits = None if spec.low is None and spec.high is None else bounds_text(spec.low, spec.high, spec.open_range)
-    settings = dict(help=spec.help + (f" ({limits})" if limits and option.keyword != "seed" else ""), metavar=spec.metavar)
+    settings = dict(help=spec.help + (f" ({limits})" if limits else ""), metavar=spec.metavar)
     kinds = [kind for kind in option.kinds() if kind is not type(None)]
     if spec.pairs:
         return click.Option([*option.flags, option.keyword], multiple=True, **settings)

@@ -55,8 +55,8 @@ import torch
 import ueguard
 from ueguard.data.folder import FolderEntry, FolderListing, scan_folder
 from ueguard._crash import kill_point
-from ueguard.data.images import (DecodedImage, ImageFileError, ImageReadError, ImageWriteError, load_image, output_path,
-                                 quantize, resolve_format, save_image)
+from ueguard.data.images import (DEFAULT_MAX_PIXELS, DecodedImage, ImageFileError, ImageReadError, ImageWriteError,
+                                 load_image, output_path, quantize, resolve_format, save_image)
 from ueguard.data.manifest import (MANIFEST_NAME, ManifestItems, ManifestWriteError, ManifestWriter, busy_message,
                                    is_busy, read_manifest_offsets, sha256_file)
 from ueguard.data.run_state import remove_state, state_folder
@@ -70,7 +70,6 @@ from ueguard.engine.runtime import Runtime, seed_everything
 from ueguard.errors import FatalError, UsageError
 from ueguard.methods import METHODS, Perturbation
 from ueguard.methods.base import RankFollower
-from ueguard.data.images import DEFAULT_MAX_PIXELS
 from ueguard.sdk.options import SIZE_CAP, ProtectOptions, default_arch
 from ueguard.sdk.params import call_options, takes_options
 
