@@ -133,14 +133,14 @@ class ProtectResult:
 
 
 @takes_options(ProtectOptions, own=("src", "out"))
-def protect(src: str | os.PathLike | Any, out: str | os.PathLike | None = None, method: str = "emn", *,
+def protect(src: str | os.PathLike | np.ndarray | torch.Tensor, out: str | os.PathLike | None = None, method: str = "emn", *,
             eps: float | str = "8/255", seed: int = 0, budget: str = "standard", device: str = "auto",
             precision: str = "auto", compile: str = "auto", size: int | None = None, surrogate: str | None = None,
             weights: str | os.PathLike | None = None, pretrained: bool = False, format: str = "png",
             quality: int = 95, perturbation: str | None = None,
             method_options: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
             max_pixels: int = DEFAULT_MAX_PIXELS, resume: bool = False, keep_metadata: bool = False,
-            follow_symlinks: bool = False, labels: str | Sequence[int] | Any = "folders", clusters: int | None = None,
+            follow_symlinks: bool = False, labels: str | Sequence[int] | np.ndarray | torch.Tensor = "folders", clusters: int | None = None,
             loader: str = "auto", cache_dir: str | os.PathLike | None = None, store: str = "auto",
             layout: str = "auto", progress: Progress | bool | None = False) -> ProtectResult:
     """Protect a folder of images (``src`` a path; ``out`` the output folder, default ``SRC_protected``
