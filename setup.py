@@ -59,7 +59,6 @@ setup(
         "scikit-learn",
         "matplotlib",
         "safetensors",
-        "tqdm",
         'triton; platform_system=="Linux"',
     ],
     # ffcv: the --loader ffcv path. Built from source: needs libopencv-dev libturbojpeg0-dev pkg-config

@@ -369,15 +369,18 @@ def _protect_in_terminal(tmp_path: Path, out: str, *extra: str, tty: bool) -> tu
 
 
 @pytest.mark.slow  # three protect subprocesses
-def test_progress_bar_with_eta_on_a_terminal_and_quiet_otherwise(tmp_path):
+def test_progress_is_live_on_a_terminal_plain_lines_in_a_pipe_and_quiet_with_quiet(tmp_path):
+    """The one progress format (ueguard.engine.progress): stage, step k/N, elapsed and ETA — redrawn in
+    place on a terminal, one line at a time without carriage returns in a pipe, nothing with --quiet."""
     write_class_tree(tmp_path / "src", n_per_class=3, classes=2, size=16)
+    step = r"protect › \[2/3\] generating perturbations › emn: round \d+/\d+ · \d+:\d\d elapsed · ETA \d+:\d\d"
     status, shown = _protect_in_terminal(tmp_path, "bar", tty=True)
-    assert status == 0, shown
-    assert re.search(r"\d+/\d+ \[\d\d:\d\d<\d\d:\d\d", shown), shown  # tqdm's "n/total [elapsed<ETA"
+    assert status == 0 and re.search(step, shown) and "\r" in shown, shown
     status, quiet = _protect_in_terminal(tmp_path, "quiet", "--quiet", tty=True)
-    assert status == 0 and not re.search(r"\[\d\d:\d\d<", quiet), quiet
+    assert status == 0 and "ETA" not in quiet, quiet
     status, piped = _protect_in_terminal(tmp_path, "piped", tty=False)
-    assert status == 0 and not re.search(r"\[\d\d:\d\d<", piped), piped
+    assert status == 0 and re.search(step, piped) and "\r" not in piped, piped
+    assert re.search(r"protect › \[3/3\] saving › image 6/6 · ", piped), piped
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")

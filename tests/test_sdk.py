@@ -73,7 +73,6 @@ def test_classwise_perturbation_is_one_tensor_per_class(digits):
     (dict(), "needs labels"),
     (dict(labels=[0, 1]), "labels must be"),
     (dict(labels=list(range(4)), eps="nine"), "invalid eps"),
-    (dict(labels=list(range(4)), colour=True), "unknown option"),
 ])
 def test_in_memory_errors_are_clear(kwargs, message):
     with pytest.raises(UsageError, match=message):

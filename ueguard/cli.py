@@ -16,7 +16,6 @@ from array import array
 
 import click
 
-from ueguard.budgets import BUDGETS
 from ueguard.display import format_report
 from ueguard.errors import EXIT_FATAL, EXIT_SOME_FAILED, EXIT_USAGE, FatalError, PeerStopped, UsageError
 
@@ -54,8 +53,63 @@ def _handle_errors(func):
     return wrapper
 
 
-def _show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+def _progress(command: str, quiet: bool):
+    """The progress display of a command: stage, step k/N and ETA on stderr (see
+    :mod:`ueguard.engine.progress`), unless ``--quiet``."""
+    from ueguard.engine.progress import Progress
+
+    return Progress(not quiet, name=command)
+
+
+class SdkCommand(click.Command):
+    """A command whose options are the SDK's, built from their one declaration (:mod:`ueguard.sdk.params`):
+    every keyword of ``ueguard.sdk.protect`` / ``verify`` is a long option with the same name, type,
+    default and help. They are built when first needed, so ``ueguard --help`` does not import torch."""
+
+    def __init__(self, *args, declared: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.declared = declared
+        self._built = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._built:
+            quiet = self.params.pop()  # the command's own options first, then the SDK's, --quiet and --help last
+            self.params += [_click_option(option) for option in _declared_options(self.declared)] + [quiet]
+            self._built = True
+        return super().get_params(ctx)
+
+
+def _declared_options(command: str) -> list:
+    from ueguard.sdk.params import options_of
+
+    if command == "protect":
+        from ueguard.sdk.options import ProtectOptions as declared
+    else:
+        from ueguard.sdk.verify import VerifyOptions as declared
+    return options_of(declared)
+
+
+def _click_option(option) -> click.Option:
+    """One SDK option as a click option: choices as a choice, a bool as a flag, a mapping as a repeatable
+    ``KEY=VALUE`` (parsed by the command), a path as a path; ranges are checked by the SDK."""
+    from ueguard.sdk.params import bounds_text
+
+    spec, default = option.spec, option.signature_default
+    limits = None if spec.low is None and spec.high is None else bounds_text(spec.low, spec.high, spec.open_range)
+    settings = dict(help=spec.help + (f" ({limits})" if limits else ""), metavar=spec.metavar)
+    kinds = [kind for kind in option.kinds() if kind is not type(None)]
+    if spec.pairs:
+        return click.Option([*option.flags, option.keyword], multiple=True, **settings)
+    if kinds == [bool]:
+        return click.Option([*option.flags, option.keyword], is_flag=True, default=default, **settings)
+    if spec.choices:
+        kind = click.Choice(spec.choices)
+    elif spec.path:
+        kind = click.Path(exists=spec.path == "file", dir_okay=spec.path == "dir", file_okay=spec.path == "file")
+    else:
+        kind = str if spec.parse else kinds[0]
+    return click.Option([*option.flags, option.keyword], type=kind, default=default,
+                        show_default=default is not None, **settings)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,59 +118,12 @@ def main() -> None:
     """ueguard: make image data unlearnable, and verify whether the protection holds."""
 
 
-@main.command()
+@main.command(cls=SdkCommand, declared="protect")
 @click.argument("src", type=click.Path(file_okay=False, path_type=str))
 @click.option("--out", "out", type=click.Path(path_type=str), help="Output folder (default: SRC_protected beside SRC).")
-@click.option("--method", default="emn", show_default=True, help="Protection method (see `ueguard methods`).")
-@click.option("--eps", default="8/255", show_default=True,
-              help="L∞ budget of L∞ methods: 8/255, 0.031, or 8 (meaning 8/255). L2 methods (lsp, ar) take "
-                   "-o l2_eps=VALUE instead; ops changes one pixel (see `ueguard methods`).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
-              help="Autocast precision for the surrogate (auto: bf16 on GPUs, fp32 on CPU).")
-@click.option("--compile", "compile_", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
-              help="torch.compile the surrogate's steps (auto: on for CUDA, off on CPU, where it measured no faster).")
-@click.option("--budget", default="standard", show_default=True, type=click.Choice(BUDGETS),
-              help="Steps/rounds preset (and working-size cap: 64 / 128 / 224 px).")
-@click.option("--size", type=click.IntRange(8, 1024), help="Working resolution in px (default: suited to the data).")
-@click.option("--surrogate", help="Surrogate model: a timm name or one of ueguard's (resnet18_cifar, ...).")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local surrogate checkpoint.")
-@click.option("--pretrained", is_flag=True, help="Surrogate weights from the timm hub (needs network).")
-@click.option("--format", "format_", default="png", show_default=True,
-              type=click.Choice(["png", "keep", "jpeg", "webp"]), help="Output format (lossy ones weaken protection).")
-@click.option("--quality", default=95, show_default=True, type=click.IntRange(1, 100), help="JPEG/WebP quality.")
-@click.option("--perturbation", type=click.Choice(["samplewise", "classwise"]), help="Sample- or class-wise δ.")
-@click.option("-o", "--option", "method_options", multiple=True, metavar="KEY=VALUE",
-              help="A method constant, e.g. -o pgd_steps=10 (repeatable).")
-@click.option("--max-pixels", default=None, type=click.IntRange(1),
-              help="Refuse images above this many pixels (decompression bombs; default 178956970).")
-@click.option("--keep-metadata", is_flag=True,
-              help="Keep camera/date/GPS EXIF in JPEG/PNG/WebP outputs. Never kept: the EXIF thumbnail "
-                   "(a copy of the unprotected image), maker notes, XMP/IPTC, orientation (applied).")
-@click.option("--follow-symlinks", is_flag=True,
-              help="Follow links to folders and links that lead outside SRC (default: skipped, and listed).")
-@click.option("--labels", "label_source", default="folders", show_default=True, type=click.Choice(["folders", "auto"]),
-              help="Where labels come from: class subfolders, or (auto, for a flat folder) k-means pseudo-labels "
-                   "of a pretrained surrogate's features (needs --weights or --pretrained).")
-@click.option("--clusters", type=click.IntRange(1), help="Number of pseudo-classes for --labels auto "
-              "(default: the best silhouette score over 2-10).")
-@click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "memory", "ffcv", "torch"]),
-              help="How SRC is decoded into the working set: a thread pool (memory), DataLoader workers (torch), "
-                   "or a cached FFCV file reused by later runs (ffcv, optional extra).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where the FFCV cache and the private "
-              "resume state (the perturbation, until the run finishes) live (default: $UEGUARD_CACHE or "
-              "~/.cache/ueguard); never inside --out or SRC.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in a non-empty --out.")
-@click.option("--store", default="auto", show_default=True, type=click.Choice(["auto", "memory", "disk"]),
-              help="Where sample-wise perturbations live: in memory, or memory-mapped in the private resume state "
-                   "under --cache-dir (resumable row by row; auto: disk when they would take over 1/8 of the "
-                   "machine's memory). Either gives the same bytes.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @_handle_errors
-def protect(src, out, method, eps, seed, device, precision, compile_, budget, size, surrogate, weights, pretrained, format_,
-            quality, perturbation, method_options, max_pixels, keep_metadata, follow_symlinks, label_source, clusters,
-            loader, cache_dir, resume, store, quiet) -> None:
+def protect(src, out, quiet, **options) -> None:
     """Protect every image under SRC (class subfolders = labels, or --labels auto) into a mirrored folder."""
     from ueguard.data.images import LOSSY_FORMATS, lossy_suffix
     from ueguard.engine.distributed import environment
@@ -125,16 +132,12 @@ def protect(src, out, method, eps, seed, device, precision, compile_, budget, si
 
     main_rank = environment().is_main  # under torchrun only rank 0 speaks; the others take part quietly
     quiet = quiet or not main_rank
+    format_ = options["format"]
     if main_rank and format_ in LOSSY_FORMATS:
         click.echo(f"ueguard: warning: --format {format_} re-encodes lossily, which removes part of the "
                    "perturbation; the manifest's linf/psnr show what survived.", err=True)
-    result = sdk_protect(src, out, method, eps=eps, seed=seed, device=device, precision=precision, compile=compile_, budget=budget,
-                         size=size, surrogate=surrogate, weights=weights, pretrained=pretrained, format=format_,
-                         quality=quality, perturbation=perturbation,
-                         method_options=parse_method_options(method_options), max_pixels=max_pixels,
-                         keep_metadata=keep_metadata, follow_symlinks=follow_symlinks, label_source=label_source,
-                         clusters=clusters, loader=loader, cache_dir=cache_dir, resume=resume, store=store,
-                         progress=_show_progress(quiet))
+    options["method_options"] = parse_method_options(options["method_options"])
+    result = sdk_protect(src, out, **options, progress=_progress("protect", quiet))
     if not main_rank:
         return
     # One streaming pass over the records (a folder's come from the manifest): a few numbers per file.
@@ -194,66 +197,27 @@ def _protected_rest(protected: int) -> str:
     return "no image was protected" if protected == 0 else f"{protected} other image(s) were protected"
 
 
-@main.command()
+@main.command(cls=SdkCommand, declared="verify")
 @click.argument("protected", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--test", "test", type=click.Path(exists=True, file_okay=False, path_type=str),
               help="Clean test images, same class folders (default: a share of --clean held out, see --holdout).")
 @click.option("--clean", type=click.Path(exists=True, file_okay=False, path_type=str),
               help="The original (unprotected) training images, for the baseline and the verdict.")
-@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), metavar="FRACTION",
-              help="Without --test: hold out this stratified share of --clean (default 0.2, at least one per class, "
-                   "seeded by --seed) as the test set, left out of both training sets.")
-@click.option("--paradigm", default="scratch", show_default=True,
-              help="scratch | finetune | frozen | linear, a comma list, or all (see `ueguard defenses`).")
-@click.option("--defense", default="none", show_default=True,
-              help="Training-time defense, a comma list, or all: the battery (see `ueguard defenses`).")
-@click.option("-d", "--defense-option", "defense_options", multiple=True, metavar="[DEFENSE.]KEY=VALUE",
-              help="A defense constant, e.g. -d staged.tau=0.5 or -d quality=20 (repeatable).")
-@click.option("--arch", help="Victim architecture (default: CIFAR ResNet-18 up to 64 px, timm resnet18 above).")
-@click.option("--epochs", type=click.IntRange(1), help="Training epochs (default per budget: 10 / 30 / 60).")
-@click.option("--budget", default="standard", show_default=True, type=click.Choice(BUDGETS))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False),
-              help="Pretrained checkpoint for finetune/frozen/linear.")
-@click.option("--pretrained", is_flag=True, help="Pretrained weights from the timm hub for finetune/frozen/linear.")
-@click.option("--size", type=click.IntRange(8, 1024), help="Training resolution in px.")
-@click.option("--batch-size", type=click.IntRange(1), help="Training batch size (default: the recipe's; 128 standard, "
-              "1024 fast).")
-@click.option("--lr", type=float, help="Peak learning rate (default: the recipe's; standard: 0.1 scratch, 1e-3 "
-              "finetune).")
-@click.option("--recipe", help="Training recipe: standard | fast (default: the architecture's; fast for "
-              "fastvgg_cifar). See docs/victim.md.")
-@click.option("--recipe-search", default="auto", show_default=True, type=click.Choice(["auto", "off"]),
-              help="When the clean model does not learn under the default recipe, choose the learning rate and "
-                   "epochs on a held-out split of the clean training images and train both with them (auto; never "
-                   "with --lr or --epochs). See docs/verify.md.")
-@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
-              help="Verdict: protected iff acc - chance <= threshold * (clean acc - chance).")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]))
-@click.option("--compile", "compile", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
-              help="torch.compile the surrogate's steps (auto: on for CUDA, off on CPU, where it measured no faster).")
-@click.option("--loader", default="auto", show_default=True, type=click.Choice(["auto", "memory", "ffcv", "torch"]),
-              help="How training images are read: memory (one tensor on the device), ffcv (streamed from a "
-                   "cached FFCV file; optional extra), torch (streamed by a DataLoader); auto: memory when it fits.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where the FFCV cache lives "
-              "(default: $UEGUARD_CACHE or ~/.cache/ueguard).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Write the report as JSON (per-run checkpoints go to FILE.state/).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Write summary.md and PNG plots into this folder.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted battery at the run it stopped in.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @_handle_errors
-def verify(protected, test, clean, json_path, report_dir, quiet, defense_options, **options) -> None:
+def verify(protected, test, clean, json_path, report_dir, quiet, **options) -> None:
     """Train on PROTECTED (and CLEAN) under each defense and paradigm, test on TEST (or on originals held out
     of CLEAN), and say whether the protection held in the worst case."""
     from ueguard.sdk import verify as sdk_verify
     from ueguard.sdk.options import parse_method_options
 
+    options["defense_options"] = parse_method_options(options["defense_options"])
     report = sdk_verify(protected, test, clean, json_path=json_path, report_dir=report_dir,
-                        progress=_show_progress(quiet), defense_options=parse_method_options(defense_options),
-                        **options)
+                        progress=_progress("verify", quiet), **options)
     click.echo(format_report(report))
     if json_path:
         click.echo(f"report: {json_path}")
@@ -308,7 +272,7 @@ def demo(workdir, seed, quiet) -> None:
     """Protect scikit-learn's handwritten digits with EMN and verify against the clean baseline."""
     from ueguard.demo import run_demo
 
-    run_demo(workdir, seed=seed, progress=_show_progress(quiet), echo=click.echo)
+    run_demo(workdir, seed=seed, progress=_progress("demo", quiet), echo=click.echo)
 
 
 if __name__ == "__main__":

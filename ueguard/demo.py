@@ -12,9 +12,12 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ueguard.engine.progress import Progress
 
 MARKER = ".ueguard-demo"
 DEMO_SIZE = 32
@@ -101,26 +104,31 @@ def write_demo_report(report: dict, train: Path, protected: Path, root: Path, ra
     return root / "summary.md"
 
 
-def run_demo(workdir: str | Path = "ueguard-demo", *, seed: int = 0, progress: bool = False,
+def run_demo(workdir: str | Path = "ueguard-demo", *, seed: int = 0, progress: "Progress | bool" = False,
              echo: Callable[[str], None] = print) -> dict:
     """Build the folders, protect, verify; print the verify report, write the report folder
-    (``<workdir>/report``), and return the verify report."""
+    (``<workdir>/report``), and return the verify report. ``progress``: the three stages, and inside them
+    protect's and verify's steps with their ETA, in the one progress format (:mod:`ueguard.engine.progress`)."""
     from ueguard.display import format_report
+    from ueguard.engine.progress import Progress
     from ueguard.sdk import protect, verify
 
+    reporter = progress if isinstance(progress, Progress) else Progress(progress, name="demo")
     workdir = Path(workdir)
     _prepare_workdir(workdir)
-    train, test = build_digits_folders(workdir, seed=seed)
-    echo(f"1/3 wrote scikit-learn's digits to {train} and {test}")
+    with reporter.step(1, 3, "writing scikit-learn's digits as image folders"):
+        train, test = build_digits_folders(workdir, seed=seed)
+    echo(f"wrote scikit-learn's digits to {train} and {test}")
     started = time.perf_counter()
-    result = protect(train, workdir / "train_protected", "emn", eps=DEMO_EPS, budget="quick", seed=seed,
-                     progress=progress)
+    with reporter.step(2, 3, "protecting the training digits with EMN"):
+        result = protect(train, workdir / "train_protected", "emn", eps=DEMO_EPS, budget="quick", seed=seed,
+                         progress=reporter)
     ran = {"rounds": result.info.get("rounds"), "protect_seconds": time.perf_counter() - started}
-    echo(f"2/3 protected {result.ok} images with EMN (eps {DEMO_EPS}, {ran['rounds']} rounds) into {result.out}")
-    echo("3/3 training on the protected and on the clean images (this is the slow part)")
+    echo(f"protected {result.ok} images with EMN (eps {DEMO_EPS}, {ran['rounds']} rounds) into {result.out}")
     started = time.perf_counter()
-    report = verify(result.out, test, clean=train, budget="quick", seed=seed, progress=progress,
-                    json_path=workdir / "verify.json")
+    with reporter.step(3, 3, "training on the protected and on the clean digits (the slow part)"):
+        report = verify(result.out, test, clean=train, budget="quick", seed=seed, progress=reporter,
+                        json_path=workdir / "verify.json")
     ran |= {"verify_seconds": time.perf_counter() - started, "train": report["data"]["train_images"],
             "test": report["data"]["test_images"]}
     summary = write_demo_report(report, train, result.out, workdir / "report", ran)

@@ -17,6 +17,11 @@ class UsageError(ValueError):
     """A bad option or a refused request; the message says how to proceed."""
 
 
+class OptionTypeError(UsageError, TypeError):
+    """An SDK keyword given a value of the wrong type (e.g. ``seed="7"``): a ``TypeError`` for Python
+    callers, a usage error (exit 2) for the CLI."""
+
+
 class PeerStopped(RuntimeError):
     """Under torchrun, on a rank other than 0: rank 0 stopped before generation. ``kind`` (``usage``,
     ``fatal``, ``interrupted``) says how, so the CLI exits with rank 0's status without repeating the

@@ -236,7 +236,7 @@ class BAIT(ProtectionMethod):
         inner = BatchSampler(len(data), cfg.batch_size, self.generator)
         outer = BatchSampler(len(data), cfg.batch_size, self.generator)
         history, step_seconds = [], []
-        with self.progress.bar(cfg.iterations, "bait iterations", unit="it") as bar:
+        with self.progress.bar(cfg.iterations, "bait", unit="iteration") as bar:
             for it in range(cfg.iterations):
                 stage = target_stage(it, cfg.iterations)
                 xb, yb, gb = self._batch(data, inner.next())

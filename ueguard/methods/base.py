@@ -444,8 +444,8 @@ class ProtectionMethod(ABC):
         or ``rounds`` rounds, checkpointing after each (:meth:`checkpoint_round`). The bar counts ``unit``
         (``total`` of them; ``done(finished rounds)`` already done). Returns the history of records."""
         history = self.resume_rounds(delta, tracked)
-        with self.progress.bar(rounds if total is None else total, f"{self.name} {unit}s", unit=unit) as bar:
-            bar.update(done(len(history)))
+        with self.progress.bar(rounds if total is None else total, self.name, unit=unit) as bar:
+            bar.skip(done(len(history)))  # resumed: counted, but not in the ETA's pace
             for index in self.rounds_left(history, rounds, converged):
                 record = one_round(index, bar)
                 history.append(record)

@@ -75,7 +75,7 @@ class TAP(ProtectionMethod):
         model.eval()
         delta = self.new_delta((len(data), *data.images.shape[1:]))
         hits = 0
-        with self.progress.bar(len(data), "tap", unit="img") as bar:
+        with self.progress.bar(len(data), "tap", unit="image") as bar:
             for span in batch_ranges(len(data), cfg.batch_size):
                 idx = torch.arange(span.start, span.stop)
                 delta[span], hit = self._attack(model, data, idx)
@@ -102,7 +102,7 @@ class TAP(ProtectionMethod):
         trainer = Trainer(model, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay),
                           total_steps=cfg.train_epochs * sampler.steps_per_epoch())
         epoch = 0
-        with self.progress.bar(cfg.train_epochs, "tap clean training", unit="epoch") as bar:
+        with self.progress.bar(cfg.train_epochs, "tap: training the clean model", unit="epoch") as bar:
             for epoch in range(1, cfg.train_epochs + 1):
                 model.train()
                 for idx in sampler.epoch():

@@ -111,7 +111,7 @@ class UC(ProtectionMethod):
         h, w = data.images.shape[-2:]
         delta = torch.zeros(k, 3, h, w, device=rt.device)
         kl = []
-        with self.progress.bar(k, "uc clusters", unit="cluster") as bar:
+        with self.progress.bar(k, "uc", unit="cluster") as bar:
             for cluster in range(k):
                 members = torch.arange(len(data)) if cfg.fit_all else torch.nonzero(assignment == cluster).flatten()
                 target = (cluster + cfg.target_offset) % k

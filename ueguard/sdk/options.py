@@ -7,6 +7,7 @@ is what the manifest stores, so a run can be reproduced from its manifest line.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from ueguard.engine.runtime import COMPILES, DEVICES, PRECISIONS
 from ueguard.errors import UsageError
 from ueguard.budgets import BUDGETS, SIZE_CAP, default_arch  # noqa: F401 (re-exported)
 from ueguard.methods import METHODS
+from ueguard.sdk.params import check_values, param
 from ueguard.units import parse_eps
 
 FORMATS = OUTPUT_FORMATS
@@ -38,67 +40,71 @@ RUN_CONSTANTS = {"seed": "--seed (it seeds the whole run: surrogate, sampling an
 
 @dataclass(frozen=True)
 class ProtectOptions:
-    """Resolved settings of a ``protect`` run (the CLI's long options).
+    """Resolved settings of a ``protect`` run: the SDK's keywords and the CLI's long options, each declared
+    once below with what it means (:mod:`ueguard.sdk.params`).
 
-    ``size`` ``None`` means "suited to the data" (the median short side snapped to a standard
-    resolution, capped per budget: quick 64, standard 128, thorough 224). ``surrogate`` ``None`` means
-    the default for the working size and budget (see :func:`default_arch`). ``method_options``
-    are the method's own constants (``-o key=value``). ``keep_metadata`` keeps a cleaned EXIF (never the
-    thumbnail, maker notes or orientation; see :func:`ueguard.data.images.clean_exif`);
-    ``follow_symlinks`` follows links to folders and links leading outside the source folder. ``label_source`` (``--labels``) and ``clusters``
-    (``--clusters``) say where labels come from (see :data:`LABEL_SOURCES`); with ``auto`` and no
-    ``clusters`` the number of pseudo-classes is chosen by silhouette score over 2–10.
-
-    ``loader`` (``--loader``) says how the folder is decoded into the working set: ``memory`` (a thread
-    pool), ``torch`` (DataLoader workers) or ``ffcv`` (through a cached FFCV file, reused by later runs on
-    the same folder; ``cache_dir`` says where); see :mod:`ueguard.data.loaders`.
-
-    ``store`` (``--store``) is where sample-wise δ lives while it is generated and saved: ``memory`` (a
-    tensor), ``disk`` (the memory-mapped :class:`~ueguard.data.store.PerturbationStore` under
-    the private resume state under ``cache_dir`` (see :mod:`ueguard.data.run_state`), resumable row by row, or round by round for bi-level methods) or ``auto`` (disk when float32 δ would take more than an
-    eighth of the machine's memory).
-
-    ``eps`` is an L∞ budget and applies to L∞ methods only; an L2 method (lsp, ar) takes
-    ``-o l2_eps=...`` and an L0 one (ops) has its fixed pixel count, so giving them another ``eps`` than
-    the default is refused rather than silently ignored.
+    Everything downstream reads this object, and :meth:`record` is what the manifest stores. Across
+    options: ``eps`` applies to L∞ methods only — another ε than the default for an L2 method (lsp, ar:
+    ``-o l2_eps``) or the L0 one (ops: one pixel) is refused rather than silently ignored; ``clusters``
+    needs ``labels="auto"``; ``weights`` and ``pretrained`` exclude each other. The field ``label_source``
+    is the SDK's ``labels`` given as text (the CLI's ``--labels``).
     """
 
-    method: str = "emn"
-    eps: float = DEFAULT_EPS
-    seed: int = 0
-    budget: str = "standard"
-    device: str = "auto"
-    precision: str = "auto"
-    compile: str = "auto"
-    size: int | None = None
-    surrogate: str | None = None
-    weights: str | None = None
-    pretrained: bool = False
-    format: str = "png"
-    quality: int = 95
-    perturbation: str | None = None
-    method_options: tuple[tuple[str, Any], ...] = ()
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    resume: bool = False
-    keep_metadata: bool = False
-    follow_symlinks: bool = False
-    label_source: str = "folders"
-    clusters: int | None = None
-    loader: str = "auto"
-    cache_dir: str | None = None
-    store: str = "auto"
+    method: str = param("emn", "Protection method (see `ueguard methods`).")
+    eps: float = param(DEFAULT_EPS, "L∞ budget of L∞ methods: 8/255, 0.031, or 8 (meaning 8/255). L2 methods "
+                       "(lsp, ar) take the method option l2_eps instead (-o l2_eps=VALUE); ops changes one pixel.",
+                       parse=parse_eps, accepts=(str, numbers.Real), shown="8/255")
+    seed: int = param(0, "Seeds the whole run: surrogate, sampling and the method (same seed, same bytes).",
+                      low=-(2**63), high=2**64 - 1)
+    budget: str = param("standard", "Steps/rounds preset of the method (and working-size cap: 64 / 128 / 224 px).",
+                        choices=BUDGETS)
+    device: str = param("auto", "Where to compute (auto: a GPU when there is one).", choices=DEVICES)
+    precision: str = param("auto", "Autocast precision for the surrogate (auto: bf16 on GPUs, fp32 on CPU).",
+                           choices=PRECISIONS)
+    compile: str = param("auto", "torch.compile the surrogate's steps (auto: on for CUDA, off on CPU, where it "
+                         "measured no faster).", choices=COMPILES)
+    size: int | None = param(None, "Working resolution in px (default: the median short side snapped to a "
+                             "standard resolution, capped per budget).", low=8, high=1024)
+    surrogate: str | None = param(None, "Surrogate model: a timm name or one of ueguard's (resnet18_cifar, ...); "
+                                  "default: suited to the working size and budget.")
+    weights: str | None = param(None, "Local surrogate checkpoint.", path="file")
+    pretrained: bool = param(False, "Surrogate weights from the timm hub (needs network).")
+    format: str = param("png", "Output format; lossy ones (jpeg, webp) weaken the protection, keep writes each "
+                        "file in its source format.", choices=FORMATS)
+    quality: int = param(95, "JPEG/WebP quality.", low=1, high=100)
+    perturbation: str | None = param(None, "Sample-wise or class-wise δ (default: the method's).",
+                                     choices=("samplewise", "classwise"))
+    method_options: tuple[tuple[str, Any], ...] = param(
+        (), "The method's own constants, e.g. {'pgd_steps': 10} (CLI: -o pgd_steps=10, repeatable); each is "
+        "type- and range-checked (see `ueguard methods`).", pairs=True, flags=("-o", "--option"), metavar="KEY=VALUE")
+    max_pixels: int = param(DEFAULT_MAX_PIXELS, "Refuse images above this many pixels (decompression bombs).", low=1)
+    resume: bool = param(False, "Continue an interrupted run in a non-empty output folder.")
+    keep_metadata: bool = param(False, "Keep camera/date/GPS EXIF in JPEG/PNG/WebP outputs. Never kept: the EXIF "
+                                "thumbnail (a copy of the unprotected image), maker notes, XMP/IPTC, orientation "
+                                "(applied).")
+    follow_symlinks: bool = param(False, "Follow links to folders and links that lead outside the source folder "
+                                  "(default: skipped, and listed).")
+    label_source: str = param("folders", "Where labels come from: class subfolders, or (auto, for a flat folder) "
+                              "k-means pseudo-labels of a pretrained surrogate's features (needs weights or "
+                              "pretrained).",
+                              keyword="labels", choices=LABEL_SOURCES)
+    clusters: int | None = param(None, "Number of pseudo-classes for labels auto (default: the best silhouette "
+                                 "score over 2-10).", low=1)
+    loader: str = param("auto", "How the source is decoded into the working set: a thread pool (memory), "
+                        "DataLoader workers (torch), or a cached FFCV file reused by later runs (ffcv, optional "
+                        "extra).", choices=LOADERS)
+    cache_dir: str | None = param(None, "Where the FFCV cache and the private resume state (the perturbation, "
+                                  "until the run finishes) live (default: $UEGUARD_CACHE or ~/.cache/ueguard); "
+                                  "never inside the output or the source folder.", path="dir")
+    store: str = param("auto", "Where sample-wise perturbations live: in memory, or memory-mapped in the private "
+                       "resume state under cache_dir (resumable row by row; auto: disk when they would take over "
+                       "1/8 of the machine's memory). Either gives the same bytes.", choices=STORES)
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "ProtectOptions":
         """Validate and normalise keyword options; every problem is a :class:`UsageError` that names the
         option and its valid values."""
-        values = given_options(cls, kwargs)
-        if "eps" in values:
-            try:
-                values["eps"] = parse_eps(values["eps"])
-            except ValueError as error:
-                raise UsageError(str(error)) from None
-        opts = cls(**values)
+        opts = cls(**check_values(cls, kwargs))
         opts._check()
         return opts
 
@@ -112,29 +118,12 @@ class ProtectOptions:
             hint = "-o l2_eps=VALUE (L2 norm per image, [0, 1] units)" if cls.norm == "l2" else "nothing: its budget is one pixel"
             raise UsageError(f"method {self.method!r} has an {cls.norm.upper()} budget; --eps is the L∞ budget of L∞ "
                              f"methods and does not apply to it — give {hint}")
-        if self.clusters is not None and self.clusters < 1:
-            raise UsageError(f"invalid clusters {self.clusters}: must be ≥ 1")
         if self.clusters is not None and self.label_source != "auto":
             raise UsageError("--clusters is for --labels auto (pseudo-labels of an unlabeled folder)")
-        for name, value, choices in (("budget", self.budget, BUDGETS), ("device", self.device, DEVICES),
-                                     ("labels", self.label_source, LABEL_SOURCES),
-                                     ("precision", self.precision, PRECISIONS), ("compile", self.compile, COMPILES),
-                                     ("format", self.format, FORMATS), ("loader", self.loader, LOADERS),
-                                     ("store", self.store, STORES)):
-            if value not in choices:
-                raise UsageError(f"invalid {name} {value!r}; choose one of {', '.join(choices)}")
         if self.loader == "ffcv":
             require_ffcv()
-        if self.size is not None and not 8 <= self.size <= 1024:
-            raise UsageError(f"invalid size {self.size}: the working resolution must be between 8 and 1024 px")
-        if not 1 <= self.quality <= 100:
-            raise UsageError(f"invalid quality {self.quality}: must be in 1..100")
         if self.weights is not None and self.pretrained:
             raise UsageError("give either --weights FILE or --pretrained, not both")
-        if self.max_pixels < 1:
-            raise UsageError("max_pixels must be positive")
-        if not -(2**63) <= self.seed < 2**64:
-            raise UsageError(f"invalid seed {self.seed}: torch's generators take -2**63 … 2**64 - 1")
         self._check_method_options()
 
     def _check_method_options(self) -> None:
@@ -176,16 +165,6 @@ class ProtectOptions:
         out["method_options"] = dict(self.method_options)
         out["eps_255"] = round(self.eps * 255, 4)
         return out
-
-
-def given_options(options_class: type, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The keyword options actually given (``None`` means "use the default"), after rejecting names that
-    are not fields of ``options_class`` with a :class:`UsageError` listing the valid ones."""
-    valid = {f.name for f in dataclasses.fields(options_class)}
-    unknown = sorted(set(kwargs) - valid)
-    if unknown:
-        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def parse_method_options(pairs: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:

@@ -46,6 +46,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -54,8 +55,8 @@ import torch
 import ueguard
 from ueguard.data.folder import FolderEntry, FolderListing, scan_folder
 from ueguard._crash import kill_point
-from ueguard.data.images import (DecodedImage, ImageFileError, ImageReadError, ImageWriteError, load_image, output_path,
-                                 quantize, resolve_format, save_image)
+from ueguard.data.images import (DEFAULT_MAX_PIXELS, DecodedImage, ImageFileError, ImageReadError, ImageWriteError,
+                                 load_image, output_path, quantize, resolve_format, save_image)
 from ueguard.data.manifest import (MANIFEST_NAME, ManifestItems, ManifestWriteError, ManifestWriter, busy_message,
                                    is_busy, read_manifest_offsets, sha256_file)
 from ueguard.data.run_state import remove_state, state_folder
@@ -70,6 +71,7 @@ from ueguard.errors import FatalError, UsageError
 from ueguard.methods import METHODS, Perturbation
 from ueguard.methods.base import RankFollower
 from ueguard.sdk.options import SIZE_CAP, ProtectOptions, default_arch
+from ueguard.sdk.params import call_options, takes_options
 
 #: Where ueguard versions before 0.x kept the resume state, inside DST; removed wherever it is found.
 LEGACY_STATE_DIR = ".ueguard"
@@ -130,30 +132,36 @@ class ProtectResult:
         return [self.out / item["output"] for item in self.items if item.get("status") == "ok"] if self.out else []
 
 
-def protect(src, out=None, method: str = "emn", *, labels=None, layout: str = "auto",
-            progress: Progress | bool | None = False, **options: Any) -> ProtectResult:
-    """Protect a folder of images (``src`` a path) or an in-memory batch (``src`` an array or tensor).
+@takes_options(ProtectOptions, own=("src", "out"))
+def protect(src: str | os.PathLike | np.ndarray | torch.Tensor, out: str | os.PathLike | None = None, method: str = "emn", *,
+            eps: float | str = "8/255", seed: int = 0, budget: str = "standard", device: str = "auto",
+            precision: str = "auto", compile: str = "auto", size: int | None = None, surrogate: str | None = None,
+            weights: str | os.PathLike | None = None, pretrained: bool = False, format: str = "png",
+            quality: int = 95, perturbation: str | None = None,
+            method_options: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+            max_pixels: int = DEFAULT_MAX_PIXELS, resume: bool = False, keep_metadata: bool = False,
+            follow_symlinks: bool = False, labels: str | Sequence[int] | np.ndarray | torch.Tensor = "folders", clusters: int | None = None,
+            loader: str = "auto", cache_dir: str | os.PathLike | None = None, store: str = "auto",
+            layout: str = "auto", progress: Progress | bool | None = False) -> ProtectResult:
+    """Protect a folder of images (``src`` a path; ``out`` the output folder, default ``SRC_protected``
+    beside it) or an in-memory batch (``src`` an array or tensor; the result's ``.data``).
 
-    ``options`` are the CLI's long options as keywords: ``eps`` (``"8/255"``, ``0.031`` or ``8``),
-    ``seed``, ``budget``, ``device``, ``precision``, ``compile``, ``size``, ``surrogate``, ``weights``,
-    ``pretrained``, ``format``, ``quality``, ``perturbation``, ``method_options`` (a dict of the
-    method's constants), ``max_pixels``, ``resume``, ``keep_metadata``, ``follow_symlinks``.
+    In-memory input: uint8 or float (values in [0, 1]) ``N×C×H×W`` or ``N×H×W×C`` (``layout``: ``"auto"``,
+    ``"nchw"`` or ``"nhwc"``, for when C is ambiguous) with C = 1 or 3, NumPy or torch, and ``labels`` (N
+    ints). ``labels="auto"`` (either input): pseudo-labels by k-means of a pretrained surrogate's features
+    (``weights``/``pretrained`` required; ``clusters`` = k, or chosen by silhouette over 2–10). For a folder,
+    ``auto`` uses the class subfolders when there are any. Label-free methods (``uc``) need neither.
+    ``progress``: ``True`` shows the stage, step and ETA on stderr, ``None`` only on a terminal.
 
-    In-memory input: uint8 or float (values in [0, 1]) ``N×C×H×W`` or ``N×H×W×C`` (``layout`` says
-    which when C is ambiguous) with C = 1 or 3, NumPy or torch, and ``labels`` (N ints).
-
-    ``labels="auto"`` (either input): pseudo-labels by k-means of a pretrained surrogate's features
-    (``weights``/``pretrained`` required; ``clusters`` = k, or chosen by silhouette over 2–10). For a
-    folder, ``auto`` uses the class subfolders when there are any. Label-free methods (``uc``) need
-    neither.
+    Every option below is checked before anything is written: a wrong type raises
+    :class:`~ueguard.errors.OptionTypeError` (a ``TypeError``), a bad value
+    :class:`~ueguard.errors.UsageError` (a ``ValueError``), each naming the keyword.
     """
-    if isinstance(labels, str):
-        options["label_source"] = labels
-        labels = None
-    if isinstance(options.get("method_options"), dict):
-        options["method_options"] = tuple(sorted(options["method_options"].items()))
-    opts = ProtectOptions.resolve(method=method, **options)
-    reporter = progress if isinstance(progress, Progress) else Progress(progress)
+    label_source, labels = (labels, None) if isinstance(labels, str) else ("folders", labels)
+    if isinstance(method_options, Mapping):
+        method_options = tuple(sorted(method_options.items()))
+    opts = ProtectOptions.resolve(**call_options(ProtectOptions, locals() | {"labels": label_source}))
+    reporter = progress if isinstance(progress, Progress) else Progress(progress, name="protect")
     if isinstance(src, (str, os.PathLike)):
         if labels is not None:
             raise UsageError("labels= is for in-memory data; a folder's labels come from its class subfolders "
@@ -843,14 +851,16 @@ def _write_folder(run: _FolderRun, opts: ProtectOptions, manifest: ManifestWrite
     todo = [e for e in run.listing.images if e.relpath in planned]
     if all(str(e.relpath) in run.done for e in todo):
         return _finish(run, opts, manifest, items, None)
-    working, kept = _decode(run, opts, todo, record, progress)
+    with progress.step(1, 3, "decoding"):
+        working, kept = _decode(run, opts, todo, record, progress)
     if not kept:
         return _finish(run, opts, manifest, items, None)
-    if run.pseudo:
-        working = _label_by_clusters(run, opts, working, manifest, record, progress)
-    perturbation = _generate(run, opts, working, manifest, progress, handoff)
+    with progress.step(2, 3, "generating perturbations"):
+        if run.pseudo:
+            working = _label_by_clusters(run, opts, working, manifest, record, progress)
+        perturbation = _generate(run, opts, working, manifest, progress, handoff)
     pending = [(i, e) for i, e in enumerate(kept) if str(e.relpath) not in run.done]
-    with progress.bar(len(pending), "saving", unit="img") as bar:
+    with progress.step(3, 3, "saving"), progress.bar(len(pending), "", unit="image") as bar:
         for i, entry in pending:
             status, error, extra = _save_one(run.listing, run.dst, entry, planned[entry.relpath], working,
                                              perturbation, i, opts)
@@ -890,7 +900,7 @@ def _decode(run: _FolderRun, opts: ProtectOptions, todo: list[FolderEntry], reco
             progress: Progress) -> tuple[WorkingSet, list[FolderEntry]]:
     """The working set of the images to protect; each that cannot be decoded is recorded as failed. A
     streaming loader spills it into the private state folder (it is the originals at the working size)."""
-    with progress.bar(len(todo), "decoding", unit="img") as bar:
+    with progress.bar(len(todo), "", unit="image") as bar:
         loader = resolve_loader(opts.loader, len(todo), run.size, run.runtime.device)
         # the methods index the whole set round after round: in memory when it fits, else (a streaming
         # loader) spilled into a memory-mapped file, paged in batch by batch

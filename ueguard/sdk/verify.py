@@ -32,7 +32,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,9 @@ from ueguard.engine.runtime import seed_everything
 from ueguard.errors import UsageError
 from ueguard.budgets import BUDGETS, VERIFY_EPOCHS
 from ueguard.sdk.holdout import hold_out_test, holdout_record, holdout_share, leave_out, sample_stem, stratified_indices
-from ueguard.sdk.options import SIZE_CAP, default_arch, given_options
+from ueguard.engine.runtime import COMPILES, DEVICES, PRECISIONS
+from ueguard.sdk.options import SIZE_CAP, default_arch
+from ueguard.sdk.params import call_options, check_values, param, takes_options
 from ueguard.sdk.recipe_search import MODES as SEARCH_MODES, SEARCH_FRACTION, Candidate, advice, search
 from ueguard.sdk.protect import make_runtime
 
@@ -66,7 +68,8 @@ STALL_LOSS_SHARE = 0.98
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    """Resolved settings of a ``verify`` run (the CLI's long options).
+    """Resolved settings of a ``verify`` run: the SDK's keywords and the CLI's long options, each declared
+    once below with what it means (:mod:`ueguard.sdk.params`).
 
     ``defense`` and ``paradigm`` are one name, a comma list, or ``all`` (the battery). ``defense_options``
     are defense constants as ``(key, value)`` pairs: ``staged.tau`` for one defense, or a bare ``tau``
@@ -83,40 +86,51 @@ class VerifyOptions:
     never when ``lr`` or ``epochs`` is given).
     """
 
-    paradigm: str = "scratch"
-    defense: str = "none"
-    defense_options: tuple[tuple[str, Any], ...] = ()
-    arch: str | None = None
-    epochs: int | None = None
-    budget: str = "standard"
-    seed: int = 0
-    weights: str | None = None
-    pretrained: bool = False
-    size: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    recipe: str | None = None
-    threshold: float = 0.5
-    device: str = "auto"
-    precision: str = "auto"
-    compile: str = "auto"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    resume: bool = False
-    loader: str = "auto"
-    cache_dir: str | None = None
-    holdout: float | None = None
-    recipe_search: str = "auto"
+    paradigm: str = param("scratch", "scratch | finetune | frozen | linear, a comma list, or all (see `ueguard "
+                          "defenses`).")
+    defense: str = param("none", "Training-time defense, a comma list, or all: the battery (see `ueguard defenses`).")
+    defense_options: tuple[tuple[str, Any], ...] = param(
+        (), "Defense constants, e.g. {'staged.tau': 0.5} for one defense or {'quality': 20} for every selected "
+        "defense that has it (CLI: -d staged.tau=0.5, repeatable).", pairs=True, flags=("-d", "--defense-option"),
+        metavar="[DEFENSE.]KEY=VALUE")
+    arch: str | None = param(None, "Victim architecture (default: CIFAR ResNet-18 up to 64 px, timm resnet18 above).")
+    epochs: int | None = param(None, "Training epochs (default: the recipe's, else per budget: 10 / 30 / 60).", low=1)
+    budget: str = param("standard", "Training-length preset and working-size cap.", choices=BUDGETS)
+    seed: int = param(0, "Seeds initialisation, batch order, augmentation and the held-out split.",
+                      low=-(2**63), high=2**64 - 1)
+    weights: str | None = param(None, "Pretrained checkpoint for finetune/frozen/linear.", path="file")
+    pretrained: bool = param(False, "Pretrained weights from the timm hub for finetune/frozen/linear.")
+    size: int | None = param(None, "Training resolution in px (default: suited to the images).", low=8, high=1024)
+    batch_size: int | None = param(None, "Training batch size (default: the recipe's; 128 standard, 1024 fast).",
+                                   low=1)
+    lr: float | None = param(None, "Peak learning rate (default: the recipe's; standard: 0.1 scratch, 1e-3 "
+                             "finetune).", low=0, open_range=True)
+    recipe: str | None = param(None, "Training recipe: standard | fast (default: the architecture's; fast for "
+                               "fastvgg_cifar). See docs/victim.md.")
+    threshold: float = param(0.5, "Verdict: protected iff acc - chance <= threshold * (clean acc - chance).",
+                             low=0, high=1)
+    device: str = param("auto", "Where to train (auto: a GPU when there is one).", choices=DEVICES)
+    precision: str = param("auto", "Autocast precision (auto: bf16 on GPUs, fp32 on CPU).", choices=PRECISIONS)
+    compile: str = param("auto", "torch.compile the training steps (auto: on for CUDA, off on CPU, where it "
+                         "measured no faster).", choices=COMPILES)
+    max_pixels: int = param(DEFAULT_MAX_PIXELS, "Refuse images above this many pixels (decompression bombs).", low=1)
+    resume: bool = param(False, "Continue an interrupted battery at the run it stopped in.")
+    loader: str = param("auto", "How training images are read: memory (one tensor on the device), ffcv (streamed "
+                        "from a cached FFCV file; optional extra), torch (streamed by a DataLoader); auto: memory "
+                        "when it fits.", choices=LOADERS)
+    cache_dir: str | None = param(None, "Where the FFCV cache lives (default: $UEGUARD_CACHE or ~/.cache/ueguard).",
+                                  path="dir")
+    holdout: float | None = param(None, "Without test: hold out this stratified share of clean (default 0.2, at "
+                                  "least one per class, seeded by seed) as the test set, left out of both training "
+                                  "sets.", low=0, high=1, open_range=True, metavar="FRACTION")
+    recipe_search: str = param("auto", "When the clean model does not learn under the default recipe, choose the "
+                               "learning rate and epochs on a held-out split of the clean training images and train "
+                               "both with them (auto; never with lr or epochs). See docs/verify.md.",
+                               choices=SEARCH_MODES)
 
     @classmethod
     def resolve(cls, **kwargs: Any) -> "VerifyOptions":
-        values = given_options(cls, kwargs)
-        if isinstance(values.get("defense_options"), dict):
-            values["defense_options"] = tuple(values["defense_options"].items())
-        opts = cls(**values)
-        if opts.budget not in BUDGETS:
-            raise UsageError(f"invalid budget {opts.budget!r}; choose one of {', '.join(BUDGETS)}")
-        if opts.loader not in LOADERS:
-            raise UsageError(f"invalid loader {opts.loader!r}; choose one of {', '.join(LOADERS)}")
+        opts = cls(**check_values(cls, kwargs))
         if opts.loader == "ffcv":
             require_ffcv()
         paradigms, defenses = opts.paradigms, opts.defenses  # validates the names
@@ -136,14 +150,6 @@ class VerifyOptions:
                 RECIPES.get(opts.recipe)
             except ValueError as error:
                 raise UsageError(f"--recipe: {error}") from None
-        if opts.epochs is not None and opts.epochs < 1:
-            raise UsageError("epochs must be ≥ 1")
-        if not 0 <= opts.threshold <= 1:
-            raise UsageError("threshold must be in [0, 1]")
-        if opts.recipe_search not in SEARCH_MODES:
-            raise UsageError(f"invalid recipe_search {opts.recipe_search!r}; choose one of {', '.join(SEARCH_MODES)}")
-        if opts.holdout is not None and not 0 < opts.holdout < 1:
-            raise UsageError("holdout must be a fraction strictly between 0 and 1")
         for name in defenses:  # builds every config once, so a bad option fails before any training
             opts.defense_config(name)
         opts._check_option_keys(defenses)
@@ -224,7 +230,7 @@ def _scan(root, role: str, classes: tuple[str, ...] | None = None) -> FolderList
 def _load(listing: FolderListing, size: int, max_pixels: int, role: str,
           progress: Progress, loader: str = "memory", cache_dir=None) -> tuple[WorkingSet, list[str]]:
     problems: list[str] = []
-    with progress.bar(len(listing.images), f"loading {role}", unit="img") as bar:
+    with progress.bar(len(listing.images), f"loading {role}", unit="image") as bar:
         data, _ = load_working_set(listing, listing.images, size, loader, max_pixels=max_pixels, cache_dir=cache_dir,
                                    on_error=lambda entry, error: problems.append(str(error)), on_progress=bar.update)
     if len(data) == 0:
@@ -342,19 +348,24 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None, progress: Progress | bool | None = False,
-           on_run_done: Callable[[dict], None] | None = None, **options: Any) -> dict[str, Any]:
-    """Train on ``protected`` (and ``clean``) under every selected (defense, paradigm), test on ``test``,
-    and return the report (also written to ``json_path``; ``report_dir`` gets a Markdown summary and
-    plots). ``options``: the CLI's long options (``paradigm``, ``defense``, ``defense_options``,
-    ``arch``, ``epochs``, ``budget``, ``seed``, ``weights``, ``pretrained``, ``size``, ``batch_size``,
-    ``lr``, ``recipe``, ``threshold``, ``device``, ``precision``, ``compile``, ``resume``, ``loader`` — auto, memory,
-    ffcv or torch, see
-    :mod:`ueguard.data.loaders` — ``cache_dir`` for the FFCV cache, and ``recipe_search``, ``auto`` or ``off``:
-    :mod:`ueguard.sdk.recipe_search`). ``on_run_done(record)`` is called
-    after every finished (or resumed) run. Without ``test``, ``holdout`` (default 0.2) of ``clean`` is held
-    out as the test set and left out of both training sets (:mod:`ueguard.sdk.holdout`); the report lists
-    those files under ``data.holdout``.
+@takes_options(VerifyOptions, own=("protected", "test", "clean", "json_path", "report_dir"))
+def verify(protected: str | os.PathLike, test: str | os.PathLike | None = None, clean: str | os.PathLike | None = None,
+           *, paradigm: str = "scratch", defense: str = "none",
+           defense_options: Mapping[str, Any] | Iterable[tuple[str, Any]] = (), arch: str | None = None,
+           epochs: int | None = None, budget: str = "standard", seed: int = 0,
+           weights: str | os.PathLike | None = None, pretrained: bool = False, size: int | None = None,
+           batch_size: int | None = None, lr: float | None = None, recipe: str | None = None, threshold: float = 0.5,
+           device: str = "auto", precision: str = "auto", compile: str = "auto", max_pixels: int = DEFAULT_MAX_PIXELS,
+           resume: bool = False, loader: str = "auto", cache_dir: str | os.PathLike | None = None,
+           holdout: float | None = None, recipe_search: str = "auto", json_path: str | os.PathLike | None = None,
+           report_dir: str | os.PathLike | None = None, progress: Progress | bool | None = False,
+           on_run_done: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train on ``protected`` (and ``clean``, the originals) under every selected (defense, paradigm), test
+    on ``test``, and return the report (also written to ``json_path``; ``report_dir`` gets a Markdown
+    summary and plots). ``on_run_done(record)`` is called after every finished (or resumed) run;
+    ``progress``: ``True`` shows the stage, run, epoch and ETA on stderr, ``None`` only on a terminal.
+    Without ``test``, ``holdout`` (default 0.2) of ``clean`` is held out as the test set and left out of
+    both training sets (:mod:`ueguard.sdk.holdout`); the report lists those files under ``data.holdout``.
 
     Per-run checkpoints go to ``<json_path>.state/`` (or ``<report_dir>/state/``); ``resume=True``
     continues an interrupted battery at the run it stopped in (that run starts over).
@@ -363,8 +374,8 @@ def verify(protected, test=None, clean=None, *, json_path=None, report_dir=None,
     train each run and judge it (:func:`_run_battery`; per paradigm the clean baseline first, its recipe
     chosen by :func:`_choose_recipe` when the default does not learn) → assemble the report
     (:func:`_assemble_report`)."""
-    opts = VerifyOptions.resolve(**options)
-    reporter = progress if isinstance(progress, Progress) else Progress(progress)
+    opts = VerifyOptions.resolve(**call_options(VerifyOptions, locals()))
+    reporter = progress if isinstance(progress, Progress) else Progress(progress, name="verify")
     plan = _plan(Path(protected), test, clean, opts, reporter, json_path, report_dir)
     runs, baselines = _run_battery(plan, opts, reporter, on_run_done)
     report = _assemble_report(plan, opts, runs, baselines)
@@ -491,7 +502,7 @@ def _train(plan: _VerifyPlan, opts: VerifyOptions, reporter: Progress, data, def
     try:
         history = fit(model, data, plan.test_set if test is None else test, fit_cfg, defense=defense,
                       paradigm=paradigm, runtime=plan.runtime, generator=generator, validation=validation,
-                      progress=reporter, desc=f"{label}: {defense_name}/{paradigm_name}", recipe=plan.recipe)
+                      progress=reporter, desc="training" if test is None else label, recipe=plan.recipe)
     except ValueError as error:  # a paradigm or defense that does not fit the architecture
         raise UsageError(f"{defense_name}/{paradigm_name} with {plan.arch}: {error}") from None
     trained = [h for h in history if h["epoch"] >= 1]
@@ -518,15 +529,15 @@ def _run_battery(plan: _VerifyPlan, opts: VerifyOptions, reporter: Progress,
         key = f"{kind}-{defense_name}-{paradigm_name}"
         record = plan.store.load(key)
         if record is not None:
-            reporter.log(f"[{number}/{len(steps)}] {kind} {defense_name}/{paradigm_name}: resumed from checkpoint")
-            record["resumed"] = True
+            with reporter.step(number, len(steps), f"{kind} {defense_name}/{paradigm_name}: resumed from checkpoint"):
+                record["resumed"] = True
         else:
-            reporter.log(f"[{number}/{len(steps)}] training on {kind} images: {defense_name}/{paradigm_name}")
-            data, validation = (plan.clean_set if kind == "clean" else plan.train_p), None
-            if kind == "protected" and DEFENSES.get(defense_name).needs_validation:
-                held = [_in_memory(d, opts, reporter) for d in (plan.train_p, plan.clean_set)]  # split by sample id
-                data, validation = _hold_out(*held, opts.defense_config(defense_name).val_fraction, opts.seed)
-            record = _train(plan, opts, reporter, data, defense_name, paradigm_name, kind, validation)
+            with reporter.step(number, len(steps), f"{kind} {defense_name}/{paradigm_name}", show_eta=True):
+                data, validation = (plan.clean_set if kind == "clean" else plan.train_p), None
+                if kind == "protected" and DEFENSES.get(defense_name).needs_validation:
+                    held = [_in_memory(d, opts, reporter) for d in (plan.train_p, plan.clean_set)]  # by sample id
+                    data, validation = _hold_out(*held, opts.defense_config(defense_name).val_fraction, opts.seed)
+                record = _train(plan, opts, reporter, data, defense_name, paradigm_name, kind, validation)
             record["kind"] = kind
             plan.store.save(key, record)
             record["resumed"] = False
