@@ -327,6 +327,9 @@ class ProtectionMethod(ABC):
     #: The norm of the method's budget (see :data:`NORMS`). Only ``linf`` methods take the CLI's ``--eps``;
     #: ``l2`` methods take ``-o l2_eps=...``, ``l0`` ones have a fixed pixel count.
     norm: ClassVar[str] = "linf"
+    #: How the budget is set, where the norm's own option does not say it all (``ueguard methods`` and
+    #: docs/methods.md show it in place of the norm's usual wording); None: the norm's usual wording.
+    budget_text: ClassVar[str | None] = None
     #: Bi-level methods that checkpoint every round through :meth:`checkpoint_round` (see
     #: :attr:`round_checkpoint`), so that an interrupted run continues with the next round.
     checkpoints_rounds: ClassVar[bool] = False

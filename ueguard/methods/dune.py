@@ -8,7 +8,8 @@ defense removes wholesale. DUNE binds *two* perturbations of different domains t
 so that what survives of either still carries it:
 
 * **shift-induced labels**: every sample of class y is bound to t = (y + ``target_offset``) mod C (the
-  authors' ``permutation_offset`` 3), one fixed permutation of the classes;
+  authors' ``permutation_offset`` 3), one fixed permutation of the classes without fixed points (an
+  offset ≥ C is taken into 1 … C−1, see :func:`shift`);
 * **spatial branch** (sample-wise): targeted PGD towards t against an *ensemble* of surrogates,
   δs_i = argmin_{‖δ‖∞ ≤ rs} mean_m CE(f_m(x_i + δ), t_i): ``steps`` signed steps of ``step_fraction``·ε
   on the sign of the ensemble-mean input gradient, from zero;
@@ -74,6 +75,13 @@ from ueguard.methods.base import (GREY_LEVEL, METHODS, MethodConfig, Perturbatio
 BRANCHES = ("both", "spatial", "colour")
 
 
+def shift(offset: int, num_classes: int) -> int:
+    """The label shift actually used: ``offset`` taken into 1 … C−1 as ((offset − 1) mod (C − 1)) + 1 — the
+    offset itself whenever it is below C (the authors' 3 on CIFAR-10), and never 0 (mod C), so no sample
+    is ever bound to its own class, whatever the number of classes (3 on a 3-class set would be)."""
+    return (offset - 1) % (num_classes - 1) + 1
+
+
 def particle_swarm(objective: Callable[[torch.Tensor], float], radius: float, generator: torch.Generator, *,
                    particles: int, iterations: int, inertia: float, cognitive: float, social: float,
                    dim: int = 3) -> tuple[torch.Tensor, float]:
@@ -100,8 +108,11 @@ def particle_swarm(objective: Callable[[torch.Tensor], float], radius: float, ge
 
 @dataclass(frozen=True)
 class DUNEConfig(MethodConfig):
+    # the spatial branch's L∞ radius (`--eps`); the declared budget is eps + colour_eps (see colour_inside)
+    eps: float = option(8 / 255, GREY_LEVEL, 1, why="below 1/255 8-bit output rounds the change away")
     branches: str = option("both", choices=BRANCHES)  # both (DUNE), spatial only, colour only
-    target_offset: int = option(3, 1, 10**6)       # shifted label t = (y + offset) mod C (the authors' 3)
+    # shifted label t = (y + offset) mod C (the authors' 3); taken into 1 … C−1 for fewer classes
+    target_offset: int = option(3, 1, 10**6)
     # L∞ radius of the per-class RGB shift, in [0, 1] units; added to --eps unless colour_inside
     colour_eps: float = option(8 / 255, GREY_LEVEL, 1, why="below 1/255 8-bit output rounds the shift away")
     colour_inside: bool = False                    # the colour shift takes colour_eps out of --eps instead of adding it
@@ -150,8 +161,9 @@ class DUNEConfig(MethodConfig):
 @METHODS.register("dune")
 class DUNE(ProtectionMethod):
     description = ("dual-branch unlearnable examples (Wang et al. ICML 2026): sample-wise spatial PGD + class-wise "
-                   "RGB shift, both bound to class y+3 on a snapshot ensemble; L∞ budget --eps + -o colour_eps")
+                   "RGB shift, both bound to class y+3 on a snapshot ensemble")
     config_class = DUNEConfig
+    budget_text = "L∞ --eps + -o colour_eps (the colour branch's; -o colour_inside=true: within --eps)"
     #: The snapshot ensemble of the last :meth:`generate` (frozen, eval mode), for inspection.
     members: tuple[nn.Module, ...] = ()
     presets = {
@@ -166,13 +178,14 @@ class DUNE(ProtectionMethod):
     def generate(self, data: WorkingSet) -> Perturbation:
         cfg, rt = self.config, self.runtime
         started = time.perf_counter()
-        if cfg.target_offset % data.num_classes == 0:
-            raise ValueError(f"target_offset {cfg.target_offset} is a multiple of the {data.num_classes} classes, so "
-                             "every shifted label would be the true one; choose another offset")
+        if data.num_classes < 2:
+            raise ValueError("dune binds every image to another class: it needs at least 2 classes")
         data = data.to(rt.device)
         members, epochs, accuracy = self._ensemble(data)
         self.members = tuple(members)
+        trained = time.perf_counter()
         shifts, colour_loss = self._colour_shifts(members, data)
+        coloured = time.perf_counter()
         delta = self.new_delta((len(data), *data.images.shape[1:]))
         hits = 0
         with self.progress.bar(len(data), "dune spatial", unit="img") as bar:
@@ -181,17 +194,19 @@ class DUNE(ProtectionMethod):
                 delta[span], hit = self._spatial(members, data, idx, shifts)
                 hits += hit
                 bar.update(span.stop - span.start)
-        info = {"branches": cfg.branches, "target_offset": cfg.target_offset, "ensemble_epochs": epochs,
-                "ensemble_clean_accuracy": accuracy,
+        info = {"branches": cfg.branches, "label_shift": shift(cfg.target_offset, data.num_classes),
+                "ensemble_epochs": epochs, "ensemble_clean_accuracy": accuracy,
                 "colour_shift_255": [[round(v * 255, 3) for v in row] for row in shifts.tolist()],
                 "colour_objective": colour_loss, "target_success": round(hits / max(1, len(data)), 4),
-                "seconds": round(time.perf_counter() - started, 2)}
+                "seconds": round(time.perf_counter() - started, 2),
+                "seconds_by_phase": {"ensemble": round(trained - started, 2), "colour": round(coloured - trained, 2),
+                                     "spatial": round(time.perf_counter() - coloured, 2)}}
         parts = {"spatial": cfg.spatial_eps, "colour": cfg.colour_radius}
         return Perturbation(delta, False, cfg.total_eps, info, parts=parts)
 
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-        """The shift-induced label of each sample: (y + target_offset) mod C."""
-        return (labels + self.config.target_offset) % num_classes
+        """The shift-induced label of each sample: (y + s) mod C with s = shift(target_offset, C)."""
+        return (labels + shift(self.config.target_offset, num_classes)) % num_classes
 
     # ----------------------------------------------------------------------------------------------
     # the ensemble
@@ -254,7 +269,7 @@ class DUNE(ProtectionMethod):
         """Class k's shift: :func:`particle_swarm` over the colour objective of its images ``idx``."""
         cfg, rt = self.config, self.runtime
         x, _, gray = clean_batch(data, idx, rt)
-        target = torch.full((len(idx),), (k + cfg.target_offset) % data.num_classes, device=rt.device)
+        target = self.targets(torch.full((len(idx),), k, device=rt.device), data.num_classes)
         return particle_swarm(lambda c: self._colour_objective(members, x, gray, target, c), cfg.colour_radius,
                               self.generator, particles=cfg.particles, iterations=cfg.pso_iterations,
                               inertia=cfg.inertia, cognitive=cfg.cognitive, social=cfg.social)
