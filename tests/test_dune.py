@@ -156,3 +156,23 @@ def test_protect_declares_the_two_part_budget_and_the_saved_files_respect_it(tmp
         largest = max(largest, linf)
     assert largest > 8 + 0.5, "the colour branch should use room beyond the spatial ε somewhere"
     assert math.isclose(sum(generation["budget_parts"].values()), generation["budget"])
+
+
+def test_the_budget_parts_survive_the_resume_state(tmp_path):
+    """An interrupted run reloads the finished perturbation: its parts (and so every later file record's
+    budget_parts) come back from the torch file and from the on-disk store alike."""
+    from ueguard.data.store import PerturbationStore
+    from ueguard.sdk.protect import _load_state, _save_state
+
+    ids = ["a", "b"]
+    parts = {"spatial": 8 / 255, "colour": 4 / 255}
+    p = Perturbation(torch.full((2, 3, 4, 4), 0.01), False, 12 / 255, {"seconds": 1.0}, parts=parts)
+    _save_state(tmp_path / "state.pt", p, ids)
+    assert _load_state(tmp_path / "state.pt", ids).budget() == p.budget()
+    store = PerturbationStore.create(tmp_path / "store", (2, 3, 4, 4), ids)
+    store[0:2] = p.delta
+    _save_state(tmp_path / "unused.pt", Perturbation(store, False, 12 / 255, {}, parts=parts), ids)
+    store.close()
+    loaded = _load_state(tmp_path / "missing.pt", ids, store_dir=tmp_path / "store")
+    assert loaded.budget()["budget_parts"] == parts and loaded.eps == pytest.approx(12 / 255)
+    loaded.delta.close()
