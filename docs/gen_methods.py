@@ -101,7 +101,7 @@ def registry_block(name: str) -> str:
                                    ("pretrained surrogate weights (`--weights`/`--pretrained`)", cls.needs_pretrained))
              if on]
     lines = [f"*From the registry* (`ueguard methods`): {cls.description}.", "",
-             f"- budget norm: {NORM_TEXT[cls.norm]}",
+             f"- budget norm: {NORM_TEXT[cls.norm]}" + (f" — {cls.budget_text}" if cls.budget_text else ""),
              f"- needs: {', '.join(needs) if needs else 'nothing (model-free, label-free)'}"]
     if aliases:
         lines.append(f"- aliases: {', '.join(f'`{a}`' for a in aliases)}")

@@ -27,6 +27,7 @@ TINY = {
     "rem": dict(train_steps=2, pgd_steps=2, samples=1, adv_steps=1, batch_size=40),
     "tap": dict(train_epochs=1, steps=3, restarts=2, batch_size=40),
     "uc": dict(epochs=1, clusters=3, batch_size=40),
+    "dune": dict(ensemble=2, train_epochs=2, steps=3, particles=3, pso_iterations=2, colour_batch=8, batch_size=40),
 }
 RUNTIME = Runtime.create("cpu", "fp32")
 

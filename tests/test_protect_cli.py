@@ -321,7 +321,7 @@ def test_methods_lists_emn():
     result = run_cli("methods")
     assert result.exit_code == 0 and "error-minimising" in result.output
     listed = [line.split()[0] for line in result.output.splitlines()]
-    assert listed == ["ar", "bait", "emn", "lsp", "ops", "rem", "sp", "ssc", "tap", "uc"]
+    assert listed == ["ar", "bait", "dune", "emn", "lsp", "ops", "rem", "sp", "ssc", "tap", "uc"]
     assert "needs pretrained surrogate" in result.output and "label-free" in result.output and "L2 -o l2_eps" in result.output
 
 

@@ -236,7 +236,7 @@ def methods() -> None:
         if cls.name != name:
             click.echo(f"{name:<10} {description}")
             continue
-        tags = [budgets[cls.norm]] + [tag for tag, on in (
+        tags = [cls.budget_text or budgets[cls.norm]] + [tag for tag, on in (
             ("needs pretrained surrogate: --weights/--pretrained", cls.needs_pretrained),
             ("model-free", not cls.needs_surrogate),
             ("label-free", not cls.needs_labels)) if on]

@@ -6,8 +6,9 @@ Line kinds (field ``kind``):
   * ``pseudo_labels`` — with ``--labels auto`` on a flat folder: the surrogate whose features were
     clustered, the number of clusters, how it was chosen (``given`` or ``silhouette``, with the score
     of every k tried) and the cluster sizes.
-  * ``generation`` — the method's budget (``norm``: ``linf``/``l2``/``l0``, ``budget``) and statistics
-    once the perturbation is computed.
+  * ``generation`` — the method's budget (``norm``: ``linf``/``l2``/``l0``, ``budget``; ``budget_parts``
+    when it is the sum of several branches' radii, as DUNE's spatial + colour) and statistics once the
+    perturbation is computed.
   * ``file`` — one per input file, written right after its output is in place: ``source``, ``output``,
     ``source_sha256``, ``output_sha256``, ``label`` (a class folder, or ``cluster_k`` with
     ``pseudo_label`` true), ``method``, ``eps``, ``seed``, and measured on the decoded saved file:

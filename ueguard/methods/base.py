@@ -201,7 +201,9 @@ class Perturbation:
     that clipping sets the pixel to a corner colour). ``resample`` is how a row is resized to a file's
     native size: ``bilinear`` (a convex interpolation: it never leaves the L∞ box and does not raise the
     RMS) or ``nearest`` (one working pixel becomes the block of native pixels it covers). ``info``
-    carries the method's own statistics (rounds, final surrogate accuracy, …).
+    carries the method's own statistics (rounds, final surrogate accuracy, …). ``parts`` says how a
+    budget made of several branches splits (DUNE: ``{"spatial": …, "colour": …}`` L∞ radii whose sum is
+    ``eps``); it is recorded beside the budget, which alone is what ``within_budget`` checks.
     """
 
     delta: "torch.Tensor | PerturbationStore"
@@ -211,8 +213,11 @@ class Perturbation:
     norm: str = "linf"
     assignment: torch.Tensor | None = None
     resample: str = "bilinear"
+    parts: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.parts and not math.isclose(sum(self.parts.values()), self.eps, rel_tol=1e-6, abs_tol=1e-9):
+            raise ValueError(f"the budget's parts {self.parts} must add up to its eps {self.eps}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.resample not in ("bilinear", "nearest"):
@@ -231,10 +236,15 @@ class Perturbation:
         return gray_project(rows, grayscale[index].to(rows.device))
 
     def budget(self) -> dict[str, Any]:
-        """The budget as the manifest records it: the norm and its radius (L∞ also in 1/255 levels)."""
+        """The budget as the manifest records it: the norm and its radius (L∞ also in 1/255 levels), and
+        the radius of each of its parts when it has several."""
         out: dict[str, Any] = {"norm": self.norm, "budget": self.eps}
         if self.norm == "linf":
             out["budget_255"] = round(self.eps * 255, 4)
+        if self.parts:
+            out["budget_parts"] = dict(self.parts)
+            if self.norm == "linf":
+                out["budget_parts_255"] = {name: round(value * 255, 4) for name, value in self.parts.items()}
         return out
 
 
@@ -317,6 +327,9 @@ class ProtectionMethod(ABC):
     #: The norm of the method's budget (see :data:`NORMS`). Only ``linf`` methods take the CLI's ``--eps``;
     #: ``l2`` methods take ``-o l2_eps=...``, ``l0`` ones have a fixed pixel count.
     norm: ClassVar[str] = "linf"
+    #: How the budget is set, where the norm's own option does not say it all (``ueguard methods`` and
+    #: docs/methods.md show it in place of the norm's usual wording); None: the norm's usual wording.
+    budget_text: ClassVar[str | None] = None
     #: Bi-level methods that checkpoint every round through :meth:`checkpoint_round` (see
     #: :attr:`round_checkpoint`), so that an interrupted run continues with the next round.
     checkpoints_rounds: ClassVar[bool] = False

@@ -657,7 +657,7 @@ def _load_state(path: Path, ids: list[str], store_dir: Path | None = None, finge
         if store is not None and store.complete:
             record = store.meta["perturbation"]
             return Perturbation(store, False, float(record["eps"]), dict(record["info"]), norm=record["norm"],
-                                resample=record["resample"])
+                                resample=record["resample"], parts=dict(record.get("parts", {})))
         if store is not None:
             store.close()
     if not path.exists():
@@ -670,13 +670,13 @@ def _load_state(path: Path, ids: list[str], store_dir: Path | None = None, finge
         return None
     return Perturbation(state["delta"], bool(state["classwise"]), float(state["eps"]), dict(state["info"]),
                         norm=state.get("norm", "linf"), assignment=state.get("assignment"),
-                        resample=state.get("resample", "bilinear"))
+                        resample=state.get("resample", "bilinear"), parts=dict(state.get("parts", {})))
 
 
 def _save_state(path: Path, perturbation: Perturbation, ids: list[str]) -> None:
     if isinstance(perturbation.delta, PerturbationStore):  # rows are on disk already: mark it complete
         perturbation.delta.finish({"eps": perturbation.eps, "norm": perturbation.norm, "info": perturbation.info,
-                                   "resample": perturbation.resample})
+                                   "resample": perturbation.resample, "parts": perturbation.parts})
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -684,7 +684,7 @@ def _save_state(path: Path, perturbation: Perturbation, ids: list[str]) -> None:
     with open(tmp, "wb") as fh:  # fsynced: it supersedes the round checkpoint, which is removed next
         torch.save({"delta": perturbation.delta.cpu(), "classwise": perturbation.classwise, "eps": perturbation.eps,
                     "info": perturbation.info, "ids": ids, "norm": perturbation.norm, "assignment": assignment,
-                    "resample": perturbation.resample}, fh)
+                    "resample": perturbation.resample, "parts": perturbation.parts}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
