@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import glob
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,11 +124,13 @@ def _protect(row: Variant, prior: Prior | None, train: Path, out: Path, options:
     key, method = out.name, row.method
     options["resume"] = out.exists()
     log(f"protect {key}: {json.dumps({k: v for k, v in options.items() if v is not None}, default=str)}")
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]
     result = protect(train, out, method, **options)
     linf = [item.get("linf") for item in result.items if item.get("linf") is not None]
+    wall = round(time.perf_counter() - started, 1)  # the whole protect: read, generate, write (resumed: this part)
     record = {"method": method, "row": row.name, "prior": prior.name if prior else None, "ok": result.ok,
-              "failed": result.failed, "seconds": round(time.perf_counter() - started, 1),
+              "failed": result.failed, "seconds": wall, "wall_s": wall, "images": len(result.items),
+              "load_average": [round(load, 2), round(os.getloadavg()[0], 2)], "resumed": options["resume"],
               "max_linf_255": max(linf) if linf else None, "mean_linf_255": float(np.mean(linf)) if linf else None,
               "within_budget": all(item.get("within_budget", True) for item in result.items),
               "options": {k: v for k, v in options.items() if k != "resume"}}

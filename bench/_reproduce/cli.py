@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class Selection:
     cache: Path
     json_path: Path
     cached_only: bool = False
+    protect_only: bool = False      # make the protections (timing their generation), train no victim
     argv: list[str] | None = field(default=None, repr=False)
 
     @property
@@ -74,6 +76,12 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--cached-only", action="store_true",
                         help="only render what the cache holds: a missing run is left empty (—), a missing protection "
                              "is an error; nothing is trained")
+    parser.add_argument("--protect-only", action="store_true",
+                        help="make the rows' protections and record their wall_s, train no victim (the results "
+                             "file lists the protections; the table stays empty)")
+    parser.add_argument("--train-per-class", type=int, metavar="N",
+                        help="the scale with N task training images per class instead of its own (a timing probe "
+                             "on a subset, or a smaller run; cached under its own key)")
     parser.add_argument("--merge", metavar="FILE,FILE,...",
                         help="render one table from these results files of one scale instead of running: each "
                              "cell from the last file that measured it, marked with its source (--json: where "
@@ -104,6 +112,10 @@ def select(args: argparse.Namespace, results: Path, argv: list[str] | None = Non
     """The run's :class:`Selection` from parsed ``args`` (``results``: the folder of the default ``--json``);
     a bad name or a missing file is a clear error."""
     scale = SCALES[args.scale or "quick"]
+    if args.train_per_class is not None:
+        if args.train_per_class < 1:
+            raise SystemExit(f"--train-per-class {args.train_per_class}: give at least 1")
+        scale = dataclasses.replace(scale, train_per_class=args.train_per_class)
     rows = split(args.methods, ROWS, ROWS, "methods")
     if "clean" not in rows:
         rows.insert(0, "clean")
@@ -126,4 +138,5 @@ def select(args: argparse.Namespace, results: Path, argv: list[str] | None = Non
         scale=scale, rows=rows, variants=variants, extra=list(args.variant),
         paradigms=paradigms, defenses=defenses, defended=defended, seeds=seed_list, victim_seeds=victim_seeds,
         priors=prior_names, weights=args.weights, weights_arch=args.weights_arch, data=args.data, cache=args.cache,
-        json_path=args.json or results / f"reproduce-{scale.name}.json", cached_only=args.cached_only, argv=argv)
+        json_path=args.json or results / f"reproduce-{scale.name}.json", cached_only=args.cached_only,
+        protect_only=args.protect_only, argv=argv)

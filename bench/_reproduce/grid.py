@@ -45,18 +45,19 @@ class Grid:
 
 def seed_priors(sel: Selection, folders: Folders, seed: int, log) -> list[Prior]:
     """The priors ``seed`` needs: the disjoint one where a column starts from it or SSC / BAIT protect the
-    scratch column against it (re-trained per seed), the akamaster one, the user's."""
+    scratch column against it (re-trained per seed); the akamaster and the user's where a prior paradigm
+    starts from them (a scratch-only run needs neither file)."""
     priors: list[Prior] = []
     needs_disjoint = "disjoint" in sel.priors and sel.prior_paradigms or \
         "scratch" in sel.paradigms and any(v.method in ("ssc", "bait") for v in sel.variants.values())
     if needs_disjoint:
         priors.append(data.pretrain_disjoint_prior(folders, sel.cache, sel.scale, seed))
         log(f"prior: {priors[-1].note}")
-    if "akamaster" in sel.priors:
+    if "akamaster" in sel.priors and sel.prior_paradigms:
         if (aka := data.akamaster_prior(sel.data)) is None:
             raise SystemExit(f"{sel.data / data.AKAMASTER}: missing; pass --priors disjoint or --data DIR")
         priors.append(aka)
-    if "user" in sel.priors:
+    if "user" in sel.priors and sel.prior_paradigms:
         priors.append(Prior("user", sel.weights, sel.weights_arch, None, f"--weights {sel.weights}"))
     return priors
 
@@ -92,6 +93,8 @@ def run_row(sel: Selection, grid: Grid, row: str, seed: int, priors: list[Prior]
     groups = ([(None, ["scratch"])] if "scratch" in sel.paradigms else []) + \
              [(p, sel.prior_paradigms) for p in column_priors]
     group_folders = [training_folder(sel, grid, row, prior, disjoint, folders, seed, log) for prior, _ in groups]
+    if sel.protect_only:
+        return
     for victim_seed in sel.victim_seeds or [seed]:
         reports: list[tuple[str | None, dict]] = []
         for (prior, group_paradigms), folder in zip(groups, group_folders):

@@ -81,8 +81,17 @@ class Scale:
 #: Scale fields added after results were committed: at their defaults they are not part of a cache key.
 LATER_FIELDS = ("task_classes", "prior_classes", "recipe", "prior_recipe", "precision")
 
+#: Per-method constants of the ``cpu-full`` scales on top of the ``quick`` budget's presets, chosen so each
+#: method generates for all 50,000 images on a 2-core CPU (surrogate: fastvgg_cifar in bf16, or the prior):
+#: EMN checks its stop on 2,000 images; REM takes 1,200 outer steps (three passes over 50k at batch 128, where
+#: the preset's 150 would touch 19k images once); SSC stops after 3 rounds (each PGDs over every image).
+#: TAP, BAIT, LSP, OPS and AR run at the quick presets. Measured wall_s: bench/README.md (reproduce).
+CPU_FULL_METHOD_OPTIONS = (("emn", (("eval_limit", 2000),)),
+                           ("rem", (("train_steps", 1200),)),
+                           ("ssc", (("max_rounds", 3),)))
+
 #: What the two ``cpu-full`` tasks share: all images of their classes, the fast victim and prior.
-CPU_FULL: dict[str, Any] = dict(
+CPU_FULL: dict[str, Any] = dict(method_options=CPU_FULL_METHOD_OPTIONS,
     train_per_class=5000, test_per_class=1000, prior_per_class=5000, prior_epochs=10, epochs=10, budget="quick",
     scratch_arch="fastvgg_cifar", prior_arch="fastvgg_cifar", batch_size=1024, recipe="fast", prior_recipe="fast",
     precision="bf16", defenses=("none", "staged", "gray", "jpeg", "at"), defended=ROWS)
