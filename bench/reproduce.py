@@ -98,7 +98,7 @@ def write_results(sel: cli.Selection, measured: Grid, environment: dict, clock: 
     text = header(sel, record, environment, clock.seconds()) + table + "\n" + priors_text
     sel.json_path.with_suffix(".md").write_text(text)
     if final:
-        plots = render.plot(measured.results, columns, sel.json_path.with_suffix(""))
+        plots = render.plot(measured.results, columns, sel.json_path.with_suffix("")) if columns else []  # --protect-only
         print(text)
         clock.log(f"wrote {sel.json_path}, {sel.json_path.with_suffix('.md')}, {', '.join(str(p) for p in plots)}")
 

@@ -155,7 +155,7 @@ def test_each_row_is_in_the_results_file_as_soon_as_it_lands(bench, tmp_path, mo
         return tmp_path / row.name, {"prior": None, "wall_s": 2.0}
 
     monkeypatch.setattr(bench.cells, "protected_folder", fake_protected)
-    monkeypatch.setattr(bench.render, "plot", lambda results, columns, stem: [])
+    monkeypatch.setattr(bench.render, "plot", lambda results, columns, stem: [] if columns else pytest.fail("no columns"))
 
     def fake_verify(train, test, *, json_path, resume=False, **options):
         if Path(train).name == "ops":
