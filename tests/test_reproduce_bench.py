@@ -130,7 +130,7 @@ def test_plots_are_written_with_stalled_cells_among_the_bars(bench, tmp_path):
                                        "stalled": stalled}
     results = {"clean": [{"scratch/none": cell(80.0), "scratch/at": cell(20.0, True)}],
                "ssc": [{"scratch/none": cell(30.0), "scratch/at": cell(20.0, True)}]}
-    written = bench.plot(results, ["scratch/none", "scratch/at"], tmp_path / "t")
+    written = bench.render.plot(results, ["scratch/none", "scratch/at"], tmp_path / "t")
     assert [p.name for p in written] == ["t-accuracy.png", "t-curves.png"]
     assert all(p.stat().st_size > 5000 for p in written)
 
@@ -257,7 +257,7 @@ def test_cached_only_leaves_a_missing_run_empty_instead_of_training_it(bench, ce
 
     scale, folders, cells, calls = cell_setup
     (cells / "verify-emn-scratch-s0.json").write_text(json.dumps(_fake_report(folders, "none", "scratch", {})))
-    monkeypatch.setattr(bench, "CACHED_ONLY", True)
+    monkeypatch.setattr(bench.cells, "CACHED_ONLY", True)
     said = []
     out = bench.verify_cell("emn", "scratch", folders.task_train, folders, None, ["scratch"], ["none", "gray"], cells,
                             scale, 0, said.append)
@@ -292,7 +292,7 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
     tiny = bench.Scale("quick", train_per_class=4, test_per_class=2, prior_per_class=4, prior_epochs=1, epochs=2,
                        budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=8)
     monkeypatch.setitem(bench.SCALES, "quick", tiny)
-    monkeypatch.setattr(bench, "pretrain_disjoint_prior", lambda folders, cache, scale, seed: bench.Prior(
+    monkeypatch.setattr(bench.data, "pretrain_disjoint_prior", lambda folders, cache, scale, seed: bench.Prior(
         "disjoint", tmp_path / f"prior-s{seed}.pth", "resnet20_cifar", 0.7))
     protected = []
 
@@ -300,7 +300,7 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
         protected.append((row.name, prior.name, seed))
         return tmp_path / f"{row.name}-s{seed}", {"prior": None, "seconds": 1.0}
 
-    monkeypatch.setattr(bench, "protected_folder", fake_protected)
+    monkeypatch.setattr(bench.cells, "protected_folder", fake_protected)
     trained = []
 
     def fake_verify(train, test, *, json_path, resume=False, **options):
@@ -308,7 +308,7 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
         return write_fake_report(bench, train, test, json_path, options, 0.5 + 0.1 * options["seed"])
 
     monkeypatch.setattr(ueguard.sdk, "verify", fake_verify)
-    monkeypatch.setattr(bench, "plot", lambda results, columns, stem: [])
+    monkeypatch.setattr(bench.render, "plot", lambda results, columns, stem: [])
     out = tmp_path / "r.json"
     common = ["--quick", "--methods", "emn", "--priors", "disjoint", "--paradigms", "scratch,finetune",
               "--defenses", "none", "--data", str(root), "--cache", str(tmp_path / "cache"), "--json", str(out)]
@@ -476,18 +476,18 @@ def test_cached_reports_are_parsed_once_per_version_of_the_file(bench, cell_setu
     for name in ("a", "b", "c"):
         (cells / f"verify-emn-{name}-s0.json").write_text(json.dumps(_fake_report(folders, "none", "scratch", {})))
     data = (str(folders.task_train), str(folders.task_test))
-    bench._read_report.cache_clear()
+    bench.cells._read_report.cache_clear()
     for _ in range(4):
         assert list(bench.cached_runs(cells, "emn", 0, recipe, data, constants)) == [("scratch", "none")]
-    assert bench._read_report.cache_info().misses == 3
+    assert bench.cells._read_report.cache_info().misses == 3
     grown = _fake_report(folders, "none", "scratch", {})
     grown["runs"].append({"paradigm": "scratch", "defense": "gray", "defense_config": constants["gray"],
                           "test_accuracy": 0.25})
     (cells / "verify-emn-b-s0.json").write_text(json.dumps(grown))
     found = bench.cached_runs(cells, "emn", 0, recipe, data, constants)
     assert sorted(found) == [("scratch", "gray"), ("scratch", "none")] and found[("scratch", "gray")]["test_accuracy"] == 0.25
-    assert bench._read_report.cache_info().misses == 4
-    assert bench._read_report.cache_info().maxsize is not None  # superseded versions do not pile up
+    assert bench.cells._read_report.cache_info().misses == 4
+    assert bench.cells._read_report.cache_info().maxsize is not None  # superseded versions do not pile up
 
 
 def test_the_disjoint_prior_is_trained_only_where_a_column_needs_it(bench, tmp_path, monkeypatch):
@@ -505,20 +505,20 @@ def test_the_disjoint_prior_is_trained_only_where_a_column_needs_it(bench, tmp_p
         pretrained.append(seed)
         return bench.Prior("disjoint", tmp_path / f"prior-s{seed}.pth", "resnet20_cifar", 0.7)
 
-    monkeypatch.setattr(bench, "pretrain_disjoint_prior", fake_prior)
+    monkeypatch.setattr(bench.data, "pretrain_disjoint_prior", fake_prior)
     protected = []
 
     def fake_protected(row, prior, folders, cache, scale, seed, log):
         protected.append((row.name, prior.name))
         return tmp_path / f"{row.name}-{prior.name}", {"prior": prior.name, "seconds": 1.0}
 
-    monkeypatch.setattr(bench, "protected_folder", fake_protected)
+    monkeypatch.setattr(bench.cells, "protected_folder", fake_protected)
 
     def fake_verify(train, test, *, json_path, resume=False, **options):
         return write_fake_report(bench, train, test, json_path, options, 0.5)
 
     monkeypatch.setattr(ueguard.sdk, "verify", fake_verify)
-    monkeypatch.setattr(bench, "plot", lambda results, columns, stem: [])
+    monkeypatch.setattr(bench.render, "plot", lambda results, columns, stem: [])
     weights = tmp_path / "user.pth"
     weights.write_bytes(b"")
     common = ["--quick", "--methods", "ssc", "--priors", "user", "--weights", str(weights), "--weights-arch",
@@ -626,7 +626,7 @@ def test_merge_cli_writes_the_table_json_and_plots_and_trains_nothing(bench, tmp
     monkeypatch.setattr(ueguard.sdk, "verify", lambda *a, **k: pytest.fail("a merge trained a model"))
     monkeypatch.setattr(ueguard.sdk, "protect", lambda *a, **k: pytest.fail("a merge protected a folder"))
     plotted = []
-    monkeypatch.setattr(bench, "plot", lambda results, columns, stem: plotted.append((list(results), stem)) or [])
+    monkeypatch.setattr(bench.render, "plot", lambda results, columns, stem: plotted.append((list(results), stem)) or [])
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps(_results_file({"clean": [{"scratch/none": 80.0}], "emn": [{"scratch/none": 40.0}]})))
     b.write_text(json.dumps(_results_file({"emn": [{"scratch/none": 45.0}]})))
@@ -663,9 +663,9 @@ def test_a_protection_record_names_its_defaults_revision(bench, tmp_path, monkey
         (out.parent / f"{out.name}.json").write_text(json.dumps(record))
         return record
 
-    monkeypatch.setattr(bench, "_protect", fake_protect)
+    monkeypatch.setattr(bench.cells, "_protect", fake_protect)
     found = iter([None, "now"])
-    monkeypatch.setattr(bench, "cached_protection",
+    monkeypatch.setattr(bench.cells, "cached_protection",
                         lambda cells, out, *a: out if next(found) == "now" else None)
     scale = bench.SCALES["quick"]
     ssc = bench.Variant("ssc", "ssc", {})
