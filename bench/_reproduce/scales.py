@@ -16,7 +16,7 @@ TASK_CLASSES = (5, 6, 7, 8, 9)
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 AKAMASTER = Path("weights") / "cifar10_resnet_akamaster" / "resnet20-12fca82f.th"
-METHODS = ("emn", "rem", "tap", "lsp", "ops", "ar", "bait", "ssc")
+METHODS = ("emn", "rem", "tap", "lsp", "ops", "ar", "bait", "ssc", "pil", "dune")
 ROWS = ("clean",) + METHODS
 
 #: Published CIFAR-10 test accuracy %, ResNet-18 from scratch, 60 epochs (ISS README; docs/results.md).
@@ -82,7 +82,8 @@ class Scale:
 LATER_FIELDS = ("task_classes", "prior_classes", "recipe", "prior_recipe", "precision")
 
 #: Per-method constants of the ``cpu-full`` scales on top of the ``quick`` budget's presets, chosen so each
-#: method generates for all 50,000 images on a 2-core CPU (surrogate: fastvgg_cifar in bf16, or the prior):
+#: method generates for all 50,000 images on a 2-core CPU (surrogate: fastvgg_cifar in the scale's precision, or
+#: the prior):
 #: EMN checks its stop on 2,000 images; REM takes 1,200 outer steps (three passes over 50k at batch 128, where
 #: the preset's 150 would touch 19k images once); SSC stops after 3 rounds (each PGDs over every image).
 #: TAP, BAIT, LSP, OPS and AR run at the quick presets. Measured wall_s: bench/README.md (reproduce).
@@ -90,11 +91,22 @@ CPU_FULL_METHOD_OPTIONS = (("emn", (("eval_limit", 2000),)),
                            ("rem", (("train_steps", 1200),)),
                            ("ssc", (("max_rounds", 3),)))
 
-#: What the two ``cpu-full`` tasks share: all images of their classes, the fast victim and prior.
+def cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast made the fast victim
+    2.65x faster than fp32; on an AVX2-only EPYC it made it 7-10x slower (docs/bench/victim.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+#: What the two ``cpu-full`` tasks share: all images of their classes, the fast victim and prior; bf16 where
+#: the CPU has it natively, else fp32 (the precision is part of the cache key: the numerics differ).
 CPU_FULL: dict[str, Any] = dict(method_options=CPU_FULL_METHOD_OPTIONS,
     train_per_class=5000, test_per_class=1000, prior_per_class=5000, prior_epochs=10, epochs=10, budget="quick",
     scratch_arch="fastvgg_cifar", prior_arch="fastvgg_cifar", batch_size=1024, recipe="fast", prior_recipe="fast",
-    precision="bf16", defenses=("none", "staged", "gray", "jpeg", "at"), defended=ROWS)
+    precision="bf16" if cpu_bf16() else "fp32", defenses=("none", "staged", "gray", "jpeg", "at"), defended=ROWS)
 
 SCALES = {
     # Minutes on an idle 2-core CPU: 60 training images per class, small budgets, 4 victim epochs.
@@ -116,8 +128,8 @@ SCALES = {
                  paradigms=("scratch", "finetune"), defenses=("none", "staged", "gray", "jpeg"),
                  defended=("clean", "emn")),
     # The papers' protocol on this 2-core CPU, task 1: from scratch on all of CIFAR-10 (10 classes, 50,000 /
-    # 10,000 images) with the fast victim (fastvgg_cifar, verify's ``fast`` recipe, 10 epochs, bf16), beside
-    # the published numbers. Methods generate for all 50,000 images at the ``quick`` budget with
+    # 10,000 images) with the fast victim (fastvgg_cifar, verify's ``fast`` recipe, 10 epochs, bf16 where native),
+    # beside the published numbers. Methods generate for all 50,000 images at the ``quick`` budget with
     # fastvgg_cifar as surrogate (CPU_FULL_METHOD_OPTIONS); SSC and BAIT protect against the prior below.
     "cpu-full": Scale("cpu-full", **CPU_FULL, task_classes=tuple(range(10)), paradigms=("scratch",)),
     # Task 2: the prior paradigms on the 5 + 5 split — all 25,000 task images; the disjoint prior is
