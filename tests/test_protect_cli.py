@@ -159,7 +159,7 @@ def test_eps_forms_are_accepted(tmp_path, eps):
     (["--eps", "abc"], "invalid eps"),
     (["--eps", "300"], "out of range"),
     (["--eps", "0"], "out of range"),
-    (["--method", "nope"], "valid methods: ar, bait, emn"),
+    (["--method", "nope"], "valid methods: ar, bait, dune, emn"),
     (["-o", "pgd_steps"], "KEY=VALUE"),
     (["-o", "no_such_constant=1"], "has no option"),
     # a misspelt constant is named before the missing prior, so one fix is not followed by another refusal
@@ -321,7 +321,7 @@ def test_methods_lists_emn():
     result = run_cli("methods")
     assert result.exit_code == 0 and "error-minimising" in result.output
     listed = [line.split()[0] for line in result.output.splitlines()]
-    assert listed == ["ar", "bait", "dune", "emn", "lsp", "ops", "rem", "sp", "ssc", "tap", "uc"]
+    assert listed == ["ar", "bait", "dune", "emn", "lsp", "ops", "pil", "rem", "sp", "ssc", "tap", "uc"]
     assert "needs pretrained surrogate" in result.output and "label-free" in result.output and "L2 -o l2_eps" in result.output
 
 
