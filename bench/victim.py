@@ -8,11 +8,12 @@ default ``../shared/data/cifar10`` from the repository root, i.e. /work/shared/d
 
 1. **Formats**: one fastvgg training step (batch ``--format-batch``) timed in fp32 / bf16 autocast, NCHW /
    channels-last, interleaved; ``--precision auto`` and ``--channels-last auto`` take the fastest, and
-   every run records which it used.
+   every run records which it used (skipped when both are given).
 2. **Fast victim**: ``fastvgg_cifar`` trained from scratch with the ``fast`` recipe through
    :func:`ueguard.engine.fit.fit` (verify's own loop: defense ``none``, paradigm ``scratch``) for
    ``--epochs`` (default: the recipe's) on ``--images`` training images (default all), tested on the
-   whole test set after every epoch (with the recipe's flip test-time augmentation).
+   whole test set after the last epoch with the recipe's final test-time augmentation (``--test-every N``:
+   also after every N-th epoch, flip views only; each such pass adds to the wall time).
 3. **ResNets**: ``resnet18_cifar_slim`` and ``resnet18_cifar`` under the ``standard`` recipe, trained for
    ``--resnet-epochs-measured`` (1) epoch on ``--resnet-images`` images (5,000; a full ResNet run does not
    fit this benchmark on a CPU); their time for the protocol is **projected**: measured seconds per
@@ -172,27 +173,28 @@ def recipe_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def run(arch: str, recipe_name: str, train: WorkingSet, test: WorkingSet, epochs: int | None, rt: Runtime,
-        seed: int, overrides: dict[str, Any] | None = None) -> dict:
+        seed: int, overrides: dict[str, Any] | None = None, test_every: int = 1) -> dict:
     recipe = create_recipe(recipe_name, **(overrides or {}))
     cfg = recipe.fit_config(epochs or recipe.epochs or 1)
     generator = seed_everything(seed)
     model = create_model(arch, len(train.classes))
     started = time.perf_counter()
     history = fit(model, train, test, cfg, defense=create_defense("none"), paradigm=create_paradigm("scratch"),
-                  runtime=rt, generator=generator, recipe=recipe)
+                  runtime=rt, generator=generator, recipe=recipe, test_every=test_every)
     wall = time.perf_counter() - started
     eval_started = time.perf_counter()
     accuracy(model, test.to(rt.device), rt, logits=recipe.final_test_logits)
     eval_s = time.perf_counter() - eval_started
-    trained = [h for h in history if h["epoch"] >= 1]
-    epoch_s = [h["seconds"] for h in trained]
+    trained = [h for h in history if h["epoch"] >= 1 and "test_accuracy" in h]
+    epoch_s = [h["seconds"] for h in history if h["epoch"] >= 1]
     return {"arch": arch, "recipe": recipe.describe(), "images": len(train), "test_images": len(test),
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "test_accuracy": trained[-1]["test_accuracy"],
             "best_test_accuracy": max(h["test_accuracy"] for h in trained),
             "best_epoch": max(trained, key=lambda h: h["test_accuracy"])["epoch"],
             "wall_s": round(wall, 2), "epoch_s": epoch_s, "eval_s": round(eval_s, 2),
-            "train_s_per_epoch_median": round(statistics.median(epoch_s) - eval_s, 2),
+            "train_s_per_epoch_median": round(statistics.median(
+                h["seconds"] - (eval_s if "test_accuracy" in h else 0) for h in history if h["epoch"] >= 1), 2),
             "threads": torch.get_num_threads(), "precision": rt.precision, "channels_last": rt.channels_last,
             "device": str(rt.device), "torch": torch.__version__, "cpu": environment()["cpu"],
             "history": history}
@@ -209,13 +211,14 @@ def fast_protocol(fast: dict) -> tuple[float, str]:
 
 
 def projection(record: dict, fast: dict | None, protocol_epochs: int) -> dict:
-    """A ResNet's projected protocol time: measured training seconds per image (epoch time minus one test
-    pass) × the fast run's training images × ``protocol_epochs``, plus one test pass per epoch; its ratio
-    to the fast victim's time for its own recipe's epochs (:func:`fast_protocol`)."""
+    """A ResNet's projected protocol time: measured training seconds per image (epoch time minus its test
+    pass) × the fast run's training images × ``protocol_epochs``, plus one final test pass (the fast run's
+    wall time holds one too); its ratio to the fast victim's time for its own recipe's epochs
+    (:func:`fast_protocol`)."""
     per_image = record["train_s_per_epoch_median"] / record["images"]
     images = fast["images"] if fast else record["images"]
-    epoch = per_image * images + record["eval_s"]
-    projected = epoch * protocol_epochs
+    epoch = per_image * images
+    projected = epoch * protocol_epochs + record["eval_s"]
     out = {"projected_epoch_s": round(epoch, 1), "protocol_epochs": protocol_epochs,
            "projected_protocol_s": round(projected, 1),
            "basis": f"measured {record['epochs']} epoch(s) on {record['images']} images × {images} images × "
@@ -250,6 +253,9 @@ def main() -> None:
     parser.add_argument("--step-batch", type=int, default=256, help="cap on those steps' batch size")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-every", type=int, default=0,
+                        help="test the fast victim after every N epochs (0: only after the last, as the protocol "
+                             "needs; a curve costs a test pass per point)")
     parser.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a constant of the fast victim's recipe (repeatable), e.g. "
                              "cycle_momentum=false or lookahead_every=5; recorded in the results")
@@ -272,12 +278,13 @@ def main() -> None:
         root = Path(args.data)
         train, test = load_cifar(root if root.is_absolute() else REPO / root)
     test = take(test, args.test_images)
-    formats = time_formats(args.device, args.format_batch, 2 if args.quick else 5)
+    measure = "auto" in (args.precision, args.channels_last)  # both given: their timing is not needed
+    formats = time_formats(args.device, args.format_batch, 2 if args.quick else 5) if measure else None
     precision = formats["fastest"]["precision"] if args.precision == "auto" else args.precision
     channels_last = formats["fastest"]["channels_last"] if args.channels_last == "auto" else args.channels_last == "on"
     rt = Runtime.create(args.device, precision, "off", channels_last=channels_last)
-    print(f"formats (fastvgg step, batch {formats['batch']}):")
-    for r in formats["rows"]:
+    print(f"formats (fastvgg step, batch {formats['batch']}):" if formats else "formats: given, not timed")
+    for r in formats["rows"] if formats else []:
         print(f"  {r['precision']:>4} channels_last={r['channels_last']!s:<5} "
               f"{r['median_s'] * 1e3:8.1f} ms/step median "
               f"({r['min_s'] * 1e3:.1f} min)  {r['speedup_vs_fp32_nchw']:.2f}x vs fp32 NCHW (medians)")
@@ -304,7 +311,7 @@ def main() -> None:
         images = args.images if is_fast else min(args.resnet_images, args.images or len(train))
         epochs = args.epochs if is_fast else args.resnet_epochs_measured
         record = run(arch, default_recipe(arch), take(train, images), test, epochs, rt, args.seed,
-                     recipe_overrides(args.recipe_set) if is_fast else None)
+                     recipe_overrides(args.recipe_set) if is_fast else None, args.test_every if is_fast else 1)
         print(f"{arch}: {record['images']} images × {record['epochs']} epochs: "
               f"test {100 * record['test_accuracy']:.2f} % "
               f"(best {100 * record['best_test_accuracy']:.2f} % at epoch {record['best_epoch']}) "

@@ -216,6 +216,17 @@ def test_fit_uses_the_final_test_views_after_the_last_epoch_only():
     assert calls == ["epoch", "final"]
 
 
+@pytest.mark.parametrize("test_every, tested", [(1, [1, 2, 3]), (2, [2, 3]), (0, [3])])
+def test_fit_tests_every_nth_epoch_and_always_the_last(test_every, tested):
+    data = _set(24)
+    history = fit(create_model("fastvgg_cifar", 3), data, data, create_recipe("fast").fit_config(3, 12),
+                  defense=create_defense("none"), paradigm=create_paradigm("scratch"), runtime=CPU,
+                  generator=seed_everything(0), recipe=create_recipe("fast", whiten_images=16),
+                  test_every=test_every)
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # every epoch trains and is recorded
+    assert [h["epoch"] for h in history if "test_accuracy" in h] == tested
+
+
 @pytest.mark.parametrize("defense", ["at", "staged"])
 def test_defenses_run_through_fastvgg(defense):
     options = {"steps": 2} if defense == "at" else {"probe_size": 8, "checks_per_epoch": 1}
