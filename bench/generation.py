@@ -23,11 +23,24 @@ baseline every later method builds on) at the same budget in the same run:
   measure, and the ratio is given in both.
 
     PYTHONPATH=. python bench/generation.py --quick --json bench/results/generation-cifar10-cpu-quick.json
+
+**Per method** (``--methods LIST``): each listed method protects all 50,000 images through the SDK's
+in-memory path (``ueguard.sdk.protect(array, labels=…)``: what a data-publishing pipeline calls; no file
+writing), at ``--budget`` (default ``quick``) with its options from ``--set METHOD:KEY=VALUE``
+(e.g. ``ssc:fit_per_class=500``: optimise on 500 images per class, apply to all). Methods that train a
+surrogate use ``--surrogate`` (default ``fastvgg_cifar``); those that need a pretrained one (SSC, BAIT)
+use ``--weights`` (default: the akamaster CIFAR-10 ResNet-20 under the shared data). PIL at the same
+budget is measured first in the same run as the baseline, and each record (``wall_s``, CPU seconds,
+what was set) is written to ``--json`` as it lands, so a long run keeps what finished:
+
+    PYTHONPATH=. python bench/generation.py --methods lsp,ops,ar,ssc,bait --set ssc:fit_per_class=500 \
+        --json bench/results/generation-cifar10-cpu-methods.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -82,6 +95,70 @@ def time_emn(data, n: int, budget: str, runtime: Runtime, seed: int) -> dict:
             "config": vars(method.config)}
 
 
+AKAMASTER = "weights/cifar10_resnet_akamaster/resnet20-12fca82f.th"
+
+
+def method_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """``["ssc:fit_per_class=500", …]`` → ``{"ssc": {"fit_per_class": 500}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        name, sep, rest = pair.partition(":")
+        key, eq, value = rest.partition("=")
+        if not (sep and eq and name and key):
+            raise SystemExit(f"--set {pair!r}: expected METHOD:KEY=VALUE, e.g. ssc:fit_per_class=500")
+        out.setdefault(name.strip(), {})[key.strip()] = _value(value.strip())
+    return out
+
+
+def _value(text: str):
+    """A ``--set`` value as the SDK takes it: a number or true/false where it reads as one, else the text."""
+    try:
+        return json.loads(text.lower() if text.lower() in ("true", "false") else text)
+    except json.JSONDecodeError:
+        return text
+
+
+def time_method(name: str, data, budget: str, options: dict[str, str], surrogate: str, weights: Path,
+                seed: int) -> dict:
+    """One method on every image of ``data`` through the SDK's in-memory path: wall and CPU seconds."""
+    from ueguard.methods import METHODS
+    from ueguard.sdk import protect
+
+    cls = METHODS.get(name)
+    kwargs = dict(surrogate=surrogate if cls.needs_surrogate else None,
+                  weights=str(weights) if cls.needs_pretrained else None)
+    if cls.needs_pretrained:
+        kwargs["surrogate"] = "resnet20_cifar"
+    started, cpu = time.perf_counter(), time.process_time()
+    result = protect(data.images, method=name, labels=data.labels, budget=budget, seed=seed, size=32,
+                     device="cpu", precision="fp32", compile="off", method_options=options, **kwargs)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"method": name, "budget": budget, "images": len(data), "options": options,
+            "surrogate": kwargs["surrogate"], "weights": kwargs["weights"], "wall_s": round(seconds, 1),
+            "cpu_s": round(cpu, 1), "ms_per_image": round(1000 * seconds / len(data), 3),
+            "threads": torch.get_num_threads(), "info": result.info}
+
+
+def time_methods(args, train, started: float) -> dict:
+    settings = method_settings(args.set)
+    names = ["pil"] + [m for m in args.methods.split(",") if m and m != "pil"]
+    results: dict = {"data": f"CIFAR-10 train, {len(train)} images, from {args.data}", "eps_255": 8,
+                     "budget": args.budget, "baseline": "pil", "records": [],
+                     "load_before": environment()["load_average_1min"]}
+    for name in names:
+        record = time_method(name, train, args.budget, settings.get(name, {}), args.surrogate, args.weights,
+                             args.seed)
+        base = results["records"][0] if results["records"] else record
+        record["ratio_vs_pil"] = round(record["wall_s"] / base["wall_s"], 2)
+        results["records"].append(record)
+        write_report(args.json, results, __file__, started)
+        print(f"{name} {args.budget} {record['options'] or ''}: {record['wall_s']:.1f} s wall "
+              f"({record['cpu_s']:.1f} s CPU) for {len(train)} images = {record['ratio_vs_pil']}x PIL", flush=True)
+    results["load_after"] = environment()["load_average_1min"]
+    write_report(args.json, results, __file__, started)
+    return results
+
+
 def projection(small: dict, large: dict, key: str = "seconds") -> dict:
     """EMN's time as a + b·n through the two subset runs, evaluated at :data:`FULL` images. Should noise
     make the fitted b non-positive, the larger subset's mean rate × :data:`FULL` is used instead (an upper
@@ -105,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
                         "on a machine shared beyond its cores, 1 avoids two threads spin-waiting on each other")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--methods", help="time these methods on all 50,000 images (PIL first, as the baseline)")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                        help="a method's option for --methods (repeatable)")
+    parser.add_argument("--budget", default="quick", help="--methods: the budget preset")
+    parser.add_argument("--surrogate", default="fastvgg_cifar", help="--methods: the surrogate a method trains")
+    parser.add_argument("--weights", type=Path, help="--methods: the pretrained surrogate of SSC and BAIT "
+                        "(default: the akamaster CIFAR-10 ResNet-20 beside --data)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -117,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     train, _ = load_cifar(args.data)
     if len(train) != FULL:
         raise SystemExit(f"{args.data}: expected the {FULL} CIFAR-10 training images, found {len(train)}")
+    if args.methods:
+        args.weights = args.weights or args.data.parent / AKAMASTER
+        time_methods(args, train, started)
+        return 0
     runtime = Runtime.create("cpu", "fp32", "off")
     results: dict = {"data": f"CIFAR-10 train, {len(train)} images, from {args.data}", "eps_255": 8,
                      "budget": budget, "load_before": environment()["load_average_1min"], "pil": [], "emn": []}

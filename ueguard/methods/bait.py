@@ -63,7 +63,8 @@ from torch.func import functional_call
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges
-from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, gray_project, option
+from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, fit_per_class_option,
+                                  gray_project, option)
 
 PARAMETERISATIONS = ("direct", "generator")
 #: Target stages in schedule order: hardest wrong class → random wrong class → least likely class.
@@ -88,6 +89,7 @@ class BAITConfig(MethodConfig):
     augment: bool = True             # crop + flip of the clean images during generation (the authors')
     second_order: bool = False       # differentiate through the look-ahead step (ueguard's option)
     release_batch: int = option(256, 1, 65536)    # images per forward pass when averaging G(x) for the release
+    fit_per_class: int = fit_per_class_option()  # optimise on this many images per class, apply to all (0: all)
 
 
 def target_stage(iteration: int, iterations: int) -> str:

@@ -123,6 +123,14 @@ def option(default: Any, low: float | None = None, high: float | None = None, *,
     return field(default=default, metadata={"bounds": Bounds(low, high, above, tuple(choices), why)})
 
 
+def fit_per_class_option() -> Any:
+    """The ``fit_per_class`` field of a method whose δ is one row per class: optimise on a seeded,
+    stratified subset of that many images per class and apply the class rows to every image (0: all).
+    The rows are the same kind of object either way; what a subset costs in protection is measured,
+    not assumed (docs/methods.md)."""
+    return option(0, 0, 10**9)
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Settings every method has: the L∞ budget ``eps`` in [0, 1] units and the seed.
@@ -154,6 +162,10 @@ class MethodConfig:
                 raise OptionError(f"{f.name} must be {valid}{none}, got {value!r}{why}")
             if checked is not value:
                 object.__setattr__(self, f.name, checked)
+        if getattr(self, "fit_per_class", 0) and getattr(self, "perturbation", "classwise") != "classwise":
+            raise OptionError(f"fit_per_class applies one δ per class to every image; perturbation="
+                              f"{self.perturbation} makes one δ per image: drop fit_per_class or use "
+                              "perturbation=classwise")
 
 
 _WRONG = object()
@@ -294,6 +306,15 @@ def gray_project(delta: torch.Tensor, grayscale: torch.Tensor) -> torch.Tensor:
     orthogonal projection (it never lengthens δ, nor adds changed pixels), so every budget is kept."""
     mean = delta.mean(1, keepdim=True).expand_as(delta)
     return torch.where(grayscale[:, None, None, None], mean, delta)
+
+
+def stratified_subset(data: WorkingSet, per_class: int, seed: int) -> WorkingSet:
+    """Up to ``per_class`` images of each class, drawn by a generator of its own seeded with ``seed`` (so the
+    method's own random stream is the same as on the whole set), in their original order."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = [members[torch.randperm(len(members), generator=generator)[:per_class]]
+             for members in (torch.nonzero(data.labels == k).flatten() for k in range(data.num_classes))]
+    return data.subset(torch.cat(picks).sort().values)
 
 
 def clean_batch(data: WorkingSet, idx: torch.Tensor, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -531,7 +552,13 @@ class ProtectionMethod(ABC):
     def __call__(self, data: WorkingSet) -> Perturbation:
         if self.needs_labels and bool((data.labels < 0).any()):
             raise ValueError(f"method {self.name!r} needs a label for every image (class subfolders)")
-        return self.generate(data)
+        per_class = getattr(self.config, "fit_per_class", 0)
+        if not per_class or int(torch.bincount(data.labels).max()) <= per_class:
+            return self.generate(data)
+        subset = stratified_subset(data, per_class, self.config.seed)
+        perturbation = self.generate(subset)
+        perturbation.info.update(fit_images=len(subset), fit_per_class=per_class)
+        return perturbation
 
     @abstractmethod
     def generate(self, data: WorkingSet) -> Perturbation:

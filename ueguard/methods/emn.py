@@ -37,8 +37,8 @@ from ueguard.data.working_set import WorkingSet
 from ueguard.engine import distributed
 from ueguard.engine.augment import crop_flip
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, pgd_step, predict
-from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project,
-                                  option)
+from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta,
+                                  fit_per_class_option, gray_project, option)
 
 PERTURBATION_KINDS = ("samplewise", "classwise")
 AUGMENT_MODES = ("none", "crop", "cropflip")
@@ -61,6 +61,7 @@ class EMNConfig(MethodConfig):
     grad_clip: float = option(5.0, 0, 1e6, above=True)
     augment: str = option("none", choices=AUGMENT_MODES)  # crop / cropflip: the surrogate trains, and δ is optimised,
                                  # through the victim's standard augmentation (expectation over transformations)
+    fit_per_class: int = fit_per_class_option()  # optimise on this many images per class, apply to all (0: all)
 
 
     @property

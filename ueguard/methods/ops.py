@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ueguard.data.working_set import WorkingSet
-from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, option
+from ueguard.methods.base import METHODS, MethodConfig, Perturbation, ProtectionMethod, fit_per_class_option, option
 
 #: The eight corner colours of the RGB cube, ``8×3``.
 CORNERS = torch.tensor([[(i >> 2) & 1, (i >> 1) & 1, i & 1] for i in range(8)], dtype=torch.float32)
@@ -36,6 +36,7 @@ CORNERS = torch.tensor([[(i >> 2) & 1, (i >> 1) & 1, i & 1] for i in range(8)], 
 @dataclass(frozen=True)
 class OPSConfig(MethodConfig):
     batch_size: int = option(512, 1, 65536)   # images per pass when accumulating the per-class statistics
+    fit_per_class: int = fit_per_class_option()  # optimise on this many images per class, apply to all (0: all)
 
 
 def class_scores(data: WorkingSet, batch_size: int, device: torch.device) -> torch.Tensor:

@@ -76,8 +76,8 @@ from ueguard.engine.augment import crop_flip
 from ueguard.engine.compiled import frozen_parameters, model_call
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, fit_linear_head, predict
 from ueguard.kernels import project_step
-from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta, gray_project,
-                                  option)
+from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta,
+                                  fit_per_class_option, gray_project, option)
 from ueguard.methods.emn import AUGMENT_MODES, PERTURBATION_KINDS
 
 
@@ -117,6 +117,7 @@ class SSCConfig(MethodConfig):
     momentum: float = option(0.9, 0, 1)
     weight_decay: float = option(5e-4, 0, 1)
     grad_clip: float = option(5.0, 0, 1e6, above=True)
+    fit_per_class: int = fit_per_class_option()  # optimise on this many images per class, apply to all (0: all)
 
     def __post_init__(self) -> None:
         super().__post_init__()
