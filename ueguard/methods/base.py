@@ -15,7 +15,7 @@ import numbers
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +24,8 @@ from torch import nn
 from ueguard.data.store import PerturbationStore, RoundCheckpoint, StoreError
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine import distributed
+from ueguard.engine.augment import crop_flip
+from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, predict
 from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.runtime import Runtime
 from ueguard.budgets import BUDGETS
@@ -563,6 +565,30 @@ class ProtectionMethod(ABC):
     @abstractmethod
     def generate(self, data: WorkingSet) -> Perturbation:
         """Compute the perturbation for ``data`` (on ``self.runtime.device``)."""
+
+    def train_clean(self, model: nn.Module, data: WorkingSet, epochs: int, desc: str) -> Iterator[tuple[int, Any]]:
+        """Train ``model`` on the clean images (crop + flip from the method's generator; SGD with the
+        config's ``lr``, ``momentum``, ``weight_decay`` and ``batch_size`` under the engine's schedule over
+        ``epochs``) and yield ``(epoch, progress bar)`` after each epoch: the surrogate a method that attacks a
+        fitted model (TAP, DUNE) trains first. Stop iterating to stop training."""
+        if epochs <= 0:
+            return
+        cfg, rt = self.config, self.runtime
+        sampler = BatchSampler(len(data), cfg.batch_size, self.generator)
+        trainer = Trainer(model, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay),
+                          total_steps=epochs * sampler.steps_per_epoch())
+        with self.progress.bar(epochs, desc, unit="epoch") as bar:
+            for epoch in range(1, epochs + 1):
+                model.train()
+                for idx in sampler.epoch():
+                    x, y, _ = clean_batch(data, idx, rt)
+                    trainer.step(crop_flip(x, self.generator), y)
+                yield epoch, bar
+
+    def clean_accuracy(self, model: nn.Module, data: WorkingSet) -> float:
+        """``model``'s accuracy on the clean images of ``data`` (batches of 4 × the config's ``batch_size``)."""
+        batches = (self.runtime.to_float(data.images[s]) for s in batch_ranges(len(data), 4 * self.config.batch_size))
+        return (predict(model, batches, self.runtime) == data.labels).float().mean().item()
 
 
 METHODS: Registry[ProtectionMethod] = Registry("method")

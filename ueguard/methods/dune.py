@@ -65,8 +65,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ueguard.data.working_set import WorkingSet
-from ueguard.engine.augment import crop_flip
-from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, predict
+from ueguard.engine.loops import batch_ranges, input_gradient
 from ueguard.kernels import project_step
 from ueguard.methods.base import (GREY_LEVEL, METHODS, MethodConfig, Perturbation, ProtectionMethod, clean_batch,
                                   gray_project, option)
@@ -218,31 +217,18 @@ class DUNE(ProtectionMethod):
         model = rt.prepare_model(self.surrogate)
         keep = sorted({math.ceil(cfg.train_epochs * k / cfg.ensemble) for k in range(1, cfg.ensemble + 1)} - {0})
         members, epochs = ([], []) if keep else ([self._frozen(model)], [0])
-        if keep:
-            sampler = BatchSampler(len(data), cfg.batch_size, self.generator)
-            trainer = Trainer(model, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay),
-                              total_steps=cfg.train_epochs * sampler.steps_per_epoch())
-            with self.progress.bar(cfg.train_epochs, "dune surrogate training", unit="epoch") as bar:
-                for epoch in range(1, cfg.train_epochs + 1):
-                    model.train()
-                    for idx in sampler.epoch():
-                        x, y, _ = clean_batch(data, idx, rt)
-                        trainer.step(crop_flip(x, self.generator), y)
-                    if epoch in keep:
-                        members.append(self._frozen(model))
-                        epochs.append(epoch)
-                    bar.update(1)
-        return members, epochs, [round(self._clean_accuracy(m, data), 4) for m in members]
+        for epoch, bar in self.train_clean(model, data, cfg.train_epochs if keep else 0, "dune surrogate training"):
+            if epoch in keep:
+                members.append(self._frozen(model))
+                epochs.append(epoch)
+            bar.update(1)
+        return members, epochs, [round(self.clean_accuracy(m, data), 4) for m in members]
 
     @staticmethod
     def _frozen(model: nn.Module) -> nn.Module:
         member = copy.deepcopy(model).eval()
         member.requires_grad_(False)
         return member
-
-    def _clean_accuracy(self, model: nn.Module, data: WorkingSet) -> float:
-        batches = (self.runtime.to_float(data.images[s]) for s in batch_ranges(len(data), 4 * self.config.batch_size))
-        return (predict(model, batches, self.runtime) == data.labels).float().mean().item()
 
     # ----------------------------------------------------------------------------------------------
     # the colour branch

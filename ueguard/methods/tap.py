@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
-from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, predict
+from ueguard.engine.loops import batch_ranges, input_gradient
 from ueguard.kernels import project_step
 from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, clean_batch, gray_project,
                                   option)
@@ -70,7 +70,7 @@ class TAP(ProtectionMethod):
         started = time.perf_counter()
         data = data.to(rt.device)
         model = rt.prepare_model(self.surrogate)
-        before = self._clean_accuracy(model, data)
+        before = self.clean_accuracy(model, data)
         epochs, after = self._train_clean(model, data, before)
         model.eval()
         delta = self.new_delta((len(data), *data.images.shape[1:]))
@@ -89,29 +89,17 @@ class TAP(ProtectionMethod):
     def targets(self, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         return (labels + self.config.target_offset) % num_classes
 
-    def _clean_accuracy(self, model, data: WorkingSet) -> float:
-        batches = (self.runtime.to_float(data.images[s]) for s in batch_ranges(len(data), 4 * self.config.batch_size))
-        return (predict(model, batches, self.runtime) == data.labels).float().mean().item()
-
     def _train_clean(self, model, data: WorkingSet, accuracy: float) -> tuple[int, float]:
         """Train on the clean images (crop + flip) until they are fitted to ``fit_accuracy``."""
-        cfg, rt = self.config, self.runtime
+        cfg = self.config
         if accuracy >= cfg.fit_accuracy or cfg.train_epochs == 0:
             return 0, accuracy
-        sampler = BatchSampler(len(data), cfg.batch_size, self.generator)
-        trainer = Trainer(model, rt, OptimConfig(cfg.lr, cfg.momentum, cfg.weight_decay),
-                          total_steps=cfg.train_epochs * sampler.steps_per_epoch())
         epoch = 0
-        with self.progress.bar(cfg.train_epochs, "tap: training the clean model", unit="epoch") as bar:
-            for epoch in range(1, cfg.train_epochs + 1):
-                model.train()
-                for idx in sampler.epoch():
-                    x, y, _ = clean_batch(data, idx, rt)
-                    trainer.step(crop_flip(x, self.generator), y)
-                accuracy = self._clean_accuracy(model, data)
-                bar.update(1, clean_acc=f"{accuracy:.3f}")
-                if accuracy >= cfg.fit_accuracy:
-                    break
+        for epoch, bar in self.train_clean(model, data, cfg.train_epochs, "tap: training the clean model"):
+            accuracy = self.clean_accuracy(model, data)
+            bar.update(1, clean_acc=f"{accuracy:.3f}")
+            if accuracy >= cfg.fit_accuracy:
+                break
         return epoch, accuracy
 
     def _attack(self, model, data: WorkingSet, idx: torch.Tensor) -> tuple[torch.Tensor, int]:
