@@ -187,7 +187,7 @@ def protect(src, out, quiet, **options) -> None:
     if failures:
         for item in failed:
             click.echo(f"  failed: {item['source']}: {item['error']}", err=True)
-        more = f" (first 10 shown; all in the manifest)" if failures > 10 else ""
+        more = " (first 10 shown; all in the manifest)" if failures > 10 else ""
         click.echo(f"ueguard: {failures} file(s) failed{more}; {_protected_rest(len(linfs))}.", err=True)
         sys.exit(EXIT_SOME_FAILED)
 

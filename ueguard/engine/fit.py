@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ueguard.data.working_set import WorkingSet
-from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, predict
+from ueguard.engine.loops import BatchSampler, Trainer, batch_ranges, predict
 from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.recipes import FitConfig, Recipe  # noqa: F401 (FitConfig: re-exported)
 from ueguard.engine.runtime import Runtime

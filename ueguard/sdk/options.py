@@ -15,7 +15,7 @@ from ueguard.data.images import DEFAULT_MAX_PIXELS, LOSSY_FORMATS, OUTPUT_FORMAT
 from ueguard.data.loaders import LOADERS, require_ffcv
 from ueguard.engine.runtime import COMPILES, DEVICES, PRECISIONS
 from ueguard.errors import UsageError
-from ueguard.budgets import BUDGETS, SIZE_CAP, default_arch  # noqa: F401 (re-exported)
+from ueguard.budgets import BUDGETS
 from ueguard.methods import METHODS
 from ueguard.sdk.params import check_values, param
 from ueguard.units import parse_eps

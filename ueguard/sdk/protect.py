@@ -55,7 +55,7 @@ import torch
 import ueguard
 from ueguard.data.folder import FolderEntry, FolderListing, scan_folder
 from ueguard._crash import kill_point
-from ueguard.data.images import (DEFAULT_MAX_PIXELS, DecodedImage, ImageFileError, ImageReadError, ImageWriteError,
+from ueguard.data.images import (DEFAULT_MAX_PIXELS, DecodedImage, ImageFileError, ImageWriteError,
                                  load_image, output_path, quantize, resolve_format, save_image)
 from ueguard.data.manifest import (MANIFEST_NAME, ManifestItems, ManifestWriteError, ManifestWriter, busy_message,
                                    is_busy, read_manifest_offsets, sha256_file)
@@ -70,7 +70,8 @@ from ueguard.engine.runtime import Runtime, seed_everything
 from ueguard.errors import FatalError, UsageError
 from ueguard.methods import METHODS, Perturbation
 from ueguard.methods.base import RankFollower
-from ueguard.sdk.options import SIZE_CAP, ProtectOptions, default_arch
+from ueguard.budgets import SIZE_CAP, default_arch
+from ueguard.sdk.options import ProtectOptions
 from ueguard.sdk.params import call_options, takes_options
 
 #: Where ueguard versions before 0.x kept the resume state, inside DST; removed wherever it is found.

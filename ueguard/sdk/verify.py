@@ -53,7 +53,7 @@ from ueguard.errors import UsageError
 from ueguard.budgets import BUDGETS, VERIFY_EPOCHS
 from ueguard.sdk.holdout import hold_out_test, holdout_record, holdout_share, leave_out, sample_stem, stratified_indices
 from ueguard.engine.runtime import COMPILES, DEVICES, PRECISIONS
-from ueguard.sdk.options import SIZE_CAP, default_arch
+from ueguard.budgets import SIZE_CAP, default_arch
 from ueguard.sdk.params import call_options, check_values, param, takes_options
 from ueguard.sdk.recipe_search import MODES as SEARCH_MODES, SEARCH_FRACTION, Candidate, advice, search
 from ueguard.sdk.protect import make_runtime
