@@ -58,6 +58,8 @@ def test_cpu_full_is_the_papers_protocol_in_two_tasks(bench):
         assert (scale.scratch_arch, scale.prior_arch, scale.recipe, scale.prior_recipe) == \
             ("fastvgg_cifar", "fastvgg_cifar", "fast", "fast")
         assert scale.defenses == ("none", "staged", "gray", "jpeg", "at") and set(scale.defended) == set(bench.ROWS)
+        assert scale.surrogate_arch == "resnet20_cifar"  # the sample-wise methods' PGD over 50k must fit the CPU
+        assert scale.options_for("ssc")["fit_per_class"] == scale.options_for("bait")["fit_per_class"] == 500
     assert scratch.protect_tag() != prior.protect_tag()  # their task folders differ, so do their protections
 
 
@@ -124,6 +126,28 @@ def test_the_scales_recipe_and_precision_reach_verify_and_key_its_cache(bench, t
     assert len(calls) == 1  # found again by its recipe
     cell(dataclasses.replace(scale, precision="fp32"))
     assert len(calls) == 2 and calls[1]["precision"] == "fp32"  # another precision is another run
+
+
+def test_the_scales_surrogate_reaches_protect_and_keys_its_folder(bench, tmp_path, monkeypatch):
+    import dataclasses
+
+    calls = []
+
+    def fake_protect(row, prior, train, out, options, log):
+        calls.append(options)
+        return {"method": row.method, "ok": 1}
+
+    monkeypatch.setattr(bench.cells, "_protect", fake_protect)
+    folders = bench.Folders(tmp_path / "train", tmp_path / "test", tmp_path / "pt", tmp_path / "pe")
+    scale = bench.Scale("t", train_per_class=4, test_per_class=1, prior_per_class=3, prior_epochs=1, epochs=3,
+                        budget="quick", scratch_arch="fastvgg_cifar")
+    make = lambda s, method: bench.cells.protected_folder(bench.Variant(method, method, ()), None, folders,  # noqa: E731
+                                                          tmp_path / "cache", s, 0, lambda m: None)
+    make(scale, "emn")
+    make(dataclasses.replace(scale, surrogate_arch="resnet20_cifar"), "emn")
+    make(dataclasses.replace(scale, surrogate_arch="resnet20_cifar"), "lsp")
+    assert [c.get("surrogate") for c in calls] == ["fastvgg_cifar", "resnet20_cifar", None]
+    assert dataclasses.replace(scale, surrogate_arch="resnet20_cifar").protect_tag() != scale.protect_tag()
 
 
 def test_informative_cells_come_first_then_everything(bench, tmp_path):

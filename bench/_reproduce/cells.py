@@ -94,7 +94,7 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
                                **({"precision": scale.precision} if scale.precision else {}), **protect_options,
                                "method_options": {**scale.options_for(method), **method_options}}
     if REGISTRY.get(method).needs_surrogate:
-        options.update(surrogate=prior.arch if needs_prior else scale.scratch_arch,
+        options.update(surrogate=prior.arch if needs_prior else scale.surrogate_arch or scale.scratch_arch,
                        weights=str(prior.weights) if needs_prior else None)
     from ueguard.sdk.options import ProtectOptions
 

@@ -59,6 +59,7 @@ class Scale:
     recipe: str | None = None     # verify recipe of every victim (None: the architecture's default)
     prior_recipe: str | None = None  # recipe the disjoint prior is trained with (None: ueguard's plain FitConfig)
     precision: str | None = None  # protect's and verify's --precision (None: their auto)
+    surrogate_arch: str | None = None  # surrogate of the surrogate-training methods (None: scratch_arch)
 
     def options_for(self, method: str) -> dict[str, Any]:
         return dict(dict(self.method_options).get(method, ()))
@@ -79,17 +80,20 @@ class Scale:
 
 
 #: Scale fields added after results were committed: at their defaults they are not part of a cache key.
-LATER_FIELDS = ("task_classes", "prior_classes", "recipe", "prior_recipe", "precision")
+LATER_FIELDS = ("task_classes", "prior_classes", "recipe", "prior_recipe", "precision", "surrogate_arch")
 
 #: Per-method constants of the ``cpu-full`` scales on top of the ``quick`` budget's presets, chosen so each
-#: method generates for all 50,000 images on a 2-core CPU (surrogate: fastvgg_cifar in the scale's precision, or
-#: the prior):
+#: method generates for all 50,000 images on a 2-core CPU. The surrogate of EMN, REM, TAP and DUNE is the
+#: CIFAR ResNet-20 (0.04 GFLOP a forward pass, a sixth of fastvgg_cifar's: their sample-wise PGD touches
+#: every image every round, so its cost decides whether 50k fit in two hours); SSC and BAIT use the prior.
 #: EMN checks its stop on 2,000 images; REM takes 1,200 outer steps (three passes over 50k at batch 128, where
-#: the preset's 150 would touch 19k images once); SSC stops after 3 rounds (each PGDs over every image).
-#: TAP, BAIT, LSP, OPS and AR run at the quick presets. Measured wall_s: bench/README.md (reproduce).
-CPU_FULL_METHOD_OPTIONS = (("emn", (("eval_limit", 2000),)),
+#: the preset's 150 would touch 19k images once); SSC and BAIT optimise their class rows on 500 images per
+#: class (``fit_per_class``) and apply them to all. TAP, LSP, OPS and AR run at the quick presets.
+#: Measured wall_s: bench/README.md (generation, reproduce).
+CPU_FULL_METHOD_OPTIONS = (("bait", (("fit_per_class", 500),)),
+                           ("emn", (("eval_limit", 2000),)),
                            ("rem", (("train_steps", 1200),)),
-                           ("ssc", (("max_rounds", 3),)))
+                           ("ssc", (("fit_per_class", 500),)))
 
 def cpu_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast made the fast victim
@@ -106,7 +110,8 @@ def cpu_bf16() -> bool:
 CPU_FULL: dict[str, Any] = dict(method_options=CPU_FULL_METHOD_OPTIONS,
     train_per_class=5000, test_per_class=1000, prior_per_class=5000, prior_epochs=10, epochs=10, budget="quick",
     scratch_arch="fastvgg_cifar", prior_arch="fastvgg_cifar", batch_size=1024, recipe="fast", prior_recipe="fast",
-    precision="bf16" if cpu_bf16() else "fp32", defenses=("none", "staged", "gray", "jpeg", "at"), defended=ROWS)
+    precision="bf16" if cpu_bf16() else "fp32", defenses=("none", "staged", "gray", "jpeg", "at"), defended=ROWS,
+    surrogate_arch="resnet20_cifar")
 
 SCALES = {
     # Minutes on an idle 2-core CPU: 60 training images per class, small budgets, 4 victim epochs.
@@ -129,8 +134,8 @@ SCALES = {
                  defended=("clean", "emn")),
     # The papers' protocol on this 2-core CPU, task 1: from scratch on all of CIFAR-10 (10 classes, 50,000 /
     # 10,000 images) with the fast victim (fastvgg_cifar, verify's ``fast`` recipe, 10 epochs, bf16 where native),
-    # beside the published numbers. Methods generate for all 50,000 images at the ``quick`` budget with
-    # fastvgg_cifar as surrogate (CPU_FULL_METHOD_OPTIONS); SSC and BAIT protect against the prior below.
+    # beside the published numbers. Methods generate for all 50,000 images at the ``quick`` budget with a
+    # ResNet-20 surrogate (CPU_FULL_METHOD_OPTIONS); SSC and BAIT protect against the prior below.
     "cpu-full": Scale("cpu-full", **CPU_FULL, task_classes=tuple(range(10)), paradigms=("scratch",)),
     # Task 2: the prior paradigms on the 5 + 5 split — all 25,000 task images; the disjoint prior is
     # fastvgg_cifar trained with the fast recipe on all 25,000 images of the other five classes.

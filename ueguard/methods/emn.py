@@ -63,7 +63,6 @@ class EMNConfig(MethodConfig):
                                  # through the victim's standard augmentation (expectation over transformations)
     fit_per_class: int = fit_per_class_option()  # optimise on this many images per class, apply to all (0: all)
 
-
     @property
     def target_accuracy(self) -> float:
         if self.stop_accuracy is not None:
