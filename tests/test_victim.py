@@ -148,8 +148,11 @@ def _momenta(recipe, steps=6):
 
 def test_cycle_momentum_off_keeps_the_recipes_momentum():
     # airbench's rate is scaled for momentum 0.85; one-cycle's default momentum cycle (0.95 at both ends)
-    # multiplies the early and late steps by ~2.7. The recipes keep the cycle by default (measured better).
-    assert _momenta(create_recipe("fast", cycle_momentum=False)) == [0.85] * 6
+    # multiplies the early and late steps by ~2.7. The fast recipe keeps 0.85 fixed, with lookahead (airbench's
+    # settings: 93.43 % on all of CIFAR-10 against the cycle's 91.99 %); the standard recipe keeps its cycle.
+    assert _momenta(create_recipe("fast")) == [0.85] * 6
+    assert create_recipe("fast").lookahead_every == 5
+    assert _momenta(create_recipe("fast", cycle_momentum=True), steps=40)[0] == pytest.approx(0.95)
     cycled = _momenta(Recipe(), steps=40)
     assert cycled[0] == pytest.approx(0.95) and min(cycled) < 0.9  # the standard recipe as it always was
 
