@@ -162,7 +162,8 @@ def test_lookahead_averages_trained_tensors_and_leaves_frozen_ones():
     model[0].bias.requires_grad_(False)
     frozen = model[0].bias.detach().clone()
     recipe = create_recipe("fast", lookahead_every=5)
-    assert create_recipe("fast").averager(model, 10) is None  # off by default (docs/bench/victim.md)
+    assert create_recipe("fast", lookahead_every=0).averager(model, 10) is None  # 0: off
+    assert create_recipe("standard").averager(model, 10) is None  # only the fast recipe has it by default
     avg = recipe.averager(model, total_steps=10)
     start = model[0].weight.detach().clone()
     with torch.no_grad():
