@@ -40,11 +40,11 @@ what was set) is written to ``--json`` as it lands, so a long run keeps what fin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT, ROOT / "bench"):
@@ -53,6 +53,7 @@ for _path in (ROOT, ROOT / "bench"):
 
 import torch  # noqa: E402
 
+from _reproduce.scales import AKAMASTER  # noqa: E402
 from _timing import environment, write_report  # noqa: E402
 from ueguard.budgets import default_arch  # noqa: E402
 from ueguard.engine.runtime import Runtime  # noqa: E402
@@ -95,30 +96,21 @@ def time_emn(data, n: int, budget: str, runtime: Runtime, seed: int) -> dict:
             "config": vars(method.config)}
 
 
-AKAMASTER = "weights/cifar10_resnet_akamaster/resnet20-12fca82f.th"
+def method_settings(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """``["ssc:fit_per_class=500", …]`` → ``{"ssc": {"fit_per_class": 500}}`` (values typed as ``-o`` types them)."""
+    from ueguard.sdk.options import parse_method_options
 
-
-def method_settings(pairs: list[str]) -> dict[str, dict[str, str]]:
-    """``["ssc:fit_per_class=500", …]`` → ``{"ssc": {"fit_per_class": 500}}``."""
-    out: dict[str, dict[str, str]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         name, sep, rest = pair.partition(":")
-        key, eq, value = rest.partition("=")
+        key, eq, _ = rest.partition("=")
         if not (sep and eq and name and key):
             raise SystemExit(f"--set {pair!r}: expected METHOD:KEY=VALUE, e.g. ssc:fit_per_class=500")
-        out.setdefault(name.strip(), {})[key.strip()] = _value(value.strip())
+        out.setdefault(name.strip(), {}).update(parse_method_options((rest,)))
     return out
 
 
-def _value(text: str):
-    """A ``--set`` value as the SDK takes it: a number or true/false where it reads as one, else the text."""
-    try:
-        return json.loads(text.lower() if text.lower() in ("true", "false") else text)
-    except json.JSONDecodeError:
-        return text
-
-
-def time_method(name: str, data, budget: str, options: dict[str, str], surrogate: str, weights: Path,
+def time_method(name: str, data, budget: str, options: dict[str, Any], surrogate: str, weights: Path,
                 seed: int) -> dict:
     """One method on every image of ``data`` through the SDK's in-memory path: wall and CPU seconds."""
     from ueguard.methods import METHODS
