@@ -59,6 +59,7 @@ setup(
         "scikit-learn",
         "matplotlib",
         "safetensors",
+        "kornia>=0.8",  # differentiable JPEG for generation through the squeezing defenses (ueguard.engine.eot)
         'triton; platform_system=="Linux"',
     ],
     # ffcv: the --loader ffcv path. Built from source: needs libopencv-dev libturbojpeg0-dev pkg-config

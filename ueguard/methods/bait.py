@@ -20,7 +20,10 @@ Targets follow a schedule over the iterations (:func:`target_stage`): the first 
 wrong class (argmax of f_θ′(x) with the true class masked), the second third a uniformly *random* wrong
 class, the last third the *least likely* class (argmin of f_θ′(x)). The surrogate runs in train mode
 throughout (BatchNorm on batch statistics), as in the authors' code; clean images are augmented with
-crop + flip before δ is added.
+crop + flip before δ is added. ``squeeze`` (ueguard's, off by default) passes every x + δ the surrogate
+sees — look-ahead, outer loss, real step — through a per-image draw of the squeezing defenses'
+differentiable stand-ins (:mod:`ueguard.engine.eot`), so the binding must survive grayscale, JPEG or
+bit-depth reduction.
 
 Two parameterisations of the class-wise δ (``parameterisation``):
 
@@ -62,6 +65,7 @@ from torch.func import functional_call
 
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
+from ueguard.engine.eot import SQUEEZE_MODES, squeeze_kinds, squeezed
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges
 from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, fit_per_class_option,
                                   gray_project, option)
@@ -87,6 +91,9 @@ class BAITConfig(MethodConfig):
     gen_width: int = option(16, 1, 512)
     gen_blocks: int = option(2, 0, 64)            # residual blocks at the generator's bottleneck (the authors': 8)
     augment: bool = True             # crop + flip of the clean images during generation (the authors')
+    # gray / jpeg / bdr, "+"-joined: the look-ahead, the outer loss and the surrogate's step see x + δ through a
+    # per-image draw of the squeezing defenses' differentiable stand-ins (ueguard.engine.eot); ueguard's option
+    squeeze: str = option("none", choices=SQUEEZE_MODES)
     second_order: bool = False       # differentiate through the look-ahead step (ueguard's option)
     release_batch: int = option(256, 1, 65536)    # images per forward pass when averaging G(x) for the release
     fit_per_class: int = fit_per_class_option()  # optimise on this many images per class, apply to all (0: all)
@@ -242,7 +249,7 @@ class BAIT(ProtectionMethod):
             for it in range(cfg.iterations):
                 stage = target_stage(it, cfg.iterations)
                 xb, yb, gb = self._batch(data, inner.next())
-                lookahead = None if cfg.second_order else self._lookahead(model, trainer, xb + gray_project(running[yb], gb), yb, create_graph=False)
+                lookahead = None if cfg.second_order else self._lookahead(model, trainer, self._squeezed(xb + gray_project(running[yb], gb)), yb, create_graph=False)
                 losses, hits, seen = [], 0, 0
                 for j, idx in enumerate(outer.epoch()):
                     if cfg.outer_batches is not None and j >= cfg.outer_batches:
@@ -252,12 +259,12 @@ class BAIT(ProtectionMethod):
                     rows = noise.rows(x, y)
                     if cfg.second_order:
                         live = rows if cfg.parameterisation == "direct" else noise.rows(xb, yb)
-                        params = self._lookahead(model, trainer, xb + gray_project(live[yb], gb), yb, create_graph=True)
+                        params = self._lookahead(model, trainer, self._squeezed(xb + gray_project(live[yb], gb)), yb, create_graph=True)
                     else:
                         params = lookahead
                     with torch.no_grad():
                         targets = choose_targets(stage, self._call(model, params, x), y, self.generator)
-                    logits = self._call(model, params, (x + gray_project(rows[targets], gray)).clamp(0, 1))
+                    logits = self._call(model, params, self._squeezed((x + gray_project(rows[targets], gray)).clamp(0, 1)))
                     loss = F.cross_entropy(logits.float(), targets)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -269,7 +276,7 @@ class BAIT(ProtectionMethod):
                     hits += (logits.argmax(1) == targets).sum().item()
                     seen += y.numel()
                     step_seconds.append(time.perf_counter() - tick)  # .item() above has synchronised
-                trainer.step(xb + gray_project(running[yb], gb), yb)
+                trainer.step(self._squeezed(xb + gray_project(running[yb], gb)), yb)
                 record = {"stage": stage, "outer_loss": round(torch.stack(losses).mean().item(), 4),
                           "target_accuracy": round(hits / max(seen, 1), 4)}
                 history.append(record)
@@ -302,6 +309,10 @@ class BAIT(ProtectionMethod):
         if self.config.augment:
             x = crop_flip(x, self.generator)
         return x, data.labels[dev_idx], data.grayscale[dev_idx]
+
+    def _squeezed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through a fresh per-image squeeze draw (``squeeze``), or as it is."""
+        return squeezed(x, self.generator, squeeze_kinds(self.config.squeeze))
 
     def _lookahead(self, model: nn.Module, trainer: Trainer, x: torch.Tensor, y: torch.Tensor,
                    create_graph: bool) -> dict[str, torch.Tensor]:

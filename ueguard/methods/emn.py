@@ -12,7 +12,9 @@ settings (``thorough`` budget): ε = 8/255, 20 PGD steps of 0.8/255 per pass, 10
 round, stop at 99 % (sample-wise) or 90 % (class-wise) train accuracy, SGD 0.1 / wd 5e-4 / clip 5.
 Like the authors' generation loop, the surrogate sees no augmentation by default; ``augment=crop`` or
 ``cropflip`` trains the surrogate and optimises δ through random crops (and flips) — an expectation over
-the victim's augmentation, which pixel-aligned noise otherwise has to survive by luck.
+the victim's augmentation, which pixel-aligned noise otherwise has to survive by luck. ``squeeze``
+(``gray``, ``jpeg``, ``bdr`` or a ``+``-joined set) does the same for the squeezing defenses, through their
+differentiable stand-ins (:mod:`ueguard.engine.eot`), drawn per image before the crop.
 
 Resuming: after every round (surrogate steps, PGD pass, stopping check) the method checkpoints its state
 when it has a :attr:`~ueguard.methods.base.ProtectionMethod.round_checkpoint` (``protect`` gives it one
@@ -36,6 +38,7 @@ import torch
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine import distributed
 from ueguard.engine.augment import crop_flip
+from ueguard.engine.eot import SQUEEZE_MODES, squeeze_kinds, squeezed
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, pgd_step, predict
 from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta,
                                   fit_per_class_option, gray_project, option)
@@ -61,6 +64,9 @@ class EMNConfig(MethodConfig):
     grad_clip: float = option(5.0, 0, 1e6, above=True)
     augment: str = option("none", choices=AUGMENT_MODES)  # crop / cropflip: the surrogate trains, and δ is optimised,
                                  # through the victim's standard augmentation (expectation over transformations)
+    # gray / jpeg / bdr, "+"-joined: the surrogate trains, and δ is optimised, through a per-image draw of the
+    # squeezing defenses' differentiable stand-ins (or none), applied before the crop (ueguard.engine.eot)
+    squeeze: str = option("none", choices=SQUEEZE_MODES)
     fit_per_class: int = fit_per_class_option()  # optimise on this many images per class, apply to all (0: all)
 
     @property
@@ -141,12 +147,17 @@ class EMN(ProtectionMethod):
         return perturbation
 
     def _augmentation(self):
-        """A fresh random crop (+ flip) per call, or None."""
-        if self.config.augment == "none":
+        """A fresh squeeze draw, then a fresh random crop (+ flip), per call — what a victim that squeezes
+        its training set and then augments sees — or None when neither is on."""
+        kinds, crop = squeeze_kinds(self.config.squeeze), self.config.augment
+        if not kinds and crop == "none":
             return None
-        flip = self.config.augment == "cropflip"
         generator = getattr(self, "_aug_generator", self.generator)  # per rank under torchrun
-        return lambda x: crop_flip(x, generator, flip=flip)
+
+        def transform(x: torch.Tensor) -> torch.Tensor:
+            x = squeezed(x, generator, kinds)
+            return x if crop == "none" else crop_flip(x, generator, flip=crop == "cropflip")
+        return transform
 
     def _perturbed(self, data: WorkingSet, perturbation: Perturbation, idx: torch.Tensor) -> torch.Tensor:
         dev_idx = idx.to(self.runtime.device)

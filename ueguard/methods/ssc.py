@@ -45,6 +45,9 @@ The reconstruction:
 * ``augment``: ``none`` (default), ``crop`` or ``cropflip`` — both paths train on, and δ is optimised
   through, the victim's random crop (+ flip), an expectation over the augmentation every victim trains
   with (EMN's option of the same name; BAIT's released loop crops and flips during generation).
+* ``squeeze``: ``none`` (default) or ``gray``, ``jpeg``, ``bdr`` ``+``-joined — the same expectation over the
+  squeezing defenses' differentiable stand-ins (:mod:`ueguard.engine.eot`), one per-image draw per step
+  applied to x + δ and to x (so the camouflage compares like with like), before the crop.
 * ``deep_init``: the frozen path's D + head start from the prior (``pretrained``, fine-tuned at ``deep_lr``)
   or re-initialised (``fresh``, trained at ``lr``). A pretrained D fits the labels from the prior's
   semantics in the first round, so the error-minimising term through it soon stops asking anything of δ;
@@ -73,6 +76,7 @@ from torch import nn
 
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
+from ueguard.engine.eot import SQUEEZE_MODES, apply_squeeze, draw_squeeze, squeeze_kinds, squeezed
 from ueguard.engine.compiled import frozen_parameters, model_call
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, fit_linear_head, predict
 from ueguard.kernels import project_step
@@ -102,6 +106,9 @@ class SSCConfig(MethodConfig):
     # crop / cropflip: both paths train, and δ is optimised, through the victim's random crop (+ flip), as
     # EMN's option and BAIT's released loop do
     augment: str = option("none", choices=AUGMENT_MODES)
+    # gray / jpeg / bdr, "+"-joined: every term sees x + δ (and the camouflage x) through a per-image draw of
+    # the squeezing defenses' differentiable stand-ins, before the crop (ueguard.engine.eot)
+    squeeze: str = option("none", choices=SQUEEZE_MODES)
     # clean images the subspaces are fitted on: their activations are held at once (about 3 MB each at 224 px)
     pca_images: int = option(512, 1, 8192)
     pca_locations: int = option(50_000, 1, 10**6)  # channel vectors sampled per depth for the PCA (float64 C-vectors)
@@ -264,7 +271,7 @@ class SSC(ProtectionMethod):
             scratch.train()
             for _ in range(cfg.train_steps):
                 idx = sampler.next()
-                x, y = self._augmented(self._perturbed(data, perturbation, idx)), data.labels[idx.to(rt.device)]
+                x, y = self._augmented(self._squeezed(self._perturbed(data, perturbation, idx))), data.labels[idx.to(rt.device)]
                 deep_trainer.step(x, y)
                 scratch_trainer.step(x, y)
             frozen.eval()
@@ -376,8 +383,9 @@ class SSC(ProtectionMethod):
         dev_idx = idx.to(rt.device)
         x, y, gray = rt.to_float(data.images_at(idx)), data.labels[dev_idx], data.grayscale[dev_idx]
         stages, depths = cfg.stages, cfg.read_stages
+        kinds = squeeze_kinds(cfg.squeeze)
         with torch.no_grad():
-            clean = prior.forward_stages(x, depths)
+            clean = None if kinds else prior.forward_stages(x, depths)
         alpha = cfg.step_fraction * cfg.eps
         ratio = along = torch.zeros(len(idx), device=rt.device)
         frozen_fn, scratch_fn = model_call(frozen, rt), model_call(scratch, rt)
@@ -393,7 +401,12 @@ class SSC(ProtectionMethod):
                     xa = (x + gray_project(rows[y], gray)).clamp(0, 1)
                 else:
                     rows = xa = (x + delta).detach().requires_grad_(True)
-                seen = self._augmented(xa)  # what the paths see; the camouflage compares un-augmented features
+                if kinds:  # one squeeze draw for x + δ and x: the camouflage compares them through it
+                    draw = draw_squeeze(len(idx), self.generator, kinds)
+                    xa = apply_squeeze(xa, draw, kinds)
+                    with torch.no_grad():
+                        clean = prior.forward_stages(apply_squeeze(x, draw, kinds), depths)
+                seen = self._augmented(xa)  # what the paths see; the camouflage compares un-cropped features
                 with rt.autocast():
                     loss = cfg.frozen_weight * F.cross_entropy(frozen_fn(seen).float(), y, reduction="none")
                     loss = loss + (1 - cfg.frozen_weight) * F.cross_entropy(scratch_fn(seen).float(), y, reduction="none")
@@ -419,6 +432,10 @@ class SSC(ProtectionMethod):
         if self.config.augment == "none":
             return x
         return crop_flip(x, self.generator, flip=self.config.augment == "cropflip")
+
+    def _squeezed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through a fresh per-image squeeze draw (``squeeze``), or as it is."""
+        return squeezed(x, self.generator, squeeze_kinds(self.config.squeeze))
 
     def _perturbed(self, data: WorkingSet, perturbation: Perturbation, idx: torch.Tensor) -> torch.Tensor:
         dev_idx = idx.to(self.runtime.device)
