@@ -83,8 +83,9 @@ class Defense(ABC):
         return cls.config_class(**{**cls.presets.get(budget, {}), **overrides})
 
     # -- hooks, in the order a run calls them ---------------------------------------------------------
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Transform the uint8 ``N×3×H×W`` training set once, before training (identity by default)."""
+    def preprocess(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Transform the uint8 ``N×3×H×W`` training set once, before training (identity by default); its
+        ``labels`` are there for a defense that treats each class apart (an adaptive one)."""
         return images
 
     def start(self, state: FitState) -> dict[str, Any]:

@@ -66,7 +66,7 @@ class Jpeg(Defense):
     description = "ISS: JPEG-compress every training image once (quality 10), then standard training"
     config_class = JpegConfig
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return jpeg_squeeze(images, self.config.quality)
 
 
@@ -74,7 +74,7 @@ class Jpeg(Defense):
 class Gray(Defense):
     description = "ISS: grayscale every training image once (three equal channels), then standard training"
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return grayscale(images)
 
 
@@ -88,5 +88,5 @@ class BitDepthReduction(Defense):
     description = "ISS: bit-depth reduction of every training image to 2 bits per channel, then standard training"
     config_class = BdrConfig
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return bit_depth_reduce(images, self.config.bits)

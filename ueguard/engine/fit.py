@@ -62,7 +62,7 @@ def fit(model: nn.Module, train: WorkingSet, test: WorkingSet, cfg: FitConfig, *
     if streamed and not can_stream(defense):
         raise ValueError(f"defense {defense.name!r} transforms the whole training set before training; "
                          "load it into memory instead of streaming it")
-    images = None if streamed else defense.preprocess(train.images).to(runtime.device)
+    images = None if streamed else defense.preprocess(train.images, train.labels).to(runtime.device)
     labels = None if streamed else train.labels.to(runtime.device)
     test = test.to(runtime.device)  # once, not every epoch
     validation = validation.to(runtime.device) if validation is not None else None
