@@ -23,7 +23,9 @@ throughout (BatchNorm on batch statistics), as in the authors' code; clean image
 crop + flip before δ is added. ``squeeze`` (ueguard's, off by default) passes every x + δ the surrogate
 sees — look-ahead, outer loss, real step — through a per-image draw of the squeezing defenses'
 differentiable stand-ins (:mod:`ueguard.engine.eot`), so the binding must survive grayscale, JPEG or
-bit-depth reduction.
+bit-depth reduction. ``patch`` / ``achromatic`` keep δ_k constant over pixel blocks and/or equal in R,
+G, B: the rows are projected (:func:`~ueguard.methods.base.subspace_project`) wherever they are used and
+at release.
 
 Two parameterisations of the class-wise δ (``parameterisation``):
 
@@ -67,8 +69,8 @@ from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
 from ueguard.engine.eot import SQUEEZE_MODES, squeeze_kinds, squeezed
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges
-from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, fit_per_class_option,
-                                  gray_project, option)
+from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, achromatic_option,
+                                  fit_per_class_option, gray_project, option, patch_option, subspace_project)
 
 PARAMETERISATIONS = ("direct", "generator")
 #: Target stages in schedule order: hardest wrong class → random wrong class → least likely class.
@@ -97,6 +99,8 @@ class BAITConfig(MethodConfig):
     second_order: bool = False       # differentiate through the look-ahead step (ueguard's option)
     release_batch: int = option(256, 1, 65536)    # images per forward pass when averaging G(x) for the release
     fit_per_class: int = fit_per_class_option()  # optimise on this many images per class, apply to all (0: all)
+    patch: int = patch_option()                  # δ_k constant over patch × patch blocks (1: per pixel)
+    achromatic: bool = achromatic_option()       # δ_k equal in R, G, B (kept whole by grayscale)
 
 
 def target_stage(iteration: int, iterations: int) -> str:
@@ -256,9 +260,9 @@ class BAIT(ProtectionMethod):
                         break
                     tick = time.perf_counter()
                     x, y, gray = self._batch(data, idx)
-                    rows = noise.rows(x, y)
+                    rows = subspace_project(noise.rows(x, y), cfg.patch, cfg.achromatic)
                     if cfg.second_order:
-                        live = rows if cfg.parameterisation == "direct" else noise.rows(xb, yb)
+                        live = rows if cfg.parameterisation == "direct" else subspace_project(noise.rows(xb, yb), cfg.patch, cfg.achromatic)
                         params = self._lookahead(model, trainer, self._squeezed(xb + gray_project(live[yb], gb)), yb, create_graph=True)
                     else:
                         params = lookahead
@@ -281,7 +285,7 @@ class BAIT(ProtectionMethod):
                           "target_accuracy": round(hits / max(seen, 1), 4)}
                 history.append(record)
                 bar.update(1, stage=stage, loss=f"{record['outer_loss']:.3f}")
-        delta = noise.release(data, rt.to_float, cfg.release_batch)
+        delta = subspace_project(noise.release(data, rt.to_float, cfg.release_batch), cfg.patch, cfg.achromatic)
         info = {"parameterisation": cfg.parameterisation, "iterations": cfg.iterations, "history": history,
                 "outer_steps": len(step_seconds),
                 "seconds_per_outer_step": round(statistics.median(step_seconds), 5) if step_seconds else None,

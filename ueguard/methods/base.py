@@ -133,6 +133,18 @@ def fit_per_class_option() -> Any:
     return option(0, 0, 10**9)
 
 
+def patch_option() -> Any:
+    """The ``patch`` field of a class-wise δ: its rows are constant over ``patch``×``patch`` pixel blocks
+    (1: per pixel) — a coarse pattern, whose block means JPEG's DC terms and blurs keep."""
+    return option(1, 1, 4096)
+
+
+def achromatic_option() -> Any:
+    """The ``achromatic`` field of a class-wise δ: equal in R, G and B, a change of brightness that
+    grayscale keeps whole (its luma weights sum to 1)."""
+    return option(False)
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Settings every method has: the L∞ budget ``eps`` in [0, 1] units and the seed.
@@ -164,10 +176,11 @@ class MethodConfig:
                 raise OptionError(f"{f.name} must be {valid}{none}, got {value!r}{why}")
             if checked is not value:
                 object.__setattr__(self, f.name, checked)
-        if getattr(self, "fit_per_class", 0) and getattr(self, "perturbation", "classwise") != "classwise":
-            raise OptionError(f"fit_per_class applies one δ per class to every image; perturbation="
-                              f"{self.perturbation} makes one δ per image: drop fit_per_class or use "
-                              "perturbation=classwise")
+        if getattr(self, "perturbation", "classwise") != "classwise":
+            for name, off in (("fit_per_class", 0), ("patch", 1), ("achromatic", False)):
+                if getattr(self, name, off) != off:
+                    raise OptionError(f"{name} shapes one δ per class; perturbation={self.perturbation} makes "
+                                      f"one δ per image: drop {name} or use perturbation=classwise")
 
 
 _WRONG = object()
@@ -308,6 +321,22 @@ def gray_project(delta: torch.Tensor, grayscale: torch.Tensor) -> torch.Tensor:
     orthogonal projection (it never lengthens δ, nor adds changed pixels), so every budget is kept."""
     mean = delta.mean(1, keepdim=True).expand_as(delta)
     return torch.where(grayscale[:, None, None, None], mean, delta)
+
+
+def subspace_project(delta: torch.Tensor, patch: int = 1, achromatic: bool = False) -> torch.Tensor:
+    """Orthogonal projection of ``…×C×H×W`` rows onto the patterns constant over ``patch``×``patch`` blocks
+    (from the top-left; edge blocks partial) and, with ``achromatic``, equal across channels. Averages of
+    values in [−ε, ε] stay in it, so every L∞ budget is kept; applied to a gradient, its sign steps stay in
+    the subspace."""
+    if achromatic:
+        delta = delta.mean(-3, keepdim=True).expand_as(delta)
+    if patch > 1:
+        h, w = delta.shape[-2:]
+        lead = delta.shape[:-3]
+        flat = delta.reshape(-1, *delta.shape[-3:])
+        pooled = torch.nn.functional.avg_pool2d(flat, patch, ceil_mode=True)
+        delta = pooled.repeat_interleave(patch, -2).repeat_interleave(patch, -1)[..., :h, :w].reshape(*lead, *delta.shape[-3:])
+    return delta
 
 
 def stratified_subset(data: WorkingSet, per_class: int, seed: int) -> WorkingSet:

@@ -14,7 +14,9 @@ Like the authors' generation loop, the surrogate sees no augmentation by default
 ``cropflip`` trains the surrogate and optimises δ through random crops (and flips) — an expectation over
 the victim's augmentation, which pixel-aligned noise otherwise has to survive by luck. ``squeeze``
 (``gray``, ``jpeg``, ``bdr`` or a ``+``-joined set) does the same for the squeezing defenses, through their
-differentiable stand-ins (:mod:`ueguard.engine.eot`), drawn per image before the crop.
+differentiable stand-ins (:mod:`ueguard.engine.eot`), drawn per image before the crop. A class-wise δ
+may be kept in a subspace (``patch``: constant over pixel blocks; ``achromatic``: equal in R, G, B) by
+projecting each step's gradient (:func:`~ueguard.methods.base.subspace_project`).
 
 Resuming: after every round (surrogate steps, PGD pass, stopping check) the method checkpoints its state
 when it has a :attr:`~ueguard.methods.base.ProtectionMethod.round_checkpoint` (``protect`` gives it one
@@ -40,8 +42,8 @@ from ueguard.engine import distributed
 from ueguard.engine.augment import crop_flip
 from ueguard.engine.eot import SQUEEZE_MODES, squeeze_kinds, squeezed
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, pgd_step, predict
-from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta,
-                                  fit_per_class_option, gray_project, option)
+from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, achromatic_option, apply_delta,
+                                  fit_per_class_option, gray_project, option, patch_option, subspace_project)
 
 PERTURBATION_KINDS = ("samplewise", "classwise")
 AUGMENT_MODES = ("none", "crop", "cropflip")
@@ -68,6 +70,8 @@ class EMNConfig(MethodConfig):
     # squeezing defenses' differentiable stand-ins (or none), applied before the crop (ueguard.engine.eot)
     squeeze: str = option("none", choices=SQUEEZE_MODES)
     fit_per_class: int = fit_per_class_option()  # optimise on this many images per class, apply to all (0: all)
+    patch: int = patch_option()                  # class-wise δ constant over patch × patch blocks (1: per pixel)
+    achromatic: bool = achromatic_option()       # class-wise δ equal in R, G, B (kept whole by grayscale)
 
     @property
     def target_accuracy(self) -> float:
@@ -192,6 +196,7 @@ class EMN(ProtectionMethod):
             grad = grad * ((raw > 0) & (raw < 1))
             class_grad = torch.zeros_like(delta).index_add_(0, y, grad.contiguous())
             self._dist.all_reduce_sum(class_grad)  # this rank's part of the batch → the whole batch's sum
+            class_grad = subspace_project(class_grad, cfg.patch, cfg.achromatic)  # steps stay in the subspace
             delta.sub_(alpha * class_grad.sign()).clamp_(-cfg.eps, cfg.eps)
 
     def _accuracy(self, model, data: WorkingSet, perturbation: Perturbation, index: torch.Tensor) -> float:

@@ -48,6 +48,8 @@ The reconstruction:
 * ``squeeze``: ``none`` (default) or ``gray``, ``jpeg``, ``bdr`` ``+``-joined — the same expectation over the
   squeezing defenses' differentiable stand-ins (:mod:`ueguard.engine.eot`), one per-image draw per step
   applied to x + δ and to x (so the camouflage compares like with like), before the crop.
+* ``patch`` / ``achromatic`` (class-wise): the class rows stay constant over ``patch``-pixel blocks and/or
+  equal in R, G, B — each step's gradient is projected (:func:`~ueguard.methods.base.subspace_project`).
 * ``deep_init``: the frozen path's D + head start from the prior (``pretrained``, fine-tuned at ``deep_lr``)
   or re-initialised (``fresh``, trained at ``lr``). A pretrained D fits the labels from the prior's
   semantics in the first round, so the error-minimising term through it soon stops asking anything of δ;
@@ -80,8 +82,8 @@ from ueguard.engine.eot import SQUEEZE_MODES, apply_squeeze, draw_squeeze, squee
 from ueguard.engine.compiled import frozen_parameters, model_call
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, fit_linear_head, predict
 from ueguard.kernels import project_step
-from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, apply_delta,
-                                  fit_per_class_option, gray_project, option)
+from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, achromatic_option, apply_delta,
+                                  fit_per_class_option, gray_project, option, patch_option, subspace_project)
 from ueguard.methods.emn import AUGMENT_MODES, PERTURBATION_KINDS
 
 
@@ -109,6 +111,8 @@ class SSCConfig(MethodConfig):
     # gray / jpeg / bdr, "+"-joined: every term sees x + δ (and the camouflage x) through a per-image draw of
     # the squeezing defenses' differentiable stand-ins, before the crop (ueguard.engine.eot)
     squeeze: str = option("none", choices=SQUEEZE_MODES)
+    patch: int = patch_option()                  # class-wise δ constant over patch × patch blocks (1: per pixel)
+    achromatic: bool = achromatic_option()       # class-wise δ equal in R, G, B (kept whole by grayscale)
     # clean images the subspaces are fitted on: their activations are held at once (about 3 MB each at 224 px)
     pca_images: int = option(512, 1, 8192)
     pca_locations: int = option(50_000, 1, 10**6)  # channel vectors sampled per depth for the PCA (float64 C-vectors)
@@ -422,6 +426,7 @@ class SSC(ProtectionMethod):
                     objective = objective - cfg.anchor_weight * along
                 (grad,) = torch.autograd.grad(objective.sum(), rows)
                 if classwise:
+                    grad = subspace_project(grad, cfg.patch, cfg.achromatic)  # steps stay in the subspace
                     delta = (delta - alpha * grad.sign()).clamp(-cfg.eps, cfg.eps)
                 else:
                     delta = gray_project(project_step(delta, grad, x, alpha, cfg.eps, 1.0), gray)
