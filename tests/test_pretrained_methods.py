@@ -410,3 +410,18 @@ def test_protect_cli_with_weights(weights_and_tree, method, options):
     run_record = records[0]
     assert run_record["weights_sha256"] and run_record["surrogate"] == ARCH
     json.dumps(run_record)
+
+
+def test_bait_steps_only_the_trained_parameters_of_a_surrogate_with_frozen_ones(digits):
+    """fastvgg_cifar keeps its BatchNorm scales fixed (requires_grad False): BAIT's look-ahead differentiates
+    the trained parameters only, and the frozen ones keep their values."""
+    torch.manual_seed(0)
+    model = create_model("fastvgg_cifar", 4)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen  # the case under test
+    method = create_method("bait", budget="quick", runtime=CPU, surrogate=model, seed=0,
+                           iterations=2, batch_size=30, outer_batches=1)
+    result = method(digits)
+    assert result.delta.abs().max() <= EPS + 1e-6 and result.delta.abs().sum() > 0
+    after = dict(method.surrogate.named_parameters())
+    assert all(torch.equal(after[n].detach(), value) for n, value in frozen.items())

@@ -321,9 +321,10 @@ class BAIT(ProtectionMethod):
     def _lookahead(self, model: nn.Module, trainer: Trainer, x: torch.Tensor, y: torch.Tensor,
                    create_graph: bool) -> dict[str, torch.Tensor]:
         """θ′ = θ − lr·(∇θ CE + wd·θ + μ·m): one SGD step of the surrogate on (x, y), as a new parameter
-        dict (θ itself is untouched). With ``create_graph`` θ′ stays a function of x (and so of δ)."""
+        dict (θ itself is untouched). With ``create_graph`` θ′ stays a function of x (and so of δ). Only
+        the trained parameters step: a frozen one (fastvgg_cifar's fixed BatchNorm scales) keeps its value."""
         cfg = self.config
-        params = dict(model.named_parameters())
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         loss = F.cross_entropy(self._call(model, params, x.clamp(0, 1)).float(), y)
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
         state = trainer.optimizer.state
