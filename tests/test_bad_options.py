@@ -242,11 +242,11 @@ def test_bad_method_options_exit_2_before_anything_is_written(src, tmp_path, arg
 
 
 def test_the_sdk_checks_method_options_alike(src, tmp_path):
-    import ueguard
+    import ueguard.sdk
     from ueguard.errors import UsageError
 
     for options, message in (({"pgd_steps": 2.5}, "pgd_steps must be an integer"),
-                             ({"seed": 7}, "give --seed"), ({"patch": 10**5}, "no option patch")):
+                             ({"seed": 7}, "give --seed"), ({"colour_eps": 0.1}, "no option colour_eps")):
         with pytest.raises(UsageError, match=message):
             ueguard.sdk.protect(src, tmp_path / "out", "emn", method_options=options, device="cpu")
     with pytest.raises(UsageError, match="patch must be an integer from 1 to 1024"):
