@@ -244,6 +244,37 @@ def test_verify_cell_trains_only_runs_no_cached_report_holds(bench, cell_setup):
     assert [(c["defense"], c["defense_options"]) for c in calls] == [("staged", {"staged.tau": 0.5})]
 
 
+def test_a_defense_option_reaches_only_its_battery_and_keeps_a_report_of_its_own(bench, cell_setup):
+    """``--defense-option classmean.sigma=0`` in a run with none and classmean: the none battery gets no
+    option (verify refuses one of a defense it does not run), and the sigma-0 battery writes beside the
+    default's report instead of over it — both stay found."""
+    scale, folders, cells, calls = cell_setup
+    cell = lambda options: bench.verify_cell("ssc", "disjoint", folders.task_train, folders, None,  # noqa: E731
+                                             ["finetune"], ["none", "classmean"], cells, scale, 0, lambda m: None,
+                                             options)
+    cell({"classmean.sigma": 0})
+    assert [(c["defense"], c["defense_options"]) for c in calls] == [("none", {}), ("classmean", {"classmean.sigma": 0})]
+    calls.clear()
+    out = cell({})
+    assert [(c["defense"], c["defense_options"]) for c in calls] == [("classmean", {})]  # none: cached
+    assert len(list(cells.glob("verify-ssc-disjoint-classmean-*.json"))) == 2
+    assert out["runs"][1]["defense_config"]["sigma"] == 1.0
+    calls.clear()
+    assert cell({"classmean.sigma": 0})["runs"][1]["defense_config"]["sigma"] == 0 and calls == []
+
+
+def test_defense_options_are_checked_before_anything_runs(bench, tmp_path):
+    def select(*extra):
+        args = bench.cli.parser().parse_args(["--cpu-full-prior", "--defenses", "none,classmean", *extra])
+        return bench.cli.select(args, tmp_path)
+
+    assert select("--defense-option", "classmean.sigma=0").defense_options == {"classmean.sigma": 0}
+    for bad, said in (("sigma=0", "name the defense"), ("staged.tau=0.5", "not in --defenses"),
+                      ("classmean.sigmax=0", "sigma, strength"), ("classmean.sigma=-1", "sigma must be")):
+        with pytest.raises(SystemExit, match=said):
+            select("--defense-option", bad)
+
+
 def test_verify_cell_gives_earlystop_the_original_images_to_validate_on(bench, cell_setup):
     scale, folders, cells, calls = cell_setup
     out = bench.verify_cell("emn", "scratch", folders.prior_train, folders, None, ["scratch"], ["none", "earlystop"],

@@ -145,12 +145,21 @@ RECIPE_KEYS = ("arch", "epochs", "budget", "seed", "weights", "size", "batch_siz
 # besides its data and defense; plus ``recipe`` and ``precision`` where a scale sets them (verify_cell)
 
 
+def options_for(defense: str, defense_options: dict[str, Any]) -> dict[str, Any]:
+    """The ``DEFENSE.KEY`` entries of ``defense_options`` that are ``defense``'s (a battery of one defense
+    must not be handed another's options: verify refuses an option of a defense it does not run)."""
+    from ueguard.defenses import DEFENSES
+
+    name = DEFENSES.get(defense).name
+    return {k: v for k, v in defense_options.items() if DEFENSES.get(k.rpartition(".")[0]).name == name}
+
+
 def defense_constants(defense: str, budget: str, defense_options: dict[str, Any]) -> dict[str, Any]:
-    """The constants ``defense`` runs with now — its defaults at ``budget`` under ``defense_options`` — as a
-    verify run records them (``defense_config``)."""
+    """The constants ``defense`` runs with now — its defaults at ``budget`` under its entries of
+    ``defense_options`` — as a verify run records them (``defense_config``)."""
     from ueguard.sdk.verify import VerifyOptions
 
-    opts = VerifyOptions.resolve(defense=defense, defense_options=defense_options, budget=budget)
+    opts = VerifyOptions.resolve(defense=defense, defense_options=options_for(defense, defense_options), budget=budget)
     return json.loads(json.dumps(dataclasses.asdict(opts.defense_config(defense))))
 
 
@@ -190,11 +199,12 @@ def cached_runs(cells: Path, row: str, seed: int, recipe: dict[str, Any], data: 
 
 
 def cell_path(cells: Path, row: str, group: str, defense: str, paradigms: list[str], train_folder: Path,
-              weights: str | None, seed: int) -> Path:
+              weights: str | None, seed: int, options: dict[str, Any] | None = None) -> Path:
     """Where one verify battery's report goes. The name carries a digest of the data and the prior it trains
     on: with ``--victim-seeds`` a victim seed is also another seed's own seed, and the two batteries (seed 1's
-    victim on seed 0's protection and prior, and seed 1's own) must not overwrite each other's report."""
-    digest = _digest([str(train_folder), weights], 8)
+    victim on seed 0's protection and prior, and seed 1's own) must not overwrite each other's report. The
+    defense's non-default ``options`` join the digest, so a battery at other constants keeps its own report."""
+    digest = _digest([str(train_folder), weights] + ([sorted(options.items())] if options else []), 8)
     return cells / f"verify-{row}-{group}-{defense}-{'+'.join(paradigms)}-{digest}-s{seed}.json"
 
 
@@ -204,8 +214,8 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
     """``verify`` of one row under one column group (scratch, or the paradigms of one prior), cached run by
     run: each (paradigm, defense) run already made with the same data, recipe and defense constants is
     reused (``cached_runs``); the missing ones are trained, one verify battery per defense, and resume
-    when interrupted. ``defense_options`` as verify's (``{"staged.tau": 0.3}``), part of ``group`` when
-    given. A defense that validates on clean images (earlystop) holds out the task's original training
+    when interrupted. ``defense_options``: ``{"DEFENSE.KEY": value}`` (``{"staged.tau": 0.3}``), each handed
+    only to its defense's battery and part of that battery's report name. A defense that validates on clean images (earlystop) holds out the task's original training
     images, as an adversary with a few clean labelled images would. Returns ``{"runs": [...]}`` in
     paradigm × defense order."""
     from ueguard.defenses import DEFENSES
@@ -232,8 +242,9 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
             if CACHED_ONLY:
                 log(f"--cached-only: no cached run of {row} × {group}: {defense} / {', '.join(missing)}; left empty")
                 continue
-            path = cell_path(cells, row, group, defense, missing, train_folder, recipe["weights"], seed)
-            options = recipe | {"paradigm": ",".join(missing), "defense": defense, "defense_options": defense_options}
+            own = options_for(defense, defense_options)
+            path = cell_path(cells, row, group, defense, missing, train_folder, recipe["weights"], seed, own)
+            options = recipe | {"paradigm": ",".join(missing), "defense": defense, "defense_options": own}
             if DEFENSES.get(defense).needs_validation:  # earlystop: the adversary's clean images are the originals
                 options["clean"] = folders.task_train
             log(f"verify {row} × {group}: paradigms {', '.join(missing)}; defense {defense}")

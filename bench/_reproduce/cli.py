@@ -7,6 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from _reproduce.cells import Variant, parse_variant
 from _reproduce.scales import ROWS, SCALES, Scale
@@ -35,6 +36,7 @@ class Selection:
     data: Path
     cache: Path
     json_path: Path
+    defense_options: dict[str, Any] = field(default_factory=dict)  # DEFENSE.KEY → value, verify's -d
     cached_only: bool = False
     protect_only: bool = False      # make the protections (timing their generation), train no victim
     argv: list[str] | None = field(default=None, repr=False)
@@ -54,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", help=f"comma list of rows (default: all of {', '.join(ROWS)})")
     parser.add_argument("--paradigms", help="comma list of scratch, finetune, frozen, linear (default: the scale's)")
     parser.add_argument("--defenses", help="comma list of ueguard defenses (default: the scale's)")
+    parser.add_argument("--defense-option", action="append", default=[], metavar="DEFENSE.KEY=VALUE",
+                        help="a defense constant for this run, as verify's -d (repeatable; e.g. classmean.sigma=0); "
+                             "its batteries are cached apart from the defaults' and the results file records it")
     parser.add_argument("--defended", help="rows that get the defenses beyond none (default: the scale's)")
     parser.add_argument("--priors", help="comma list of disjoint, akamaster, user (default: disjoint, akamaster, "
                                          "and user with --weights)")
@@ -108,6 +113,29 @@ def seeds(text: str, what: str) -> list[int]:
     return values
 
 
+def defense_option_map(pairs: list[str], defenses: list[str], budget: str) -> dict[str, Any]:
+    """``--defense-option`` pairs as ``{"DEFENSE.KEY": value}``, each naming a selected defense and one of its
+    constants (checked now, not an hour into the run)."""
+    from _reproduce.cells import defense_constants
+    from ueguard.errors import UsageError
+    from ueguard.sdk.options import parse_method_options
+
+    try:
+        parsed = dict(parse_method_options(tuple(pairs)))
+        for key in parsed:
+            if "." not in key:
+                raise UsageError(f"--defense-option {key}: name the defense, e.g. classmean.sigma=0")
+        named = {key.rpartition(".")[0] for key in parsed}
+        for defense in named:
+            if defense not in defenses:
+                raise UsageError(f"--defense-option {defense}.…: defense {defense!r} is not in --defenses "
+                                 f"{','.join(defenses)}")
+            defense_constants(defense, budget, parsed)
+    except (UsageError, ValueError) as error:
+        raise SystemExit(str(error)) from None
+    return parsed
+
+
 def select(args: argparse.Namespace, results: Path, argv: list[str] | None = None) -> Selection:
     """The run's :class:`Selection` from parsed ``args`` (``results``: the folder of the default ``--json``);
     a bad name or a missing file is a clear error."""
@@ -127,6 +155,7 @@ def select(args: argparse.Namespace, results: Path, argv: list[str] | None = Non
     if "none" not in defenses:
         defenses.insert(0, "none")
     defended = split(args.defended, scale.defended, ROWS + tuple(v.name for v in args.variant), "defended")
+    defense_options = defense_option_map(args.defense_option, defenses, scale.budget)
     seed_list = seeds(args.seeds, "seeds")
     victim_seeds = seeds(args.victim_seeds, "victim-seeds") if args.victim_seeds is not None else None
     prior_names = split(args.priors, ("disjoint", "akamaster") + (("user",) if args.weights else ()), PRIORS, "priors")
@@ -138,5 +167,6 @@ def select(args: argparse.Namespace, results: Path, argv: list[str] | None = Non
         scale=scale, rows=rows, variants=variants, extra=list(args.variant),
         paradigms=paradigms, defenses=defenses, defended=defended, seeds=seed_list, victim_seeds=victim_seeds,
         priors=prior_names, weights=args.weights, weights_arch=args.weights_arch, data=args.data, cache=args.cache,
-        json_path=args.json or results / f"reproduce-{scale.name}.json", cached_only=args.cached_only,
+        json_path=args.json or results / f"reproduce-{scale.name}.json", defense_options=defense_options,
+        cached_only=args.cached_only,
         protect_only=args.protect_only, argv=argv)

@@ -99,7 +99,8 @@ def run_row(sel: Selection, grid: Grid, row: str, seed: int, priors: list[Prior]
         reports: list[tuple[str | None, dict]] = []
         for (prior, group_paradigms), folder in zip(groups, group_folders):
             report = cell_ops.verify_cell(row, prior.name if prior else "scratch", folder, folders, prior,
-                                          group_paradigms, defenses, cells, sel.scale, victim_seed, log)
+                                          group_paradigms, defenses, cells, sel.scale, victim_seed, log,
+                                          sel.defense_options)
             reports.append((prior.name if prior else None, report))
         entry = grid.entries.setdefault(row, {})[(seed, victim_seed)] = cells_from_reports(row, reports)
         summary = ", ".join(f"{c} {v['accuracy']:.1f}" for c, v in entry.items())

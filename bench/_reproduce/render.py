@@ -176,7 +176,8 @@ def results_record(sel, grid, table: str, environment: dict[str, Any], wall: flo
     scale = sel.scale
     return {"bench": "reproduce", "scale": dataclasses.asdict(scale), "scale_tag": scale.tag(),
             "selection": {"rows": sel.rows, "paradigms": sel.paradigms, "defenses": sel.defenses,
-                          "defended": sel.defended, "priors": sel.priors},
+                          "defended": sel.defended, "priors": sel.priors,
+                          "defense_options": sel.defense_options},
             "variants": {v.name: {"method": v.method, "options": dict(v.options)} for v in sel.extra},
             "seeds": sel.seeds, "victim_seeds": sel.victim_seeds, "entry_seeds": grid.entry_seeds,
             "task_classes": [CIFAR10_CLASSES[c] for c in scale.task_classes],
@@ -187,6 +188,13 @@ def results_record(sel, grid, table: str, environment: dict[str, Any], wall: flo
             "command": _command(sel.argv), "time": time.strftime(TIME_FORMAT)}
 
 
+def options_note(defense_options: dict[str, Any]) -> str:
+    """The header's word on defense constants away from their defaults (a column keeps its defense's name)."""
+    if not defense_options:
+        return ""
+    return " Defense constants changed: " + ", ".join(f"`{k}={v}`" for k, v in defense_options.items()) + "."
+
+
 def header(sel, record: dict[str, Any], environment: dict[str, Any], wall: float) -> str:
     """The Markdown table's header: the protocol, the hardware and load, the wall time."""
     scale = sel.scale
@@ -195,7 +203,8 @@ def header(sel, record: dict[str, Any], environment: dict[str, Any], wall: float
             f"test images per class of {', '.join(record['task_classes'])}; victims {scale.epochs} epochs "
             f"(scratch: {scale.scratch_arch}; priors: {prior_archs}); "
             f"budget `{scale.budget}`; seeds {sel.seeds}; victim seeds {sel.victim_seeds or 'as the seeds'} "
-            f"(a cell is the mean ± sd over every seed × victim seed).\n"
+            f"(a cell is the mean ± sd over every seed × victim seed)."
+            f"{options_note(sel.defense_options)}\n"
             f"Hardware: {environment['cpu']}, {environment['cores']} cores, GPU {environment['gpu'] or 'none'}; "
             f"load average {environment['load_average_start'][0]:.1f} → {environment['load_average_end'][0]:.1f}; "
             f"torch {environment['torch']}. Wall time {wall / 60:.1f} min (cached cells included as loaded).\n"
