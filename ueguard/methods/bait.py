@@ -67,7 +67,7 @@ from torch.func import functional_call
 
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
-from ueguard.engine.eot import SQUEEZE_MODES, squeeze_kinds, squeezed
+from ueguard.engine.eot import SQUEEZE_MODES
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges
 from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, achromatic_option,
                                   fit_per_class_option, gray_project, option, patch_option, subspace_project)
@@ -253,7 +253,7 @@ class BAIT(ProtectionMethod):
             for it in range(cfg.iterations):
                 stage = target_stage(it, cfg.iterations)
                 xb, yb, gb = self._batch(data, inner.next())
-                lookahead = None if cfg.second_order else self._lookahead(model, trainer, self._squeezed(xb + gray_project(running[yb], gb)), yb, create_graph=False)
+                lookahead = None if cfg.second_order else self._lookahead(model, trainer, self.through_squeeze(xb + gray_project(running[yb], gb)), yb, create_graph=False)
                 losses, hits, seen = [], 0, 0
                 for j, idx in enumerate(outer.epoch()):
                     if cfg.outer_batches is not None and j >= cfg.outer_batches:
@@ -263,12 +263,12 @@ class BAIT(ProtectionMethod):
                     rows = subspace_project(noise.rows(x, y), cfg.patch, cfg.achromatic)
                     if cfg.second_order:
                         live = rows if cfg.parameterisation == "direct" else subspace_project(noise.rows(xb, yb), cfg.patch, cfg.achromatic)
-                        params = self._lookahead(model, trainer, self._squeezed(xb + gray_project(live[yb], gb)), yb, create_graph=True)
+                        params = self._lookahead(model, trainer, self.through_squeeze(xb + gray_project(live[yb], gb)), yb, create_graph=True)
                     else:
                         params = lookahead
                     with torch.no_grad():
                         targets = choose_targets(stage, self._call(model, params, x), y, self.generator)
-                    logits = self._call(model, params, self._squeezed((x + gray_project(rows[targets], gray)).clamp(0, 1)))
+                    logits = self._call(model, params, self.through_squeeze((x + gray_project(rows[targets], gray)).clamp(0, 1)))
                     loss = F.cross_entropy(logits.float(), targets)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -280,7 +280,7 @@ class BAIT(ProtectionMethod):
                     hits += (logits.argmax(1) == targets).sum().item()
                     seen += y.numel()
                     step_seconds.append(time.perf_counter() - tick)  # .item() above has synchronised
-                trainer.step(self._squeezed(xb + gray_project(running[yb], gb)), yb)
+                trainer.step(self.through_squeeze(xb + gray_project(running[yb], gb)), yb)
                 record = {"stage": stage, "outer_loss": round(torch.stack(losses).mean().item(), 4),
                           "target_accuracy": round(hits / max(seen, 1), 4)}
                 history.append(record)
@@ -314,9 +314,6 @@ class BAIT(ProtectionMethod):
             x = crop_flip(x, self.generator)
         return x, data.labels[dev_idx], data.grayscale[dev_idx]
 
-    def _squeezed(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` through a fresh per-image squeeze draw (``squeeze``), or as it is."""
-        return squeezed(x, self.generator, squeeze_kinds(self.config.squeeze))
 
     def _lookahead(self, model: nn.Module, trainer: Trainer, x: torch.Tensor, y: torch.Tensor,
                    create_graph: bool) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from ueguard.data.store import PerturbationStore, RoundCheckpoint, StoreError
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine import distributed
 from ueguard.engine.augment import crop_flip
+from ueguard.engine.eot import squeeze_kinds, squeezed
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, predict
 from ueguard.engine.progress import SILENT, Progress
 from ueguard.engine.runtime import Runtime
@@ -412,6 +413,12 @@ class ProtectionMethod(ABC):
         self._restored: dict[str, Any] | None = None
         self._restore_loaded = False
         self._resumed_after = 0
+
+    def through_squeeze(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x`` through a fresh per-image draw of the config's ``squeeze`` defenses (the expectation over
+        what a squeezing victim does to its training set), or as it is where the method has none on."""
+        kinds = squeeze_kinds(getattr(self.config, "squeeze", "none"))
+        return squeezed(x, self.generator if generator is None else generator, kinds)
 
     def new_delta(self, shape: tuple[int, ...], *, resumable: bool = False) -> "torch.Tensor | PerturbationStore":
         """Zero sample-wise δ of ``shape`` (``N×3×H×W``): a tensor on the run's device, or the on-disk

@@ -40,7 +40,7 @@ import torch
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine import distributed
 from ueguard.engine.augment import crop_flip
-from ueguard.engine.eot import SQUEEZE_MODES, squeeze_kinds, squeezed
+from ueguard.engine.eot import SQUEEZE_MODES, squeeze_kinds
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, input_gradient, pgd_step, predict
 from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, achromatic_option, apply_delta,
                                   fit_per_class_option, gray_project, option, patch_option, subspace_project)
@@ -159,7 +159,7 @@ class EMN(ProtectionMethod):
         generator = getattr(self, "_aug_generator", self.generator)  # per rank under torchrun
 
         def transform(x: torch.Tensor) -> torch.Tensor:
-            x = squeezed(x, generator, kinds)
+            x = self.through_squeeze(x, generator)
             return x if crop == "none" else crop_flip(x, generator, flip=crop == "cropflip")
         return transform
 

@@ -78,7 +78,7 @@ from torch import nn
 
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine.augment import crop_flip
-from ueguard.engine.eot import SQUEEZE_MODES, apply_squeeze, draw_squeeze, squeeze_kinds, squeezed
+from ueguard.engine.eot import SQUEEZE_MODES, apply_squeeze, draw_squeeze, squeeze_kinds
 from ueguard.engine.compiled import frozen_parameters, model_call
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, fit_linear_head, predict
 from ueguard.kernels import project_step
@@ -275,7 +275,7 @@ class SSC(ProtectionMethod):
             scratch.train()
             for _ in range(cfg.train_steps):
                 idx = sampler.next()
-                x, y = self._augmented(self._squeezed(self._perturbed(data, perturbation, idx))), data.labels[idx.to(rt.device)]
+                x, y = self._augmented(self.through_squeeze(self._perturbed(data, perturbation, idx))), data.labels[idx.to(rt.device)]
                 deep_trainer.step(x, y)
                 scratch_trainer.step(x, y)
             frozen.eval()
@@ -438,9 +438,6 @@ class SSC(ProtectionMethod):
             return x
         return crop_flip(x, self.generator, flip=self.config.augment == "cropflip")
 
-    def _squeezed(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` through a fresh per-image squeeze draw (``squeeze``), or as it is."""
-        return squeezed(x, self.generator, squeeze_kinds(self.config.squeeze))
 
     def _perturbed(self, data: WorkingSet, perturbation: Perturbation, idx: torch.Tensor) -> torch.Tensor:
         dev_idx = idx.to(self.runtime.device)
