@@ -140,6 +140,16 @@ def patch_option() -> Any:
     return option(1, 1, 4096)
 
 
+def shift_option() -> Any:
+    """The ``shift`` field of a class-wise δ: each image gets its class's row circularly shifted by its own
+    offset in [0, ``shift``) pixels down and right (0: no shift). One pattern per class, at a different place
+    in every image: a class's mean change averages the shifted copies (a high-frequency pattern averages
+    out), so a defense that reads the pattern off the class mean finds little, while a convolutional
+    victim detects it wherever it sits. Generation draws fresh offsets every step (an expectation over
+    them); the release fixes each image's offset by its index (:func:`shift_offsets`)."""
+    return option(0, 0, 4096)
+
+
 def achromatic_option() -> Any:
     """The ``achromatic`` field of a class-wise δ: equal in R, G and B, a change of brightness that
     grayscale keeps whole (its luma weights sum to 1)."""
@@ -178,7 +188,7 @@ class MethodConfig:
             if checked is not value:
                 object.__setattr__(self, f.name, checked)
         if getattr(self, "perturbation", "classwise") != "classwise":
-            for name, off in (("fit_per_class", 0), ("patch", 1), ("achromatic", False)):
+            for name, off in (("fit_per_class", 0), ("patch", 1), ("achromatic", False), ("shift", 0)):
                 if getattr(self, name, off) != off:
                     raise OptionError(f"{name} shapes one δ per class; perturbation={self.perturbation} makes "
                                       f"one δ per image: drop {name} or use perturbation=classwise")
@@ -231,7 +241,9 @@ class Perturbation:
     RMS) or ``nearest`` (one working pixel becomes the block of native pixels it covers). ``info``
     carries the method's own statistics (rounds, final surrogate accuracy, …). ``parts`` says how a
     budget made of several branches splits (DUNE: ``{"spatial": …, "colour": …}`` L∞ radii whose sum is
-    ``eps``); it is recorded beside the budget, which alone is what ``within_budget`` checks.
+    ``eps``); it is recorded beside the budget, which alone is what ``within_budget`` checks. ``shift``
+    (class-wise only): sample i gets its row circularly shifted by :func:`shift_offsets` of its index
+    under ``shift_seed`` — a shift moves values, so every norm's budget is kept.
     """
 
     delta: "torch.Tensor | PerturbationStore"
@@ -242,8 +254,12 @@ class Perturbation:
     assignment: torch.Tensor | None = None
     resample: str = "bilinear"
     parts: dict[str, float] = field(default_factory=dict)
+    shift: int = 0
+    shift_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.shift and not self.classwise:
+            raise ValueError("shift moves class-wise rows; a sample-wise δ has a row of its own per image")
         if self.parts and not math.isclose(sum(self.parts.values()), self.eps, rel_tol=1e-6, abs_tol=1e-9):
             raise ValueError(f"the budget's parts {self.parts} must add up to its eps {self.eps}")
         if self.norm not in NORMS:
@@ -261,6 +277,8 @@ class Perturbation:
     def for_samples(self, index: torch.Tensor, labels: torch.Tensor, grayscale: torch.Tensor) -> torch.Tensor:
         """δ for samples ``index`` (labels/grayscale given per sample of the whole set)."""
         rows = self.delta[self.rows_for(index, labels).to(self.delta.device)]
+        if self.shift:
+            rows = roll_rows(rows, shift_offsets(index.to(rows.device), self.shift, self.shift_seed))
         return gray_project(rows, grayscale[index].to(rows.device))
 
     def budget(self) -> dict[str, Any]:
@@ -322,6 +340,33 @@ def gray_project(delta: torch.Tensor, grayscale: torch.Tensor) -> torch.Tensor:
     orthogonal projection (it never lengthens δ, nor adds changed pixels), so every budget is kept."""
     mean = delta.mean(1, keepdim=True).expand_as(delta)
     return torch.where(grayscale[:, None, None, None], mean, delta)
+
+
+def shift_offsets(index: torch.Tensor, shift: int, seed: int) -> torch.Tensor:
+    """``N×2`` (down, right) offsets in [0, ``shift``) for the samples ``index``: a fixed integer hash of
+    each index and ``seed``, so an image's offset does not depend on which other images are in the batch,
+    the subset or the run (a resumed or sharded release shifts every image as a whole run does)."""
+    mask = 0xFFFFFFFF  # 32-bit mixing: every product stays inside int64, the same on every device
+    h = ((index.long() + 1) * 0x9E3779B1 + (seed * 0x27D4EB2F & mask)) & mask
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & mask
+    h = h ^ (h >> 16)
+    return torch.stack([h % shift, (h // shift) % shift], 1)
+
+
+def random_offsets(n: int, shift: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n×2`` offsets drawn afresh from ``generator``: generation's expectation over the shifts."""
+    return torch.randint(0, shift, (n, 2), generator=generator).to(device)
+
+
+def roll_rows(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``N×C×H×W`` rows, row i circularly shifted by ``offsets[i]`` = (down, right) pixels — one gather,
+    differentiable in ``rows`` (a step on the shifted copies reaches the class row they came from)."""
+    n, _, h, w = rows.shape
+    ys = (torch.arange(h, device=rows.device) - offsets[:, :1].to(rows.device)) % h   # N×H
+    xs = (torch.arange(w, device=rows.device) - offsets[:, 1:].to(rows.device)) % w   # N×W
+    picked = rows[torch.arange(n, device=rows.device)[:, None, None], :, ys[:, :, None], xs[:, None, :]]
+    return picked.permute(0, 3, 1, 2)
 
 
 def subspace_project(delta: torch.Tensor, patch: int = 1, achromatic: bool = False) -> torch.Tensor:

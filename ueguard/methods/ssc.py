@@ -50,6 +50,9 @@ The reconstruction:
   applied to x + δ and to x (so the camouflage compares like with like), before the crop.
 * ``patch`` / ``achromatic`` (class-wise): the class rows stay constant over ``patch``-pixel blocks and/or
   equal in R, G, B — each step's gradient is projected (:func:`~ueguard.methods.base.subspace_project`).
+* ``shift`` (class-wise; ueguard's, 0 = off): each image carries its class row circularly shifted by its
+  own offset in [0, ``shift``) pixels, fixed per image in the release and drawn afresh at every PGD step
+  (:func:`~ueguard.methods.base.shift_option`) — aimed at defenses that read a class's pattern off its mean.
 * ``deep_init``: the frozen path's D + head start from the prior (``pretrained``, fine-tuned at ``deep_lr``)
   or re-initialised (``fresh``, trained at ``lr``). A pretrained D fits the labels from the prior's
   semantics in the first round, so the error-minimising term through it soon stops asking anything of δ;
@@ -83,7 +86,8 @@ from ueguard.engine.compiled import frozen_parameters, model_call
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, fit_linear_head, predict
 from ueguard.kernels import project_step
 from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, achromatic_option, apply_delta,
-                                  fit_per_class_option, gray_project, option, patch_option, subspace_project)
+                                  fit_per_class_option, gray_project, option, patch_option, random_offsets,
+                                  roll_rows, shift_option, subspace_project)
 from ueguard.methods.emn import AUGMENT_MODES, PERTURBATION_KINDS
 
 
@@ -113,6 +117,7 @@ class SSCConfig(MethodConfig):
     squeeze: str = option("none", choices=SQUEEZE_MODES)
     patch: int = patch_option()                  # class-wise δ constant over patch × patch blocks (1: per pixel)
     achromatic: bool = achromatic_option()       # class-wise δ equal in R, G, B (kept whole by grayscale)
+    shift: int = shift_option()                  # class-wise δ shifted by a per-image offset in [0, shift) px
     # clean images the subspaces are fitted on: their activations are held at once (about 3 MB each at 224 px)
     pca_images: int = option(512, 1, 8192)
     pca_locations: int = option(50_000, 1, 10**6)  # channel vectors sampled per depth for the PCA (float64 C-vectors)
@@ -261,7 +266,7 @@ class SSC(ProtectionMethod):
         classwise = cfg.perturbation == "classwise"
         delta = (torch.zeros(data.num_classes, *data.images.shape[1:], device=rt.device) if classwise
                  else self.new_delta((n, *data.images.shape[1:])))
-        perturbation = Perturbation(delta, classwise, cfg.eps)
+        perturbation = Perturbation(delta, classwise, cfg.eps, shift=cfg.shift, shift_seed=cfg.seed)
         sampler = BatchSampler(n, cfg.batch_size, self.generator)
         check = self.eval_subset(n, cfg.eval_limit)
         tracked = {"frozen_path": frozen, "scratch_path": scratch, "deep_optimizer": deep_trainer.optimizer,
@@ -402,7 +407,9 @@ class SSC(ProtectionMethod):
             for _ in range(cfg.pgd_steps):
                 if classwise:
                     rows = delta.detach().requires_grad_(True)
-                    xa = (x + gray_project(rows[y], gray)).clamp(0, 1)
+                    placed = rows[y] if not cfg.shift else \
+                        roll_rows(rows[y], random_offsets(len(idx), cfg.shift, self.generator, rt.device))
+                    xa = (x + gray_project(placed, gray)).clamp(0, 1)
                 else:
                     rows = xa = (x + delta).detach().requires_grad_(True)
                 if kinds:  # one squeeze draw for x + δ and x: the camouflage compares them through it

@@ -671,7 +671,8 @@ def _load_state(path: Path, ids: list[str], store_dir: Path | None = None, finge
         return None
     return Perturbation(state["delta"], bool(state["classwise"]), float(state["eps"]), dict(state["info"]),
                         norm=state.get("norm", "linf"), assignment=state.get("assignment"),
-                        resample=state.get("resample", "bilinear"), parts=dict(state.get("parts", {})))
+                        resample=state.get("resample", "bilinear"), parts=dict(state.get("parts", {})),
+                        shift=int(state.get("shift", 0)), shift_seed=int(state.get("shift_seed", 0)))
 
 
 def _save_state(path: Path, perturbation: Perturbation, ids: list[str]) -> None:
@@ -685,7 +686,8 @@ def _save_state(path: Path, perturbation: Perturbation, ids: list[str]) -> None:
     with open(tmp, "wb") as fh:  # fsynced: it supersedes the round checkpoint, which is removed next
         torch.save({"delta": perturbation.delta.cpu(), "classwise": perturbation.classwise, "eps": perturbation.eps,
                     "info": perturbation.info, "ids": ids, "norm": perturbation.norm, "assignment": assignment,
-                    "resample": perturbation.resample, "parts": perturbation.parts}, fh)
+                    "resample": perturbation.resample, "parts": perturbation.parts, "shift": perturbation.shift,
+                    "shift_seed": perturbation.shift_seed}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
