@@ -308,6 +308,20 @@ def test_an_ssc_folder_made_before_defaults_revision_2_resolves_to_plain_ssc():
     assert changed_constants(recorded_constants(legacy, ssc), ssc.make_config("quick", deception_weight=0)) == ""
 
 
+def test_a_constant_added_since_a_folder_was_made_counts_at_its_default():
+    """A folder's record made before an option existed (here SSC's ``shift``) was made as that option's
+    default behaves: it matches shift=0 and is not a folder made with shift=8 (a cache that took it for one
+    would report an unshifted protection under the shifted variant's name, and --resume would mix the two)."""
+    from ueguard.methods import METHODS
+    from ueguard.sdk.protect import changed_constants
+
+    ssc = METHODS.get("ssc")
+    made = json.loads(json.dumps(dataclasses.asdict(ssc.make_config("quick"))))
+    del made["shift"]
+    assert changed_constants(made, ssc.make_config("quick")) == ""
+    assert changed_constants(made, ssc.make_config("quick", shift=8)) == "shift 0 → 8"
+
+
 def test_lossy_format_is_warned_about_and_measured(tmp_path):
     write_class_tree(tmp_path / "src", n_per_class=2, classes=2, size=16)
     result = run_cli("protect", str(tmp_path / "src"), "--out", str(tmp_path / "out"), *FAST, "--format", "jpeg",

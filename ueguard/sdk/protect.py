@@ -549,7 +549,9 @@ def recorded_constants(header: dict[str, Any], method_cls) -> dict[str, Any]:
 
 def changed_constants(recorded: dict[str, Any], config) -> str:
     """The constants of ``recorded`` (see :func:`recorded_constants`) that differ from ``config``'s, as
-    ``name old → new`` text; '' when none (a constant only one side has is not compared)."""
+    ``name old → new`` text; '' when none. A constant the record lacks was added since it was made: the run
+    behaved as that constant's declared default does (a new option is off by default), so that is what is
+    compared — a folder made before ``shift`` existed is not one made with ``shift=8``."""
     return ", ".join(f"{k} {old!r} → {new!r}" for k, old, new in _differences(recorded, config))
 
 
@@ -559,9 +561,13 @@ def _option_text(value: Any) -> str:
 
 
 def _differences(recorded: dict[str, Any], config) -> list[tuple[str, Any, Any]]:
-    """``(name, recorded value, config's value)`` for each constant both have that differs (JSON forms)."""
+    """``(name, recorded value, config's value)`` for each constant that differs (JSON forms); one the record
+    lacks stands at its declared default (see :func:`changed_constants`)."""
     now = json.loads(json.dumps(dataclasses.asdict(config)))
-    return [(k, recorded[k], now[k]) for k in sorted(now) if k in recorded and recorded[k] != now[k]]
+    declared = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(config)
+                                      if f.default is not dataclasses.MISSING}, default=str))
+    before = {k: recorded[k] if k in recorded else declared.get(k, now[k]) for k in now}
+    return [(k, before[k], now[k]) for k in sorted(now) if before[k] != now[k]]
 
 
 def _intact(path: Path, sha256: str) -> bool:
