@@ -215,8 +215,9 @@ def verify_cell(row: str, group: str, train_folder: Path, folders: Folders, prio
     run: each (paradigm, defense) run already made with the same data, recipe and defense constants is
     reused (``cached_runs``); the missing ones are trained, one verify battery per defense, and resume
     when interrupted. ``defense_options``: ``{"DEFENSE.KEY": value}`` (``{"staged.tau": 0.3}``), each handed
-    only to its defense's battery and part of that battery's report name. A defense that validates on clean images (earlystop) holds out the task's original training
-    images, as an adversary with a few clean labelled images would. Returns ``{"runs": [...]}`` in
+    only to its defense's battery and part of that battery's report name. A defense that validates on clean
+    images (earlystop) holds out the task's original training images, as an adversary with a few clean
+    labelled images would. Returns ``{"runs": [...]}`` in
     paradigm × defense order."""
     from ueguard.defenses import DEFENSES
 

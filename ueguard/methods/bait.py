@@ -314,7 +314,6 @@ class BAIT(ProtectionMethod):
             x = crop_flip(x, self.generator)
         return x, data.labels[dev_idx], data.grayscale[dev_idx]
 
-
     def _lookahead(self, model: nn.Module, trainer: Trainer, x: torch.Tensor, y: torch.Tensor,
                    create_graph: bool) -> dict[str, torch.Tensor]:
         """θ′ = θ − lr·(∇θ CE + wd·θ + μ·m): one SGD step of the surrogate on (x, y), as a new parameter
