@@ -1,5 +1,5 @@
-"""How much of a protected folder's class signal the ``classmean`` defense removes, and what it costs the
-clean images — without training a victim.
+"""How much of a protected folder's class signal the ``classmean`` (or ``classalign``) defense removes, and
+what it costs the clean images — without training a victim.
 
 Reads a protected folder and the clean folder it was made from (mirrored ``<class>/<file>`` trees). The
 change a protection makes is δ_i = protected_i − clean_i; what can carry the label is its class-specific
@@ -62,14 +62,15 @@ def class_signal(change: torch.Tensor) -> torch.Tensor:
     return change - change.mean(0)
 
 
-def measure(clean: torch.Tensor, protected: torch.Tensor, labels: torch.Tensor, sigma: float) -> dict:
-    defense = create_defense("classmean", sigma=sigma)
+def measure(clean: torch.Tensor, protected: torch.Tensor, labels: torch.Tensor, sigma: float,
+            name: str = "classmean") -> dict:
+    defense = create_defense(name, sigma=sigma)
     cleaned = defense.preprocess(protected, labels)
     found = defense.summary()
     base = clean.float() / 255
     before = class_signal(protected.float() / 255 - base).pow(2).mean()
     after = class_signal(cleaned.float() / 255 - base).pow(2).mean()
-    collateral = (create_defense("classmean", sigma=sigma).preprocess(clean, labels).float() - clean.float()).abs().mean()
+    collateral = (create_defense(name, sigma=sigma).preprocess(clean, labels).float() - clean.float()).abs().mean()
     return {"sigma": sigma, "class_signal_left": round(float(after / before), 4),
             "clean_mae_255": round(float(collateral), 3), **found}
 
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--protected", type=Path, required=True, help="a protected folder (<class>/<file>)")
     parser.add_argument("--clean", type=Path, required=True, help="the folder it was made from")
-    parser.add_argument("--sigmas", default="0,0.5,1,2", help="classmean sigma values (px), comma list")
+    parser.add_argument("--defense", choices=("classmean", "classalign"), default="classmean",
+                        help="the class-pattern defense measured")
+    parser.add_argument("--sigmas", default="0,0.5,1,2", help="the defense's sigma values (px), comma list")
     parser.add_argument("--size", type=int, default=32, help="working size the images are read at")
     parser.add_argument("--quick", action="store_true", help="at most 200 images per class")
     parser.add_argument("--json", type=Path, default=None, help="results file")
@@ -88,9 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     delta = (protected.float() - clean.float())
     rows = []
     for sigma in (float(s) for s in args.sigmas.split(",")):
-        rows.append(measure(clean, protected, labels, sigma))
+        rows.append(measure(clean, protected, labels, sigma, args.defense))
         print(rows[-1], flush=True)
-    results = {"protected": str(args.protected), "clean": str(args.clean), "images": len(labels),
+    results = {"defense": args.defense, "protected": str(args.protected), "clean": str(args.clean), "images": len(labels),
                "classes": int(labels.max()) + 1, "delta_linf_255": float(delta.abs().max()),
                "delta_rms_255": round(float(delta.pow(2).mean().sqrt()), 3), "rows": rows}
     write_report(args.json, results, __file__, started)

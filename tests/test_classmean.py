@@ -1,5 +1,5 @@
 """The ``classmean`` adaptive defense: estimate each class's additive pattern from its mean image and
-subtract it."""
+subtract it; and ``classalign``, the same when each image may carry the pattern at its own shift."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from ueguard.defenses import DEFENSES, create_defense
 from ueguard.defenses.classmean import class_patterns
+from ueguard.engine.augment import roll_rows
 from ueguard.errors import UsageError
 from ueguard.sdk.verify import VerifyOptions
 
@@ -84,3 +85,35 @@ def test_an_empty_class_gets_no_pattern_and_a_bad_option_is_a_usage_error():
         DEFENSES.get("classmean").make_config(sigma=-1.0)
     with pytest.raises(UsageError, match="classmean.*sigma"):
         VerifyOptions.resolve(defense="classmean", defense_options=(("sigma", -1.0),))
+
+
+def class_signal_left(released: torch.Tensor, cleaned: torch.Tensor, clean: torch.Tensor) -> float:
+    """The class-specific change left after a defense, as a share of the release's own."""
+    def signal(x: torch.Tensor) -> torch.Tensor:
+        change = x.float() - to_uint8(clean).float()
+        return change - change.mean(0)
+    return float(signal(cleaned).pow(2).mean() / signal(released).pow(2).mean())
+
+
+@pytest.mark.parametrize("shift", [0, 8])
+def test_classalign_finds_a_pattern_moved_to_a_place_of_its_own_in_each_image(shift):
+    clean, labels = smooth_set(150, 3)
+    delta = classwise_pattern(3)
+    offsets = torch.randint(0, max(shift, 1), (len(labels), 2), generator=torch.Generator().manual_seed(5))
+    released = to_uint8(clean + roll_rows(delta[labels], offsets))
+    aligned = create_defense("classalign")
+    left = class_signal_left(released, aligned.preprocess(released, labels), clean)
+    assert left < 0.15, left
+    assert all(v > 8 for v in aligned.summary()["alignment_sharpness"].values())  # a pattern was found
+    if shift:  # the plain class mean sees only a blur of the moved pattern
+        assert class_signal_left(released, create_defense("classmean").preprocess(released, labels), clean) > 0.7
+
+
+def test_classalign_costs_clean_images_little_and_refuses_zero_rounds():
+    clean, labels = smooth_set(150, 3)
+    images = to_uint8(clean)
+    defense = create_defense("classalign")
+    assert (defense.preprocess(images, labels).float() - images.float()).abs().mean() < 1.0
+    assert all(v < 8 for v in defense.summary()["alignment_sharpness"].values())  # nothing stood out
+    with pytest.raises(ValueError, match="iterations"):
+        DEFENSES.get("classalign").make_config(iterations=0)

@@ -43,7 +43,7 @@ def test_cifar_battery_runs_every_defense_at_last_and_judges_the_worst(bench, mo
     assert asked[0] == ("clean", "scratch", ["none"], "quick")
     defenses = asked[1][2]
     assert defenses[0] == "none" and defenses[-2:] == ["at", "at4"]  # the ~11× dearer runs last
-    assert set(defenses) == {"none", "at", "at4", "bdr", "classmean", "earlystop", "gray", "jpeg", "staged", "ueraser"}
+    assert set(defenses) == {"none", "at", "at4", "bdr", "classalign", "classmean", "earlystop", "gray", "jpeg", "staged", "ueraser"}
     battery = out["methods"]["emn"]["battery"]
     assert battery["clean_accuracy"] == 0.80
     assert battery["worst"] == {"defense": "at", "test_accuracy": 0.70}

@@ -9,8 +9,9 @@ import torch
 
 from test_methods import make_digits, run
 from ueguard.defenses.classmean import class_patterns
+from ueguard.engine.augment import roll_rows
 from ueguard.methods import METHODS
-from ueguard.methods.base import OptionError, Perturbation, roll_rows, shift_offsets
+from ueguard.methods.base import OptionError, Perturbation, shift_offsets
 
 
 def test_roll_rows_is_a_per_row_circular_shift_and_passes_gradients_back():

@@ -1,4 +1,5 @@
-"""Batched training augmentation on the device: random crop with zero padding + horizontal flip.
+"""Batched image moves on the device: training's random crop with zero padding + horizontal flip, and a
+per-row circular shift (shifted class-wise perturbations, and the defense that realigns them).
 
 One draw of per-sample parameters (offsets, flip bits) from a caller-owned generator, then one
 fused gather (:func:`ueguard.kernels.augment`) — no per-sample Python, and differentiable, so a
@@ -29,3 +30,13 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator, *, pad: int | None = 
     pad = max(1, h // 8) if pad is None else pad
     offsets, flips = draw_crop_flip(n, generator, pad=pad, flip=flip)
     return augment(x, offsets, flips, pad=pad)
+
+
+def roll_rows(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``N×C×H×W`` rows, row i circularly shifted by ``offsets[i]`` = (down, right) pixels — one gather,
+    differentiable in ``rows`` (a step on the shifted copies reaches the class row they came from)."""
+    n, _, h, w = rows.shape
+    ys = (torch.arange(h, device=rows.device) - offsets[:, :1].to(rows.device)) % h   # N×H
+    xs = (torch.arange(w, device=rows.device) - offsets[:, 1:].to(rows.device)) % w   # N×W
+    picked = rows[torch.arange(n, device=rows.device)[:, None, None], :, ys[:, :, None], xs[:, None, :]]
+    return picked.permute(0, 3, 1, 2)

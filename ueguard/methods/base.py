@@ -24,7 +24,7 @@ from torch import nn
 from ueguard.data.store import PerturbationStore, RoundCheckpoint, StoreError
 from ueguard.data.working_set import WorkingSet
 from ueguard.engine import distributed
-from ueguard.engine.augment import crop_flip
+from ueguard.engine.augment import crop_flip, roll_rows
 from ueguard.engine.eot import squeeze_kinds, squeezed
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, predict
 from ueguard.engine.progress import SILENT, Progress
@@ -357,16 +357,6 @@ def shift_offsets(index: torch.Tensor, shift: int, seed: int) -> torch.Tensor:
 def random_offsets(n: int, shift: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
     """``n×2`` offsets drawn afresh from ``generator``: generation's expectation over the shifts."""
     return torch.randint(0, shift, (n, 2), generator=generator).to(device)
-
-
-def roll_rows(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``N×C×H×W`` rows, row i circularly shifted by ``offsets[i]`` = (down, right) pixels — one gather,
-    differentiable in ``rows`` (a step on the shifted copies reaches the class row they came from)."""
-    n, _, h, w = rows.shape
-    ys = (torch.arange(h, device=rows.device) - offsets[:, :1].to(rows.device)) % h   # N×H
-    xs = (torch.arange(w, device=rows.device) - offsets[:, 1:].to(rows.device)) % w   # N×W
-    picked = rows[torch.arange(n, device=rows.device)[:, None, None], :, ys[:, :, None], xs[:, None, :]]
-    return picked.permute(0, 3, 1, 2)
 
 
 def subspace_project(delta: torch.Tensor, patch: int = 1, achromatic: bool = False) -> torch.Tensor:

@@ -80,14 +80,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ueguard.data.working_set import WorkingSet
-from ueguard.engine.augment import crop_flip
+from ueguard.engine.augment import crop_flip, roll_rows
 from ueguard.engine.eot import SQUEEZE_MODES, apply_squeeze, draw_squeeze, squeeze_kinds
 from ueguard.engine.compiled import frozen_parameters, model_call
 from ueguard.engine.loops import BatchSampler, OptimConfig, Trainer, batch_ranges, fit_linear_head, predict
 from ueguard.kernels import project_step
 from ueguard.methods.base import (METHODS, MethodConfig, Perturbation, ProtectionMethod, achromatic_option, apply_delta,
                                   fit_per_class_option, gray_project, option, patch_option, random_offsets,
-                                  roll_rows, shift_option, subspace_project)
+                                  shift_option, subspace_project)
 from ueguard.methods.emn import AUGMENT_MODES, PERTURBATION_KINDS
 
 
