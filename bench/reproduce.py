@@ -28,7 +28,9 @@ protocol on the five task classes; for a GPU), and the papers' protocol on a 2-c
 ``cpu-full``: from scratch on all of CIFAR-10 (10 classes, 50,000 / 10,000 images; the fast victim
 ``fastvgg_cifar`` under verify's ``fast`` recipe, bf16), and ``cpu-full-prior``: finetune / frozen /
 linear on the 5 + 5 split with all 25,000 task images, the disjoint prior a ``fastvgg_cifar`` trained
-with the fast recipe on all 25,000 images of the other five classes.
+with the fast recipe on all 25,000 images of the other five classes. ``cpu-cifar100-prior`` is the held-out
+check: the same prior paradigms on CIFAR-100's 20-class cut (``cifar100/`` under ``--data``: 10,000 training
+/ 2,000 test images, one class per superclass) from the same disjoint CIFAR-10 prior.
 
 Everything is cached per cell under ``--cache`` (converted folders, prior checkpoints, protected folders,
 verify reports), keyed by a hash of the scale's settings, so an interrupted run continues where it

@@ -6,6 +6,7 @@ Fake CIFAR-10 batch files are written here (the python format: a protocol-2 pick
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -100,6 +101,45 @@ def test_convert_writes_imagefolder_pngs_equal_to_the_batches(bench, tmp_path):
     again = bench.convert(data, tmp_path / "cache", scale)  # cached: nothing rewritten
     assert again == folders and files[0].stat().st_mtime_ns == stamp
     assert not list((tmp_path / "cache" / "data").glob("*.partial"))
+
+
+def fake_cifar100(root: Path, fine: tuple[int, ...], per_class: int = 3, seed: int = 0) -> None:
+    """``root/cifar100``: the 20-class training cut (an npz of ``fine`` classes) and a test pickle of every
+    one of the 100 classes, random images, laid out as the staged files are."""
+    rng = np.random.default_rng(seed)
+    names = np.array([f"fine{c}" for c in range(100)])
+    labels = np.repeat(np.array(fine), per_class)
+    (root / "cifar100" / "cifar-100-python").mkdir(parents=True)
+    images = rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
+    np.savez(root / "cifar100" / "train-20class.npz", images=images, fine_labels=labels, coarse_labels=labels, train_index=np.arange(len(labels)), fine_label_names=names,
+             coarse_label_names=names[:20])
+    test = np.repeat(np.arange(100), 2)
+    with open(root / "cifar100" / "cifar-100-python" / "test", "wb") as f:
+        pickle.dump({"data": rng.integers(0, 256, (len(test), 3072), dtype=np.uint8), "fine_labels": test.tolist(),
+                     "coarse_labels": test.tolist(), "filenames": ["x.png"] * len(test)}, f, protocol=2)
+
+
+def test_the_heldout_scale_takes_its_task_from_cifar100_and_its_prior_from_cifar10(bench, tmp_path):
+    data = fake_cifar(tmp_path / "data")
+    fine = tuple(bench.SCALES["cpu-cifar100-prior"].task_classes)
+    fake_cifar100(tmp_path / "data", fine)
+    scale = dataclasses.replace(bench.SCALES["cpu-cifar100-prior"], train_per_class=3, test_per_class=2,
+                                      prior_per_class=2)
+    folders = bench.convert(data, tmp_path / "cache", scale)
+    with np.load(data / "cifar100" / "train-20class.npz") as cut:
+        images = cut["images"]
+    files = sorted(folders.task_train.rglob("*.png"))
+    assert len(files) == 20 * 3 and {f.parent.name for f in files} == {f"fine{c}" for c in fine}
+    for f in files:  # lossless, named by the row of the cut
+        np.testing.assert_array_equal(np.asarray(Image.open(f).convert("RGB")), images[int(f.stem)])
+    assert {f.parent.name for f in folders.task_test.rglob("*.png")} == {f"fine{c}" for c in fine}
+    assert len(list(folders.task_test.rglob("*.png"))) == 20 * 2  # only the cut's classes of the 100
+    prior = {f.parent.name for f in folders.prior_train.rglob("*.png")}
+    assert prior == {"airplane", "automobile", "bird", "cat", "deer"}
+    assert "cifar100" in folders.task_train.name and "cifar100" not in folders.prior_train.name
+    assert scale.class_names(task=True)[:2] == ["apple", "aquarium_fish"]
+    with pytest.raises(SystemExit, match="train-20class.npz: missing"):
+        bench.convert(fake_cifar(tmp_path / "bare"), tmp_path / "cache2", scale)
 
 
 def test_convert_without_batches_is_a_clear_error(bench, tmp_path):

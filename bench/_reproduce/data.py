@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from _reproduce.cache import _digest, exclusive
-from _reproduce.scales import AKAMASTER, CIFAR10_CLASSES, PRIOR_CLASSES, TASK_CLASSES, TEST_BATCH, TRAIN_BATCHES, Scale
+from _reproduce.scales import (AKAMASTER, CIFAR10_CLASSES, CIFAR100_TASK, CIFAR100_TEST, PRIOR_CLASSES, TASK_CLASSES,
+                               TEST_BATCH, TRAIN_BATCHES, Scale)
 
 
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -91,26 +92,49 @@ def convert(data: Path, cache: Path, scale: Scale, seed: int = 0) -> Folders:
 
 def _convert(data: Path, cache: Path, scale: Scale, seed: int) -> Folders:
     out = cache / "data"
-    splits = {}
+    splits, sources = {}, {}
     for train in (True, False):
-        wanted = [(name, classes, per_class) for name, classes, per_class in
-                  (("task", scale.task_classes, scale.train_per_class if train else scale.test_per_class),
-                   ("prior", scale.prior_classes, scale.prior_per_class if train else scale.test_per_class))]
-        roots = {name: out / f"{name}{_classes_suffix(name, classes)}-{'train' if train else 'test'}-{per_class}pc-s{seed}"
-                 for name, classes, per_class in wanted}
-        if all(r.exists() for r in roots.values()):
-            splits.update({(n, train): r for n, r in roots.items()})
-            continue
-        images, labels = read_cifar(data / "cifar10", train)
-        for name, classes, per_class in wanted:
-            idx = balanced_indices(labels, classes, per_class, seed)
-            splits[(name, train)] = write_image_folder(images, labels, idx, roots[name])
+        for name, classes, per_class in (
+                ("task", scale.task_classes, scale.train_per_class if train else scale.test_per_class),
+                ("prior", scale.prior_classes, scale.prior_per_class if train else scale.test_per_class)):
+            source = scale.task_data if name == "task" else "cifar10"
+            split = "train" if train else "test"
+            root = out / f"{name}{_folder_suffix(name, classes, source)}-{split}-{per_class}pc-s{seed}"
+            if not root.exists():
+                if (source, train) not in sources:
+                    sources[(source, train)] = read_cifar100(data, train) if source == "cifar100" else (
+                        *read_cifar(data / "cifar10", train), CIFAR10_CLASSES)
+                images, labels, names = sources[(source, train)]
+                write_image_folder(images, labels, balanced_indices(labels, classes, per_class, seed), root, names)
+            splits[(name, train)] = root
     return Folders(splits[("task", True)], splits[("task", False)], splits[("prior", True)], splits[("prior", False)])
 
 
-def _classes_suffix(name: str, classes: tuple[int, ...]) -> str:
-    """``-c<classes>`` in a folder's name when its classes are not the split's usual ones (the earlier
-    scales' folders keep their names, and so their cache)."""
+def read_cifar100(data: Path, train: bool) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """The held-out task set: CIFAR-100's 20-class training cut, or the official test file (all 100 classes;
+    the caller picks the cut's), as (N×32×32×3 uint8, fine labels, the 100 fine class names)."""
+    npz = data / CIFAR100_TASK
+    if not npz.is_file():
+        raise SystemExit(f"{npz}: missing; pass --data DIR with {CIFAR100_TASK} (and {CIFAR100_TEST}) inside")
+    with np.load(npz) as cut:
+        names = tuple(str(n) for n in cut["fine_label_names"])
+        if train:
+            return np.ascontiguousarray(cut["images"]), cut["fine_labels"].astype(np.int64), names
+    try:
+        with open(data / CIFAR100_TEST, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        rows, labels = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch["fine_labels"], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, KeyError, TypeError, EOFError) as error:
+        raise SystemExit(f"{data / CIFAR100_TEST}: not a readable CIFAR-100 python file "
+                         f"({type(error).__name__}: {error})") from None
+    return np.ascontiguousarray(rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels, names
+
+
+def _folder_suffix(name: str, classes: tuple[int, ...], source: str = "cifar10") -> str:
+    """``-c<classes>`` in a folder's name when its classes are not the split's usual ones, ``-cifar100`` for
+    the held-out task set (the earlier scales' folders keep their names, and so their cache)."""
+    if source != "cifar10":
+        return f"-{source}"
     usual = TASK_CLASSES if name == "task" else PRIOR_CLASSES
     return "" if tuple(classes) == usual else "-c" + "".join(str(c) for c in classes)
 
@@ -133,7 +157,7 @@ def pretrain_disjoint_prior(folders: Folders, cache: Path, scale: Scale, seed: i
     from _priors import train_prior
 
     extra = "".join(f"-{v}" for v in (scale.prior_recipe, scale.precision) if v)  # none for the earlier scales
-    path = cache / "priors" / (f"disjoint{_classes_suffix('prior', scale.prior_classes)}-{scale.prior_arch}-"
+    path = cache / "priors" / (f"disjoint{_folder_suffix('prior', scale.prior_classes)}-{scale.prior_arch}-"
                                f"{scale.prior_per_class}pc-{scale.prior_epochs}ep{extra}-s{seed}.pth")
     with exclusive(cache, f"prior-{path.stem}"):
         accuracy, note = train_prior(folders.prior_train, folders.prior_test, scale.prior_arch, scale.prior_epochs,

@@ -171,8 +171,6 @@ def results_record(sel, grid, table: str, environment: dict[str, Any], wall: flo
     import dataclasses
     import time
 
-    from _reproduce.scales import CIFAR10_CLASSES
-
     scale = sel.scale
     return {"bench": "reproduce", "scale": dataclasses.asdict(scale), "scale_tag": scale.tag(),
             "selection": {"rows": sel.rows, "paradigms": sel.paradigms, "defenses": sel.defenses,
@@ -180,8 +178,8 @@ def results_record(sel, grid, table: str, environment: dict[str, Any], wall: flo
                           "defense_options": sel.defense_options},
             "variants": {v.name: {"method": v.method, "options": dict(v.options)} for v in sel.extra},
             "seeds": sel.seeds, "victim_seeds": sel.victim_seeds, "entry_seeds": grid.entry_seeds,
-            "task_classes": [CIFAR10_CLASSES[c] for c in scale.task_classes],
-            "prior_classes": [CIFAR10_CLASSES[c] for c in scale.prior_classes], "priors": grid.priors,
+            "task_classes": scale.class_names(task=True), "prior_classes": scale.class_names(task=False),
+            "priors": grid.priors,
             "protections": grid.protections, "results": grid.results,
             "published": {f"{r}/{d}": v for (r, d), v in PUBLISHED.items()},
             "table": table, "environment": environment, "wall_seconds": round(wall, 1),

@@ -16,6 +16,13 @@ TASK_CLASSES = (5, 6, 7, 8, 9)
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 AKAMASTER = Path("weights") / "cifar10_resnet_akamaster" / "resnet20-12fca82f.th"
+#: The held-out task set: CIFAR-100's 20-class training cut (one fine class per superclass, 500 images each,
+#: ``cifar100/train-20class.npz``) and the official test file's images of those classes (100 each).
+CIFAR100_TASK = Path("cifar100") / "train-20class.npz"
+CIFAR100_TEST = Path("cifar100") / "cifar-100-python" / "test"
+CIFAR100_CLASSES = {0: "apple", 1: "aquarium_fish", 2: "baby", 3: "bear", 4: "beaver", 5: "bed", 6: "bee",
+                    8: "bicycle", 9: "bottle", 12: "bridge", 15: "camel", 22: "clock", 23: "cloud", 26: "crab",
+                    27: "crocodile", 34: "fox", 36: "hamster", 41: "lawn_mower", 47: "maple_tree", 54: "orchid"}
 METHODS = ("emn", "rem", "tap", "lsp", "ops", "ar", "bait", "ssc", "pil", "dune")
 ROWS = ("clean",) + METHODS
 
@@ -60,9 +67,16 @@ class Scale:
     prior_recipe: str | None = None  # recipe the disjoint prior is trained with (None: ueguard's plain FitConfig)
     precision: str | None = None  # protect's and verify's --precision (None: their auto)
     surrogate_arch: str | None = None  # surrogate of the surrogate-training methods (None: scratch_arch)
+    task_data: str = "cifar10"    # where the task's images come from: CIFAR-10, or "cifar100" (CIFAR100_CLASSES)
 
     def options_for(self, method: str) -> dict[str, Any]:
         return dict(dict(self.method_options).get(method, ()))
+
+    def class_names(self, task: bool) -> list[str]:
+        """The names of the task's (or the prior's, always CIFAR-10) classes."""
+        if task and self.task_data == "cifar100":
+            return [CIFAR100_CLASSES[c] for c in self.task_classes]
+        return [CIFAR10_CLASSES[c] for c in (self.task_classes if task else self.prior_classes)]
 
     def tag(self) -> str:
         """Cache key of the verify cells: the scale's name and a hash of every setting that changes a result."""
@@ -80,7 +94,7 @@ class Scale:
 
 
 #: Scale fields added after results were committed: at their defaults they are not part of a cache key.
-LATER_FIELDS = ("task_classes", "prior_classes", "recipe", "prior_recipe", "precision", "surrogate_arch")
+LATER_FIELDS = ("task_classes", "prior_classes", "recipe", "prior_recipe", "precision", "surrogate_arch", "task_data")
 
 #: Per-method constants of the ``cpu-full`` scales on top of the ``quick`` budget's presets, chosen so each
 #: method generates for all 50,000 images on a 2-core CPU. The surrogate of EMN, REM, TAP and DUNE is the
@@ -94,6 +108,10 @@ CPU_FULL_METHOD_OPTIONS = (("bait", (("fit_per_class", 500),)),
                            ("emn", (("eval_limit", 2000),)),
                            ("rem", (("train_steps", 1200),)),
                            ("ssc", (("fit_per_class", 500),)))
+
+CPU_CIFAR100_METHOD_OPTIONS = tuple((m, (("fit_per_class", 125),)) if m in ("bait", "ssc") else (m, o)
+                                    for m, o in CPU_FULL_METHOD_OPTIONS)
+
 
 def cpu_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast made the fast victim
@@ -140,6 +158,13 @@ SCALES = {
     # Task 2: the prior paradigms on the 5 + 5 split — all 25,000 task images; the disjoint prior is
     # fastvgg_cifar trained with the fast recipe on all 25,000 images of the other five classes.
     "cpu-full-prior": Scale("cpu-full-prior", **CPU_FULL, prior_lr=0.15, paradigms=("finetune", "frozen", "linear")),
+    # The held-out check (a data set ueguard was never tuned on): the prior paradigms on CIFAR-100's 20-class
+    # cut (10,000 training / 2,000 test images, chance 5 %) from the same disjoint CIFAR-10 prior as
+    # cpu-full-prior; SSC and BAIT fit their rows on 125 images per class (2,500, as cpu-full-prior does).
+    "cpu-cifar100-prior": Scale("cpu-cifar100-prior", **{
+        **CPU_FULL, "train_per_class": 500, "test_per_class": 100, "batch_size": 512, "defenses": ("none", "classmean"),
+        "method_options": CPU_CIFAR100_METHOD_OPTIONS}, task_data="cifar100", task_classes=tuple(CIFAR100_CLASSES),
+        prior_lr=0.15, paradigms=("finetune", "frozen", "linear")),
     # The authors' protocol on the task's five classes: all 25,000 training images, 60 epochs; for a GPU.
     "full": Scale("full", train_per_class=5000, test_per_class=1000, prior_per_class=5000, prior_epochs=60,
                   epochs=60, budget="thorough", scratch_arch="resnet18_cifar", defended=ROWS),
