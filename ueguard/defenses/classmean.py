@@ -17,6 +17,7 @@ circular shift (SSC's ``shift`` option, which hides the pattern from a plain cla
 image's shift by circular cross-correlation with a class template, averages the images aligned, and
 repeats — the template converges to the pattern when one is there — then subtracts the template at each
 image's shift. With every shift found as zero it is ``classmean`` without the mean over classes removed.
+It holds one class's images in float at a time, with their spectra (about 2.5 GB for 1,300 images at 224 px).
 """
 
 from __future__ import annotations
