@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     for sigma in (float(s) for s in args.sigmas.split(",")):
         rows.append(measure(clean, protected, labels, sigma, args.defense))
         print(rows[-1], flush=True)
-    results = {"defense": args.defense, "protected": str(args.protected), "clean": str(args.clean), "images": len(labels),
+    results = {"defense": args.defense, "protected": str(args.protected), "clean": str(args.clean),
+               "images": len(labels),
                "classes": int(labels.max()) + 1, "delta_linf_255": float(delta.abs().max()),
                "delta_rms_255": round(float(delta.pow(2).mean().sqrt()), 3), "rows": rows}
     write_report(args.json, results, __file__, started)

@@ -111,7 +111,8 @@ def fake_cifar100(root: Path, fine: tuple[int, ...], per_class: int = 3, seed: i
     labels = np.repeat(np.array(fine), per_class)
     (root / "cifar100" / "cifar-100-python").mkdir(parents=True)
     images = rng.integers(0, 256, (len(labels), 32, 32, 3), dtype=np.uint8)
-    np.savez(root / "cifar100" / "train-20class.npz", images=images, fine_labels=labels, coarse_labels=labels, train_index=np.arange(len(labels)), fine_label_names=names,
+    np.savez(root / "cifar100" / "train-20class.npz", images=images, fine_labels=labels, coarse_labels=labels,
+             train_index=np.arange(len(labels)), fine_label_names=names,
              coarse_label_names=names[:20])
     test = np.repeat(np.arange(100), 2)
     with open(root / "cifar100" / "cifar-100-python" / "test", "wb") as f:
