@@ -137,16 +137,12 @@ class ClassAlignConfig(ClassMeanConfig):
 
 
 @DEFENSES.register("classalign")
-class ClassAlign(Defense):
+class ClassAlign(ClassMean):
     description = ("adaptive: like classmean, but each image may carry its class's pattern at its own circular "
                    "shift — find every image's shift by cross-correlation with a class template, average the "
                    "aligned images, repeat, subtract the template at each shift — aimed at shifted class-wise "
                    "patterns (SSC -o shift=N)")
-    config_class = ClassAlignConfig
-
-    def __init__(self, config: ClassAlignConfig | None = None) -> None:
-        super().__init__(config)
-        self._record: dict[str, Any] = {}
+    config_class = ClassAlignConfig  # its record and summary are ClassMean's
 
     def preprocess(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -162,6 +158,3 @@ class ClassAlign(Defense):
         self._record = {"pattern_rms_255": round(max(rms, default=0.0), 3),
                         "alignment_sharpness": {str(k): round(v, 2) for k, v in sharpness.items()}}
         return out
-
-    def summary(self) -> dict[str, Any]:
-        return dict(self._record)
