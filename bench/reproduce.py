@@ -48,6 +48,7 @@ how far a number moves between seeds, re-trained priors and machines.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -105,6 +106,27 @@ def write_results(sel: cli.Selection, measured: Grid, environment: dict, clock: 
         clock.log(f"wrote {sel.json_path}, {sel.json_path.with_suffix('.md')}, {', '.join(str(p) for p in plots)}")
 
 
+def check_results_file(sel: cli.Selection) -> None:
+    """Refuse, before anything runs, a ``--json`` this run would rewrite without cells it holds (another scale's,
+    or a wider selection's): a narrower run must not erase a table that took hours. ``--replace`` overrides."""
+    path = sel.json_path
+    if sel.replace or not path.exists():
+        return
+    advice = f"write this run to another --json and join the files with --merge, or pass --replace to overwrite {path}"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--json {path}: exists and is not a results file ({error}); {advice}") from None
+    if record.get("bench") != "reproduce" or record.get("scale_tag") != sel.scale.tag():
+        raise SystemExit(f"--json {path}: holds {record.get('bench')} results of scale {record.get('scale_tag')}, "
+                         f"this run is {sel.scale.tag()}; {advice}")
+    lost = sorted(render.recorded_cells(record) - grid.planned_cells(sel))
+    if lost:
+        named = ", ".join(f"{row} {column} (seed {s}, victim seed {v})" for row, (s, v), column in lost[:4])
+        raise SystemExit(f"--json {path}: holds {len(lost)} cell(s) this run would not write again ({named}"
+                         f"{', …' if len(lost) > 4 else ''}); {advice}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """parse → (merge, or) select → convert the folders → run the grid, writing each row as it lands → render."""
     args = cli.parser().parse_args(argv)
@@ -113,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                           tuple(cli.split(args.methods, ROWS, ROWS, "methods")),
                           args.json or RESULTS / "reproduce-merged.json", argv)
     sel = cli.select(args, RESULTS, argv)
+    check_results_file(sel)
     cells.CACHED_ONLY = sel.cached_only
     clock, environment = Clock(), _environment()
     clock.log(f"scale {sel.scale.tag()}; rows {', '.join(sel.rows)}; paradigms {', '.join(sel.paradigms)}; defenses "

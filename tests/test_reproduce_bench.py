@@ -394,7 +394,7 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
     trained.clear()
     bench.main(argv)  # every victim seed's cell is cached under its own seed
     assert trained == []
-    seed_1 = common + ["--seeds", "1"]  # seed 1's own prior, protection and victims
+    seed_1 = common[:-1] + [str(tmp_path / "r1.json"), "--seeds", "1"]  # seed 1's own prior, protection, victims
     bench.main(seed_1)  # clean from scratch at seed 1 is the victim seed 1 run already made: the same run
     assert sorted(trained) == [("emn-s1", "finetune", 1), ("emn-s1", "scratch", 1),
                                ("task-train-4pc-s0", "finetune", 1)]
@@ -402,7 +402,10 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
     bench.main(argv)  # seed 1's batteries wrote beside, not over, the victim seed 1 cells of seed 0
     bench.main(seed_1)
     assert trained == []
-    bench.main(common + ["--seeds", "0,1"])  # each seed's disjoint prior is listed, not only the last one's
+    with pytest.raises(SystemExit, match=r"4 cell\(s\) this run would not write again \(clean "
+                                         r"finetune·disjoint/none \(seed 0, victim seed 1\)"):
+        bench.main(common + ["--seeds", "0,1"])  # r.json holds victim seed 1's cells of seed 0
+    bench.main(common + ["--seeds", "0,1", "--replace"])  # each seed's disjoint prior is listed, not the last one's
     record = json.loads(out.read_text())
     assert sorted(record["priors"]) == ["disjoint, seed 0", "disjoint, seed 1"]
     assert [v["weights"] for _, v in sorted(record["priors"].items())] == [str(tmp_path / f"prior-s{s}.pth") for s in (0, 1)]
@@ -410,6 +413,45 @@ def test_victim_seeds_train_each_protection_once_and_average_the_victims(bench, 
     for bad in ("0,x", "", " , "):  # an empty list is an error, not silently the default
         with pytest.raises(SystemExit, match="victim-seeds"):
             bench.main(common + ["--victim-seeds", bad])
+
+
+def test_a_results_file_is_never_rewritten_without_cells_it_holds(bench, tmp_path):
+    """A narrower run (fewer defenses, another scale, --protect-only) must not erase a wider table: refused
+    before anything runs, naming the file and the cells, unless --replace; a re-run of the same or a wider
+    selection continues the file."""
+    import json
+
+    out = tmp_path / "r.json"
+    base = ["--cpu-full-prior", "--methods", "clean,ssc", "--paradigms", "finetune", "--priors", "disjoint",
+            "--json", str(out)]
+    wide = bench.cli.select(bench.cli.parser().parse_args(base + ["--defenses", "none,classmean", "--defended", "ssc"]),
+                            tmp_path)
+    bench.check_results_file(wide)  # no file yet
+    cell = {"accuracy": 50.0}
+    record = {"bench": "reproduce", "scale_tag": wide.scale.tag(), "seeds": [0], "victim_seeds": None,
+              "entry_seeds": {"clean": [[0, 0]], "ssc": [[0, 0]]},
+              "results": {"clean": [{"finetune·disjoint/none": cell}],
+                          "ssc": [{"finetune·disjoint/none": cell, "finetune·disjoint/classmean": cell}]}}
+    out.write_text(json.dumps(record))
+    bench.check_results_file(wide)  # the same selection resumes
+    bench.check_results_file(bench.cli.select(bench.cli.parser().parse_args(
+        base + ["--defenses", "none,classmean,staged", "--defended", "ssc"]), tmp_path))  # a wider one too
+
+    def refused(extra: list[str], match: str) -> None:
+        sel = bench.cli.select(bench.cli.parser().parse_args(base + extra), tmp_path)
+        with pytest.raises(SystemExit, match=match):
+            bench.check_results_file(sel)
+        bench.check_results_file(bench.cli.select(bench.cli.parser().parse_args(base + extra + ["--replace"]),
+                                                  tmp_path))
+
+    refused(["--defenses", "none"], r"r\.json: holds 1 cell\(s\) this run would not write again \(ssc "
+                                    r"finetune·disjoint/classmean \(seed 0, victim seed 0\)\).*--merge.*--replace")
+    refused(["--defenses", "none,classmean", "--defended", "ssc", "--seeds", "1"], r"3 cell\(s\)")
+    refused(["--defenses", "none,classmean", "--defended", "ssc", "--protect-only"], r"3 cell\(s\)")
+    refused(["--defenses", "none,classmean", "--defended", "ssc", "--train-per-class", "10"],
+            r"results of scale cpu-full-prior-\w+, this run is cpu-full-prior-\w+")
+    out.write_text("not json")
+    refused(["--defenses", "none"], r"exists and is not a results file")
 
 
 def test_a_cached_protection_is_found_by_its_resolved_constants(bench, tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ class Selection:
     json_path: Path
     defense_options: dict[str, Any] = field(default_factory=dict)  # DEFENSE.KEY → value, verify's -d
     cached_only: bool = False
+    replace: bool = False           # --json may be rewritten without cells it holds
     protect_only: bool = False      # make the protections (timing their generation), train no victim
     argv: list[str] | None = field(default=None, repr=False)
 
@@ -77,7 +78,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                         / "ueguard-reproduce", help="cache of converted folders, priors and cells")
     parser.add_argument("--json", type=Path, help="results JSON (default bench/results/reproduce-<scale>.json); "
-                                                  "rewritten as every row lands")
+                                                  "rewritten as every row lands; refused where it holds cells "
+                                                  "this run would not write again (another scale's, a wider run's)")
+    parser.add_argument("--replace", action="store_true",
+                        help="rewrite --json even where it holds cells this run will not measure again")
     parser.add_argument("--cached-only", action="store_true",
                         help="only render what the cache holds: a missing run is left empty (—), a missing protection "
                              "is an error; nothing is trained")
@@ -168,5 +172,5 @@ def select(args: argparse.Namespace, results: Path, argv: list[str] | None = Non
         paradigms=paradigms, defenses=defenses, defended=defended, seeds=seed_list, victim_seeds=victim_seeds,
         priors=prior_names, weights=args.weights, weights_arch=args.weights_arch, data=args.data, cache=args.cache,
         json_path=args.json or results / f"reproduce-{scale.name}.json", defense_options=defense_options,
-        cached_only=args.cached_only,
+        cached_only=args.cached_only, replace=args.replace,
         protect_only=args.protect_only, argv=argv)

@@ -14,7 +14,7 @@ from _reproduce import cells as cell_ops
 from _reproduce import data
 from _reproduce.cli import Selection
 from _reproduce.data import Folders, Prior
-from _reproduce.render import cells_from_reports
+from _reproduce.render import cells_from_reports, column_key
 
 #: Rows and defenses measured first (a pass over every seed before the rest): clean, the papers' baseline
 #: and ueguard's own methods, under no defense and under staged training.
@@ -114,6 +114,21 @@ def passes(sel: Selection) -> list[list[tuple[str, list[str]]]]:
     first = [(row, [d for d in defenses if d in FIRST_DEFENSES]) for row, defenses in every if row in FIRST_ROWS]
     first = [(row, defenses) for row, defenses in first if defenses]
     return [first, every] if first != every else [every]
+
+
+def planned_cells(sel: Selection) -> set[tuple[str, tuple[int, int], str]]:
+    """Every ``(row, (seed, victim seed), column)`` a run of ``sel`` writes to its results file (none with
+    ``--protect-only``)."""
+    if sel.protect_only:
+        return set()
+
+    def columns(defenses: list[str]) -> list[str]:
+        scratch = [column_key("scratch", None, d) for d in defenses if "scratch" in sel.paradigms]
+        return scratch + [column_key(p, prior, d) for prior in sel.priors for p in sel.prior_paradigms
+                          for d in defenses]
+
+    return {(row, (seed, victim_seed), column) for row, defenses in passes(sel)[-1] for seed in sel.seeds
+            for victim_seed in sel.victim_seeds or [seed] for column in columns(defenses)}
 
 
 def run_grid(sel: Selection, folders: Folders, log, on_row: Callable[[Grid], None] | None = None) -> Grid:

@@ -186,6 +186,17 @@ def results_record(sel, grid, table: str, environment: dict[str, Any], wall: flo
             "command": _command(sel.argv), "time": time.strftime(TIME_FORMAT)}
 
 
+def recorded_cells(record: dict[str, Any]) -> set[tuple[str, tuple[int, int], str]]:
+    """Every ``(row, (seed, victim seed), column)`` a results record holds (files written before they listed
+    ``entry_seeds`` pair their entries with the seeds × victim seeds, as the run made them)."""
+    default = [(s, v) for s in record.get("seeds", [0]) for v in record.get("victim_seeds") or [s]]
+    out = set()
+    for row, entries in record.get("results", {}).items():
+        seeds = [tuple(pair) for pair in record.get("entry_seeds", {}).get(row, default)]
+        out |= {(row, pair, column) for pair, cells in zip(seeds, entries) for column in cells}
+    return out
+
+
 def options_note(defense_options: dict[str, Any]) -> str:
     """The header's word on defense constants away from their defaults (a column keeps its defense's name)."""
     if not defense_options:
