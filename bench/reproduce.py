@@ -90,8 +90,11 @@ class Clock:
         print(f"[{self.seconds():7.0f} s] {message}", flush=True)
 
 
-def write_results(sel: cli.Selection, measured: Grid, environment: dict, clock: Clock, final: bool) -> None:
-    """The results file (JSON and Markdown) of what has landed; at the end (``final``) the plots too."""
+def write_results(sel: cli.Selection, measured: Grid, environment: dict, clock: Clock, final: bool,
+                  kept: dict | None = None) -> None:
+    """The results file (JSON and Markdown) of what has landed, with the ``kept`` cells of the file it
+    rewrites that this run has not reached yet; at the end (``final``) the plots too."""
+    measured = measured.with_cells(kept or {})
     table = render_table(measured.results, columns := table_columns(measured.results, sel.paradigms, sel.priors,
                                                                      sel.defenses))
     environment["load_average_end"] = os.getloadavg()
@@ -106,12 +109,13 @@ def write_results(sel: cli.Selection, measured: Grid, environment: dict, clock: 
         clock.log(f"wrote {sel.json_path}, {sel.json_path.with_suffix('.md')}, {', '.join(str(p) for p in plots)}")
 
 
-def check_results_file(sel: cli.Selection) -> None:
+def check_results_file(sel: cli.Selection) -> dict:
     """Refuse, before anything runs, a ``--json`` this run would rewrite without cells it holds (another scale's,
-    or a wider selection's): a narrower run must not erase a table that took hours. ``--replace`` overrides."""
+    or a wider selection's): a narrower run must not erase a table that took hours. ``--replace`` overrides.
+    Returns the file's cells (``render.recorded_cells``), all of them within this run's selection."""
     path = sel.json_path
     if sel.replace or not path.exists():
-        return
+        return {}
     advice = f"write this run to another --json and join the files with --merge, or pass --replace to overwrite {path}"
     try:
         record = json.loads(path.read_text())
@@ -120,11 +124,13 @@ def check_results_file(sel: cli.Selection) -> None:
     if record.get("bench") != "reproduce" or record.get("scale_tag") != sel.scale.tag():
         raise SystemExit(f"--json {path}: holds {record.get('bench')} results of scale {record.get('scale_tag')}, "
                          f"this run is {sel.scale.tag()}; {advice}")
-    lost = sorted(render.recorded_cells(record) - grid.planned_cells(sel))
+    cells = render.recorded_cells(record)
+    lost = sorted(cells.keys() - grid.planned_cells(sel))
     if lost:
         named = ", ".join(f"{row} {column} (seed {s}, victim seed {v})" for row, (s, v), column in lost[:4])
         raise SystemExit(f"--json {path}: holds {len(lost)} cell(s) this run would not write again ({named}"
                          f"{', …' if len(lost) > 4 else ''}); {advice}")
+    return cells
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                           tuple(cli.split(args.methods, ROWS, ROWS, "methods")),
                           args.json or RESULTS / "reproduce-merged.json", argv)
     sel = cli.select(args, RESULTS, argv)
-    check_results_file(sel)
+    kept = check_results_file(sel)
     cells.CACHED_ONLY = sel.cached_only
     clock, environment = Clock(), _environment()
     clock.log(f"scale {sel.scale.tag()}; rows {', '.join(sel.rows)}; paradigms {', '.join(sel.paradigms)}; defenses "
@@ -144,8 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     folders = convert(sel.data, sel.cache, sel.scale)
     clock.log(f"folders: {folders.task_train} …")
     measured = run_grid(sel, folders, clock.log,
-                        on_row=lambda partial: write_results(sel, partial, environment, clock, final=False))
-    write_results(sel, measured, environment, clock, final=True)
+                        on_row=lambda partial: write_results(sel, partial, environment, clock, False, kept))
+    write_results(sel, measured, environment, clock, final=True, kept=kept)
 
 
 if __name__ == "__main__":

@@ -433,7 +433,17 @@ def test_a_results_file_is_never_rewritten_without_cells_it_holds(bench, tmp_pat
               "results": {"clean": [{"finetune·disjoint/none": cell}],
                           "ssc": [{"finetune·disjoint/none": cell, "finetune·disjoint/classmean": cell}]}}
     out.write_text(json.dumps(record))
-    bench.check_results_file(wide)  # the same selection resumes
+    kept = bench.check_results_file(wide)  # the same selection resumes, keeping the file's cells ...
+    assert set(kept) == {("clean", (0, 0), "finetune·disjoint/none"), ("ssc", (0, 0), "finetune·disjoint/none"),
+                         ("ssc", (0, 0), "finetune·disjoint/classmean")}
+    landed = bench.Grid(wide.rows, entries={"ssc": {(0, 0): {"finetune·disjoint/none": {"accuracy": 30.0}}}})
+    bench.write_results(wide, landed, bench._environment(), bench.Clock(), final=False, kept=kept)
+    rewritten = json.loads(out.read_text())  # ... until it re-measures them: the first pass's write loses none
+    assert rewritten["results"]["ssc"] == [{"finetune·disjoint/none": {"accuracy": 30.0},
+                                            "finetune·disjoint/classmean": cell}]
+    assert rewritten["results"]["clean"] == [{"finetune·disjoint/none": cell}]
+    assert rewritten["entry_seeds"] == {"clean": [[0, 0]], "ssc": [[0, 0]]}
+    out.write_text(json.dumps(record))
     bench.check_results_file(bench.cli.select(bench.cli.parser().parse_args(
         base + ["--defenses", "none,classmean,staged", "--defended", "ssc"]), tmp_path))  # a wider one too
 

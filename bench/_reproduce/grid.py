@@ -6,6 +6,7 @@ the results file there), so a long run leaves a usable table wherever it stops."
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,15 @@ class Grid:
     @property
     def entry_seeds(self) -> dict[str, list[tuple[int, int]]]:
         return {row: list(self.entries.get(row, {})) for row in self.rows}
+
+    def with_cells(self, kept: dict[tuple[str, tuple[int, int], str], dict]) -> Grid:
+        """This grid plus the ``kept`` cells (``(row, (seed, victim seed), column)`` → cell) it has not
+        measured yet: the cells of the results file a run rewrites, so that a run stopped in its first pass
+        leaves the file with every cell it found there (a cell this run measures replaces the kept one)."""
+        entries = {row: {pair: dict(cells) for pair, cells in per.items()} for row, per in self.entries.items()}
+        for (row, pair, column), cell in kept.items():
+            entries.setdefault(row, {}).setdefault(pair, {}).setdefault(column, cell)
+        return dataclasses.replace(self, entries=entries)
 
 
 def seed_priors(sel: Selection, folders: Folders, seed: int, log) -> list[Prior]:

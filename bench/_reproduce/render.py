@@ -186,14 +186,14 @@ def results_record(sel, grid, table: str, environment: dict[str, Any], wall: flo
             "command": _command(sel.argv), "time": time.strftime(TIME_FORMAT)}
 
 
-def recorded_cells(record: dict[str, Any]) -> set[tuple[str, tuple[int, int], str]]:
-    """Every ``(row, (seed, victim seed), column)`` a results record holds (files written before they listed
-    ``entry_seeds`` pair their entries with the seeds × victim seeds, as the run made them)."""
+def recorded_cells(record: dict[str, Any]) -> dict[tuple[str, tuple[int, int], str], dict]:
+    """Every cell a results record holds, keyed ``(row, (seed, victim seed), column)`` (files written before
+    they listed ``entry_seeds`` pair their entries with the seeds × victim seeds, as the run made them)."""
     default = [(s, v) for s in record.get("seeds", [0]) for v in record.get("victim_seeds") or [s]]
-    out = set()
+    out = {}
     for row, entries in record.get("results", {}).items():
         seeds = [tuple(pair) for pair in record.get("entry_seeds", {}).get(row, default)]
-        out |= {(row, pair, column) for pair, cells in zip(seeds, entries) for column in cells}
+        out |= {(row, pair, column): cell for pair, cells in zip(seeds, entries) for column, cell in cells.items()}
     return out
 
 
