@@ -124,13 +124,13 @@ def check_results_file(sel: cli.Selection) -> dict:
     if record.get("bench") != "reproduce" or record.get("scale_tag") != sel.scale.tag():
         raise SystemExit(f"--json {path}: holds {record.get('bench')} results of scale {record.get('scale_tag')}, "
                          f"this run is {sel.scale.tag()}; {advice}")
-    cells = render.recorded_cells(record)
-    lost = sorted(cells.keys() - grid.planned_cells(sel))
+    recorded = render.recorded_cells(record)
+    lost = sorted(recorded.keys() - grid.planned_cells(sel))
     if lost:
         named = ", ".join(f"{row} {column} (seed {s}, victim seed {v})" for row, (s, v), column in lost[:4])
         raise SystemExit(f"--json {path}: holds {len(lost)} cell(s) this run would not write again ({named}"
                          f"{', …' if len(lost) > 4 else ''}); {advice}")
-    return cells
+    return recorded
 
 
 def main(argv: list[str] | None = None) -> None:

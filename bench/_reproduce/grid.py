@@ -15,7 +15,7 @@ from _reproduce import cells as cell_ops
 from _reproduce import data
 from _reproduce.cli import Selection
 from _reproduce.data import Folders, Prior
-from _reproduce.render import cells_from_reports, column_key
+from _reproduce.render import cells_from_reports, protocol_columns
 
 #: Rows and defenses measured first (a pass over every seed before the rest): clean, the papers' baseline
 #: and ueguard's own methods, under no defense and under staged training.
@@ -131,14 +131,9 @@ def planned_cells(sel: Selection) -> set[tuple[str, tuple[int, int], str]]:
     ``--protect-only``)."""
     if sel.protect_only:
         return set()
-
-    def columns(defenses: list[str]) -> list[str]:
-        scratch = [column_key("scratch", None, d) for d in defenses if "scratch" in sel.paradigms]
-        return scratch + [column_key(p, prior, d) for prior in sel.priors for p in sel.prior_paradigms
-                          for d in defenses]
-
     return {(row, (seed, victim_seed), column) for row, defenses in passes(sel)[-1] for seed in sel.seeds
-            for victim_seed in sel.victim_seeds or [seed] for column in columns(defenses)}
+            for victim_seed in sel.victim_seeds or [seed]
+            for column in protocol_columns(sel.paradigms, sel.priors, defenses)}
 
 
 def run_grid(sel: Selection, folders: Folders, log, on_row: Callable[[Grid], None] | None = None) -> Grid:

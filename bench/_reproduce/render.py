@@ -159,11 +159,17 @@ def _environment() -> dict[str, Any]:
 
 def table_columns(results: dict[str, list[dict[str, dict]]], paradigms: list[str], priors: list[str],
                   defenses: list[str]) -> list[str]:
-    """The table's columns in protocol order (scratch, then per prior and paradigm; defenses within), those
-    that hold a cell."""
+    """The table's columns in protocol order (:func:`protocol_columns`), those that hold a cell."""
+    return [c for c in protocol_columns(paradigms, priors, defenses)
+            if any(c in s for per_seed in results.values() for s in per_seed)]
+
+
+def protocol_columns(paradigms: list[str], priors: list[str], defenses: list[str]) -> list[str]:
+    """Every column these paradigms, priors and defenses make, in protocol order: scratch, then per prior and
+    paradigm; defenses within."""
     columns = [column_key("scratch", None, d) for d in defenses if "scratch" in paradigms]
-    columns += [column_key(p, prior, d) for prior in priors for p in paradigms if p != "scratch" for d in defenses]
-    return [c for c in columns if any(c in s for per_seed in results.values() for s in per_seed)]
+    return columns + [column_key(p, prior, d) for prior in priors for p in paradigms if p != "scratch"
+                      for d in defenses]
 
 
 def results_record(sel, grid, table: str, environment: dict[str, Any], wall: float) -> dict[str, Any]:
