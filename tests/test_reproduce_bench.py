@@ -797,3 +797,30 @@ def test_a_protection_record_names_its_defaults_revision(bench, tmp_path, monkey
     assert made == ["ssc@disjoint-s0"] and record["defaults_revision"] == METHODS.get("ssc").defaults_revision
     _, again = bench.protected_folder(ssc, prior, folders, tmp_path / "cache", scale, 0, lambda m: None)
     assert made == ["ssc@disjoint-s0"] and again["defaults_revision"] == record["defaults_revision"]
+
+
+def test_cached_only_renders_a_row_whose_protection_is_not_cached_as_empty(bench, tmp_path, monkeypatch):
+    """A render of what the cache holds must not stop at a row never protected (its cells stay empty, the
+    other rows' cached cells render and the plots are made), nor protect it."""
+    import json
+
+    import ueguard.sdk
+
+    root = fake_cifar(tmp_path / "data")
+    tiny = bench.Scale("quick", train_per_class=4, test_per_class=2, prior_per_class=4, prior_epochs=1, epochs=2,
+                       budget="quick", scratch_arch="resnet18_cifar_slim", batch_size=8)
+    monkeypatch.setitem(bench.SCALES, "quick", tiny)
+    monkeypatch.setattr(bench.cells, "CACHED_ONLY", False)  # main sets it: restored after this test
+    monkeypatch.setattr(ueguard.sdk, "verify", lambda train, test, *, json_path, resume=False, **options:
+                        write_fake_report(bench, train, test, json_path, options, 0.5))
+    monkeypatch.setattr(ueguard.sdk, "protect", lambda *a, **k: pytest.fail("--cached-only protected a row"))
+    plotted = []
+    monkeypatch.setattr(bench.render, "plot", lambda results, columns, stem: plotted.append(stem) or [])
+    common = ["--quick", "--paradigms", "scratch", "--defenses", "none", "--data", str(root),
+              "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "r.json")]
+    bench.main(common + ["--methods", "clean"])
+    plotted.clear()
+    bench.main(common + ["--methods", "clean,lsp", "--cached-only"])
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["results"]["clean"][0]["scratch/none"]["accuracy"] == 50.0
+    assert record["results"]["lsp"] == [] and plotted

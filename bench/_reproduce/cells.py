@@ -79,6 +79,10 @@ def cached_protection(cells: Path, preferred: Path, method: str, options: dict[s
     return None
 
 
+class NotCached(Exception):
+    """Under ``--cached-only``: a row's protection is not in the cache (its cells are left empty)."""
+
+
 def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache: Path, scale: Scale, seed: int,
                      log) -> tuple[Path, dict]:
     """``protect(task_train, out)`` with the row's method at the scale's budget (resumed when interrupted)."""
@@ -111,7 +115,7 @@ def protected_folder(row: Variant, prior: Prior | None, folders: Folders, cache:
         if out.with_name(out.name + ".json").is_file():  # the row's name holds a folder made with other constants
             out = cells / f"{key}-{_digest(dataclasses.asdict(config), 8)}-s{seed}"
         if CACHED_ONLY:
-            raise SystemExit(f"--cached-only: {key} is not protected yet with this code's constants (in {cells})")
+            raise NotCached(f"--cached-only: {key} is not protected yet with this code's constants (in {cells})")
         return out, {**_protect(row, prior if needs_prior else None, folders.task_train, out, options, log),
                      **revision}
 

@@ -83,8 +83,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--replace", action="store_true",
                         help="rewrite --json even where it holds cells this run will not measure again")
     parser.add_argument("--cached-only", action="store_true",
-                        help="only render what the cache holds: a missing run is left empty (—), a missing protection "
-                             "is an error; nothing is trained")
+                        help="only render what the cache holds: a missing run, or a row whose protection is not "
+                             "cached, is left empty (—); nothing is protected or trained")
     parser.add_argument("--protect-only", action="store_true",
                         help="make the rows' protections and record their wall_s, train no victim (the results "
                              "file lists the protections; the table stays empty)")

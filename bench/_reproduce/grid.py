@@ -102,7 +102,11 @@ def run_row(sel: Selection, grid: Grid, row: str, seed: int, priors: list[Prior]
     disjoint = next((p for p in priors if p.name == "disjoint"), None)
     groups = ([(None, ["scratch"])] if "scratch" in sel.paradigms else []) + \
              [(p, sel.prior_paradigms) for p in column_priors]
-    group_folders = [training_folder(sel, grid, row, prior, disjoint, folders, seed, log) for prior, _ in groups]
+    try:
+        group_folders = [training_folder(sel, grid, row, prior, disjoint, folders, seed, log) for prior, _ in groups]
+    except cell_ops.NotCached as missing:  # a render of what the cache holds: the row stays empty, the rest renders
+        log(f"{missing}; {row} (seed {seed}) left empty")
+        return
     if sel.protect_only:
         return
     for victim_seed in sel.victim_seeds or [seed]:
